@@ -1,0 +1,329 @@
+//! Per-sample sampler state and the batched denoising step.
+//!
+//! Every sampler update is written as one linear combination with per-sample coefficients,
+//!   x0 = r1·x − r2·ε
+//!   x' = a·x + b·ε + c·x0 + d·x0_prev + m·σ(v)·n
+//! so a batch whose samples are at different steps, with different samplers and guidance,
+//! advances with a fixed number of tensor ops whatever its size.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::guidance::{guided_eps, per_row, Guidance, GUIDED_CHANNELS};
+use super::noise::NoiseSource;
+use super::schedule::Schedule;
+use super::DiffusionError;
+use crate::model::DiffiT;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SamplerKind {
+    /// Ancestral DDPM with the model's learned-range (or fixed) variance, as released.
+    #[serde(rename = "ddpm")]
+    Ddpm,
+    /// Deterministic DDIM, η = 0.
+    #[serde(rename = "ddim")]
+    Ddim,
+    /// DPM-Solver++(2M), deterministic multistep.
+    #[serde(rename = "dpm-solver++")]
+    DpmSolverPP,
+}
+
+impl SamplerKind {
+    pub const ALL: [SamplerKind; 3] = [Self::Ddpm, Self::Ddim, Self::DpmSolverPP];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::DpmSolverPP => "dpm-solver++",
+        }
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = DiffusionError;
+    fn from_str(s: &str) -> Result<Self, DiffusionError> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| DiffusionError::Sampler(s.to_string()))
+    }
+}
+
+/// One image being generated: its latent, where it is in its schedule, and its own noise.
+pub struct SampleState {
+    label: i64,
+    sampler: SamplerKind,
+    guidance: Guidance,
+    schedule: Arc<Schedule>,
+    /// [1, C, H, W], f32, on the model's device.
+    x: Tensor,
+    /// DPM-Solver++(2M) keeps the previous step's x0 prediction.
+    x0_prev: Option<Tensor>,
+    done: usize,
+    noise: Box<dyn NoiseSource>,
+}
+
+impl SampleState {
+    /// Draws the starting latent of shape `latent` = (C, H, W) from `noise`.
+    pub fn new(
+        label: i64,
+        sampler: SamplerKind,
+        guidance: Guidance,
+        schedule: Arc<Schedule>,
+        mut noise: Box<dyn NoiseSource>,
+        latent: (usize, usize, usize),
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (c, h, w) = latent;
+        let x = Tensor::from_vec(noise.initial(c * h * w), (1, c, h, w), device)?;
+        Ok(Self {
+            label,
+            sampler,
+            guidance,
+            schedule,
+            x,
+            x0_prev: None,
+            done: 0,
+            noise,
+        })
+    }
+
+    pub fn label(&self) -> i64 {
+        self.label
+    }
+
+    pub fn sampler(&self) -> SamplerKind {
+        self.sampler
+    }
+
+    pub fn guidance(&self) -> Guidance {
+        self.guidance
+    }
+
+    pub fn latent(&self) -> &Tensor {
+        &self.x
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    pub fn steps_total(&self) -> usize {
+        self.schedule.steps()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done >= self.schedule.steps()
+    }
+
+    /// Respaced index of the next step (S−1 first, 0 last).
+    fn index(&self) -> usize {
+        self.schedule.steps() - 1 - self.done
+    }
+
+    /// The original DDPM timestep the network is fed for the next step.
+    pub fn model_timestep(&self) -> i64 {
+        self.schedule.timestep_map[self.index()]
+    }
+
+    fn coefficients(&self, learn_sigma: bool) -> Coefs {
+        let s = &*self.schedule;
+        let i = self.index();
+        let mut k = Coefs {
+            r1: s.sqrt_recip_alphas_cumprod[i],
+            r2: s.sqrt_recipm1_alphas_cumprod[i],
+            ..Coefs::default()
+        };
+        match self.sampler {
+            SamplerKind::Ddpm => {
+                k.a = s.posterior_mean_coef2[i];
+                k.c = s.posterior_mean_coef1[i];
+                k.noise = i > 0;
+                if learn_sigma {
+                    k.log_var_max = s.log_betas[i];
+                    k.log_var_min = s.posterior_log_variance_clipped[i];
+                } else {
+                    k.log_var_max = s.fixed_large_log_variance(i);
+                    k.log_var_min = k.log_var_max;
+                }
+            }
+            SamplerKind::Ddim => {
+                k.c = s.alphas_cumprod_prev[i].sqrt();
+                k.b = (1.0 - s.alphas_cumprod_prev[i]).sqrt();
+            }
+            SamplerKind::DpmSolverPP => {
+                let lambda = |ac: f64| 0.5 * (ac / (1.0 - ac)).ln();
+                let (ac_s, ac_t) = (s.alphas_cumprod[i], s.alphas_cumprod_prev[i]);
+                if i == 0 {
+                    // σ_t = 0: the update is the denoised estimate itself.
+                    k.c = 1.0;
+                } else {
+                    let h = lambda(ac_t) - lambda(ac_s);
+                    let (alpha_t, sigma_t) = (ac_t.sqrt(), (1.0 - ac_t).sqrt());
+                    let sigma_s = (1.0 - ac_s).sqrt();
+                    let kk = -alpha_t * (-h).exp_m1();
+                    k.a = sigma_t / sigma_s;
+                    match &self.x0_prev {
+                        None => k.c = kk,
+                        Some(_) => {
+                            // The previous step went from i+1 to i.
+                            let h_prev = lambda(ac_s) - lambda(s.alphas_cumprod[i + 1]);
+                            let r = h_prev / h;
+                            k.c = kk * (1.0 + 1.0 / (2.0 * r));
+                            k.d = -kk / (2.0 * r);
+                        }
+                    }
+                }
+            }
+        }
+        k
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Coefs {
+    r1: f64,
+    r2: f64,
+    a: f64,
+    b: f64,
+    c: f64,
+    d: f64,
+    log_var_max: f64,
+    log_var_min: f64,
+    noise: bool,
+}
+
+fn column(
+    coefs: &[Coefs],
+    f: impl Fn(&Coefs) -> f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let v: Vec<f64> = coefs.iter().map(f).collect();
+    per_row(&v, device)?.reshape((coefs.len(), 1, 1, 1))
+}
+
+/// Advances every sample by one step: one network forward over all of them (guided samples
+/// twice, with the null label), guidance, then each sample's own sampler update.
+pub fn denoise_step(
+    model: &DiffiT,
+    samples: &mut [&mut SampleState],
+) -> Result<(), DiffusionError> {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    if let Some(s) = samples.iter().find(|s| s.is_done()) {
+        return Err(candle_core::Error::Msg(format!(
+            "sample already finished its {} steps",
+            s.steps_total()
+        ))
+        .into());
+    }
+    let cfg = model.config();
+    let device = model.device();
+    // Guided samples first, so their conditional rows are a prefix of the batch.
+    samples.sort_by_key(|s| !s.guidance.is_guided());
+    let b = samples.len();
+    let g = samples.iter().filter(|s| s.guidance.is_guided()).count();
+
+    let xs: Vec<&Tensor> = samples.iter().map(|s| &s.x).collect();
+    let x = Tensor::cat(&xs, 0)?;
+    let mut t: Vec<i64> = samples.iter().map(|s| s.model_timestep()).collect();
+    let mut y: Vec<i64> = samples.iter().map(|s| s.label).collect();
+    let net_in = if g > 0 {
+        t.extend_from_within(..g);
+        y.extend(std::iter::repeat_n(cfg.null_class() as i64, g));
+        Tensor::cat(&[&x, &x.narrow(0, 0, g)?], 0)?
+    } else {
+        x.clone()
+    };
+    let out = model.forward(&net_in, &t, &y)?.to_dtype(DType::F32)?;
+
+    let cin = cfg.in_channels;
+    let cond = out.narrow(0, 0, b)?;
+    let mut eps = cond.narrow(1, 0, cin)?;
+    if g > 0 {
+        let scales: Vec<f64> = samples[..g]
+            .iter()
+            .map(|s| s.guidance.scale_at(s.model_timestep()))
+            .collect();
+        let guided = guided_eps(&cond.narrow(0, 0, g)?, &out.narrow(0, b, g)?, &scales)?;
+        let guided = if cin > GUIDED_CHANNELS {
+            let tail = cond
+                .narrow(0, 0, g)?
+                .narrow(1, GUIDED_CHANNELS, cin - GUIDED_CHANNELS)?;
+            Tensor::cat(&[&guided, &tail], 1)?
+        } else {
+            guided
+        };
+        eps = if g < b {
+            Tensor::cat(&[&guided, &eps.narrow(0, g, b - g)?], 0)?
+        } else {
+            guided
+        };
+    }
+    let v = cfg
+        .learn_sigma()
+        .then(|| cond.narrow(1, cin, cin))
+        .transpose()?;
+
+    let coefs: Vec<Coefs> = samples
+        .iter()
+        .map(|s| s.coefficients(cfg.learn_sigma()))
+        .collect();
+    let col = |f: fn(&Coefs) -> f64| column(&coefs, f, device);
+    let x0 = (x.broadcast_mul(&col(|k| k.r1)?)? - eps.broadcast_mul(&col(|k| k.r2)?)?)?;
+    let mut next = ((x.broadcast_mul(&col(|k| k.a)?)? + eps.broadcast_mul(&col(|k| k.b)?)?)?
+        + x0.broadcast_mul(&col(|k| k.c)?)?)?;
+    if coefs.iter().any(|k| k.d != 0.0) {
+        let prev: Vec<Tensor> = samples
+            .iter()
+            .map(|s| match &s.x0_prev {
+                Some(p) => Ok(p.clone()),
+                None => s.x.zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        next = (next + Tensor::cat(&prev, 0)?.broadcast_mul(&col(|k| k.d)?)?)?;
+    }
+    if coefs.iter().any(|k| k.noise) {
+        let per_sample = x.elem_count() / b;
+        let mut n = Vec::with_capacity(x.elem_count());
+        for (s, k) in samples.iter_mut().zip(&coefs) {
+            if k.noise {
+                n.extend(s.noise.step(s.done, per_sample));
+            } else {
+                n.extend(std::iter::repeat_n(0f32, per_sample));
+            }
+        }
+        let n = Tensor::from_vec(n, x.shape(), device)?;
+        let log_var = match &v {
+            Some(v) => {
+                let frac = ((v + 1.0)? / 2.0)?;
+                (frac.broadcast_mul(&col(|k| k.log_var_max)?)?
+                    + (1.0 - frac)?.broadcast_mul(&col(|k| k.log_var_min)?)?)?
+            }
+            None => col(|k| k.log_var_max)?
+                .broadcast_as(x.shape())?
+                .contiguous()?,
+        };
+        let mask = col(|k| if k.noise { 1.0 } else { 0.0 })?;
+        next = (next + (log_var * 0.5)?.exp()?.mul(&n)?.broadcast_mul(&mask)?)?;
+    }
+
+    for (row, s) in samples.iter_mut().enumerate() {
+        s.x = next.narrow(0, row, 1)?;
+        if s.sampler == SamplerKind::DpmSolverPP {
+            s.x0_prev = Some(x0.narrow(0, row, 1)?);
+        }
+        s.done += 1;
+    }
+    Ok(())
+}

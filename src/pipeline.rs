@@ -1,0 +1,262 @@
+//! A loaded model pair (DiffiT + VAE) with its class names, sampling defaults and identity:
+//! what `generate` runs directly and what the serving engine owns.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::classes::ClassNames;
+use crate::diffusion::{
+    denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, ScheduleCache, SeededNoise,
+};
+use crate::model::{vae, DiffiT, VaeDecoder, WeightsFile};
+use crate::png::encode_png;
+
+/// Sampling settings used when a request leaves them out.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct SamplingDefaults {
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    pub guidance_scale: f32,
+    pub guidance_schedule: GuidanceSchedule,
+}
+
+impl SamplingDefaults {
+    /// The released settings: 250 DDPM steps; 4.4 power-cosine at 256 (latent ≤ 32), 1.49
+    /// constant at 512.
+    pub fn release(input_size: usize) -> Self {
+        let (guidance_scale, guidance_schedule) = if input_size <= 32 {
+            (4.4, GuidanceSchedule::PowerCosine)
+        } else {
+            (1.49, GuidanceSchedule::Constant)
+        };
+        Self {
+            steps: 250,
+            sampler: SamplerKind::Ddpm,
+            guidance_scale,
+            guidance_schedule,
+        }
+    }
+}
+
+/// Where the weights come from and how to run them.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub model: PathBuf,
+    pub vae: PathBuf,
+    pub vae_config: Option<PathBuf>,
+    pub device: Device,
+    pub dtype: DType,
+    /// Most latents decoded at once.
+    pub decode_chunk: usize,
+}
+
+/// Everything that determines one image.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSpec {
+    pub label: usize,
+    pub seed: u64,
+    pub steps: usize,
+    pub sampler: SamplerKind,
+    pub guidance: Guidance,
+}
+
+pub struct Pipeline {
+    pub diffit: DiffiT,
+    pub vae: VaeDecoder,
+    pub classes: ClassNames,
+    pub defaults: SamplingDefaults,
+    /// SHA-256 of the DiffiT file: names the model in every PNG.
+    pub model_sha256: String,
+    pub model_path: PathBuf,
+    pub decode_chunk: usize,
+    schedules: ScheduleCache,
+}
+
+fn class_names(file: &WeightsFile, num_classes: usize) -> anyhow::Result<ClassNames> {
+    if let Some(text) = file.metadata().get("class_names") {
+        let names = ClassNames::from_json(text)
+            .map_err(|e| anyhow::anyhow!("{}: metadata class_names: {e}", file.path().display()))?;
+        anyhow::ensure!(
+            names.len() == num_classes,
+            "{}: metadata lists {} class names for a {num_classes}-class model",
+            file.path().display(),
+            names.len()
+        );
+        return Ok(names);
+    }
+    Ok(if num_classes == 1000 {
+        ClassNames::imagenet()
+    } else {
+        ClassNames::numbered(num_classes)
+    })
+}
+
+impl Pipeline {
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let file = WeightsFile::open(&opts.model)?;
+        let diffit = DiffiT::load(&file, opts.dtype, &opts.device)?;
+        let cfg = diffit.config().clone();
+        let defaults = match file.metadata().get("defaults") {
+            Some(text) => serde_json::from_str(text).with_context(|| {
+                format!("{}: metadata 'defaults' is not valid", opts.model.display())
+            })?,
+            None => SamplingDefaults::release(cfg.input_size),
+        };
+        let classes = class_names(&file, cfg.num_classes)?;
+        let vae_file = WeightsFile::open(resolve_vae_path(&opts.vae))?;
+        let vae = VaeDecoder::load(
+            &vae_file,
+            opts.vae_config.as_deref(),
+            opts.dtype,
+            &opts.device,
+        )?;
+        anyhow::ensure!(
+            vae.config().latent_channels == cfg.in_channels,
+            "VAE {} decodes {}-channel latents but the DiffiT model makes {}-channel ones",
+            opts.vae.display(),
+            vae.config().latent_channels,
+            cfg.in_channels
+        );
+        Ok(Self {
+            model_sha256: file.sha256(),
+            model_path: opts.model.clone(),
+            diffit,
+            vae,
+            classes,
+            defaults,
+            decode_chunk: opts.decode_chunk.max(1),
+            schedules: ScheduleCache::default(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.diffit.device()
+    }
+
+    /// Output image side in pixels.
+    pub fn image_size(&self) -> usize {
+        self.diffit.config().input_size * self.vae.config().upscale()
+    }
+
+    pub fn image_channels(&self) -> usize {
+        self.vae.config().out_channels
+    }
+
+    /// A fresh sample whose latent and noise come from `spec.seed` alone.
+    pub fn new_sample(&self, spec: &ImageSpec) -> anyhow::Result<SampleState> {
+        let cfg = self.diffit.config();
+        anyhow::ensure!(
+            spec.label < cfg.num_classes,
+            "class {} is outside 0..{}",
+            spec.label,
+            cfg.num_classes - 1
+        );
+        let schedule = self.schedules.get(spec.steps)?;
+        Ok(SampleState::new(
+            spec.label as i64,
+            spec.sampler,
+            spec.guidance,
+            schedule,
+            Box::new(SeededNoise::new(spec.seed)),
+            (cfg.in_channels, cfg.input_size, cfg.input_size),
+            self.device(),
+        )?)
+    }
+
+    /// Runs samples to completion together (no joining mid-way); `on_step` sees progress.
+    pub fn run_to_end(
+        &self,
+        samples: &mut [SampleState],
+        mut on_step: impl FnMut(usize),
+    ) -> anyhow::Result<()> {
+        let mut step = 0;
+        loop {
+            let mut active: Vec<&mut SampleState> =
+                samples.iter_mut().filter(|s| !s.is_done()).collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            denoise_step(&self.diffit, &mut active)?;
+            step += 1;
+            on_step(step);
+        }
+    }
+
+    /// Decodes finished latents [B, C, h, w] to planar u8 pixels, one Vec per image.
+    pub fn decode(&self, latents: &Tensor) -> anyhow::Result<Vec<Vec<u8>>> {
+        let decoded = self.vae.decode_chunked(latents, self.decode_chunk)?;
+        let b = decoded.dim(0)?;
+        let pixels = vae::to_pixels(&decoded)?;
+        let per = pixels.len() / b.max(1);
+        Ok(pixels.chunks(per).map(<[u8]>::to_vec).collect())
+    }
+
+    /// The tEXt entries recorded in every PNG.
+    pub fn png_text(&self, spec: &ImageSpec) -> Vec<(&'static str, String)> {
+        vec![
+            ("seed", spec.seed.to_string()),
+            ("class_label", spec.label.to_string()),
+            ("class_name", self.classes.label(spec.label).to_string()),
+            ("steps", spec.steps.to_string()),
+            ("sampler", spec.sampler.to_string()),
+            ("guidance_scale", spec.guidance.scale().to_string()),
+            ("guidance_schedule", spec.guidance.schedule().to_string()),
+            ("model_sha256", self.model_sha256.clone()),
+            (
+                "Software",
+                format!("diffit-server {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+    }
+
+    pub fn encode(&self, pixels: &[u8], spec: &ImageSpec) -> anyhow::Result<Vec<u8>> {
+        let side = self.image_size();
+        Ok(encode_png(
+            pixels,
+            self.image_channels(),
+            side,
+            side,
+            &self.png_text(spec),
+        )?)
+    }
+}
+
+/// `--device` values: `auto` (first GPU if built with CUDA and present, else CPU), `cpu`, `cuda:N`.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0)?),
+        other => {
+            let n = other
+                .strip_prefix("cuda:")
+                .or_else(|| (other == "cuda").then_some("0"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("device must be auto, cpu or cuda:N, got '{other}'")
+                })?;
+            Device::new_cuda(n)
+                .with_context(|| format!("cannot open {other} (built without the cuda feature?)"))
+        }
+    }
+}
+
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => anyhow::bail!("dtype must be f32, bf16 or f16, got '{other}'"),
+    }
+}
+
+/// Path helper for tools that accept a directory holding a diffusers VAE.
+pub fn resolve_vae_path(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join("diffusion_pytorch_model.safetensors")
+    } else {
+        p.to_path_buf()
+    }
+}
