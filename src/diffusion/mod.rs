@@ -7,7 +7,7 @@ pub mod schedule;
 
 pub use guidance::{Guidance, GuidanceSchedule};
 pub use noise::{NoiseSource, SeededNoise};
-pub use sampler::{denoise_step, SampleState, SamplerKind};
+pub use sampler::{denoise_step, Denoiser, SampleState, SamplerKind};
 pub use schedule::{Schedule, ScheduleCache};
 
 #[derive(Debug, thiserror::Error)]

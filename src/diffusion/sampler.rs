@@ -17,6 +17,36 @@ use super::schedule::Schedule;
 use super::DiffusionError;
 use crate::model::DiffiT;
 
+/// What the sampler needs of a network: an ε (and v) prediction for a batch at per-sample
+/// timesteps and labels. DiffiT implements it; tests substitute analytic denoisers.
+pub trait Denoiser {
+    /// [B, out_channels, H, W] for x [B, C, H, W].
+    fn predict(&self, x: &Tensor, t: &[i64], y: &[i64]) -> candle_core::Result<Tensor>;
+    fn in_channels(&self) -> usize;
+    /// Whether channels C..2C of the output are the variance interpolation v.
+    fn learn_sigma(&self) -> bool;
+    fn null_class(&self) -> i64;
+    fn device(&self) -> &Device;
+}
+
+impl Denoiser for DiffiT {
+    fn predict(&self, x: &Tensor, t: &[i64], y: &[i64]) -> candle_core::Result<Tensor> {
+        self.forward(x, t, y)
+    }
+    fn in_channels(&self) -> usize {
+        self.config().in_channels
+    }
+    fn learn_sigma(&self) -> bool {
+        self.config().learn_sigma()
+    }
+    fn null_class(&self) -> i64 {
+        self.config().null_class() as i64
+    }
+    fn device(&self) -> &Device {
+        DiffiT::device(self)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SamplerKind {
     /// Ancestral DDPM with the model's learned-range (or fixed) variance, as released.
@@ -214,7 +244,7 @@ fn column(
 /// Advances every sample by one step: one network forward over all of them (guided samples
 /// twice, with the null label), guidance, then each sample's own sampler update.
 pub fn denoise_step(
-    model: &DiffiT,
+    model: &dyn Denoiser,
     samples: &mut [&mut SampleState],
 ) -> Result<(), DiffusionError> {
     if samples.is_empty() {
@@ -227,8 +257,8 @@ pub fn denoise_step(
         ))
         .into());
     }
-    let cfg = model.config();
     let device = model.device();
+    let learn_sigma = model.learn_sigma();
     // Guided samples first, so their conditional rows are a prefix of the batch.
     samples.sort_by_key(|s| !s.guidance.is_guided());
     let b = samples.len();
@@ -240,14 +270,14 @@ pub fn denoise_step(
     let mut y: Vec<i64> = samples.iter().map(|s| s.label).collect();
     let net_in = if g > 0 {
         t.extend_from_within(..g);
-        y.extend(std::iter::repeat_n(cfg.null_class() as i64, g));
+        y.extend(std::iter::repeat_n(model.null_class(), g));
         Tensor::cat(&[&x, &x.narrow(0, 0, g)?], 0)?
     } else {
         x.clone()
     };
-    let out = model.forward(&net_in, &t, &y)?.to_dtype(DType::F32)?;
+    let out = model.predict(&net_in, &t, &y)?.to_dtype(DType::F32)?;
 
-    let cin = cfg.in_channels;
+    let cin = model.in_channels();
     let cond = out.narrow(0, 0, b)?;
     let mut eps = cond.narrow(1, 0, cin)?;
     if g > 0 {
@@ -270,14 +300,11 @@ pub fn denoise_step(
             guided
         };
     }
-    let v = cfg
-        .learn_sigma()
-        .then(|| cond.narrow(1, cin, cin))
-        .transpose()?;
+    let v = learn_sigma.then(|| cond.narrow(1, cin, cin)).transpose()?;
 
     let coefs: Vec<Coefs> = samples
         .iter()
-        .map(|s| s.coefficients(cfg.learn_sigma()))
+        .map(|s| s.coefficients(learn_sigma))
         .collect();
     let col = |f: fn(&Coefs) -> f64| column(&coefs, f, device);
     let x0 = (x.broadcast_mul(&col(|k| k.r1)?)? - eps.broadcast_mul(&col(|k| k.r2)?)?)?;

@@ -1,0 +1,162 @@
+//! The command line reproduces the fixtures, and `generate` writes a PNG with metadata.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::Device;
+use common::{fixture, golden, rel_err};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_diffit-server"))
+}
+
+fn out_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("diffit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn forward_reproduces_plain_and_guided_fixture_outputs() {
+    let g = golden("diffit_tiny_golden.safetensors");
+    let dir = out_dir();
+    for (prefix, guided, want) in [("fwd.", false, "fwd.out"), ("cfg.", true, "cfg.out")] {
+        let out = dir.join(format!("{prefix}out.safetensors"));
+        let mut cmd = bin();
+        cmd.args(["forward", "--device", "cpu", "--prefix", prefix])
+            .arg("--model")
+            .arg(fixture("diffit_tiny_model.safetensors"))
+            .arg("--input")
+            .arg(fixture("diffit_tiny_golden.safetensors"))
+            .arg("--output")
+            .arg(&out);
+        if guided {
+            cmd.args([
+                "--guidance-scale",
+                "4.4",
+                "--guidance-schedule",
+                "power-cosine",
+            ]);
+        }
+        run_ok(&mut cmd);
+        let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        let e = rel_err(&got["out"], &g[want]);
+        assert!(e <= 1e-4, "{want}: rel err {e}");
+    }
+}
+
+#[test]
+fn decode_reproduces_fixture() {
+    let g = golden("vae_tiny_golden.safetensors");
+    let out = out_dir().join("decoded.safetensors");
+    run_ok(
+        bin()
+            .args(["decode", "--device", "cpu", "--vae"])
+            .arg(fixture("vae_tiny_model.safetensors"))
+            .arg("--input")
+            .arg(fixture("vae_tiny_golden.safetensors"))
+            .arg("--output")
+            .arg(&out),
+    );
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert!(rel_err(&got["decoded"], &g["decoded"]) <= 1e-4);
+    let a = got["pixels_u8"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let b = g["pixels_u8"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.abs_diff(*y) <= 1));
+}
+
+#[test]
+fn generate_writes_png_with_metadata_and_is_deterministic() {
+    let dir = out_dir();
+    let mut paths = Vec::new();
+    for name in ["a.png", "b.png"] {
+        let p = dir.join(name);
+        run_ok(
+            bin()
+                .args([
+                    "generate", "--device", "cpu", "--class", "3", "--seed", "11", "--steps", "10",
+                ])
+                .args([
+                    "--sampler",
+                    "dpm-solver++",
+                    "--guidance-scale",
+                    "2.0",
+                    "--model",
+                ])
+                .arg(fixture("diffit_tiny_model.safetensors"))
+                .arg("--vae")
+                .arg(fixture("vae_tiny_model.safetensors"))
+                .arg("-o")
+                .arg(&p),
+        );
+        paths.push(p);
+    }
+    let a = std::fs::read(&paths[0]).unwrap();
+    assert_eq!(
+        a,
+        std::fs::read(&paths[1]).unwrap(),
+        "same seed, same bytes"
+    );
+    let dec = png::Decoder::new(std::io::Cursor::new(a));
+    let reader = dec.read_info().unwrap();
+    let info = reader.info();
+    assert_eq!(
+        (info.width, info.height),
+        (64, 64),
+        "8×8 latent through a 4-level (×8) VAE"
+    );
+    let text: std::collections::HashMap<_, _> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    assert_eq!(text["seed"], "11");
+    assert_eq!(text["class_label"], "3");
+    assert_eq!(text["sampler"], "dpm-solver++");
+    assert_eq!(text["steps"], "10");
+    assert_eq!(text["model_sha256"].len(), 64);
+}
+
+#[test]
+fn generate_rejects_unknown_class_name_with_suggestions() {
+    let out = bin()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--class-name",
+            "clas 3",
+            "--model",
+        ])
+        .arg(fixture("diffit_tiny_model.safetensors"))
+        .arg("--vae")
+        .arg(fixture("vae_tiny_model.safetensors"))
+        .output()
+        .unwrap();
+    // "clas 3" is no name, but "class 3" is close.
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown class name") && err.contains("class 3"),
+        "{err}"
+    );
+}
