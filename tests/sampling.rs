@@ -122,7 +122,7 @@ fn a_sample_does_not_depend_on_its_batch_mates() {
     }
     // The same sample amid others that join late, leave early, and use other settings.
     let mut target = sample(4, SamplerKind::Ddpm, 20, 4.4, 99);
-    let mut others = vec![
+    let mut others = [
         sample(1, SamplerKind::Ddim, 7, 1.0, 1),
         sample(2, SamplerKind::DpmSolverPP, 30, 2.5, 2),
         sample(9, SamplerKind::Ddpm, 12, 4.4, 3),
