@@ -1,7 +1,12 @@
 //! diffit-server: serving class-conditional latent DiffiT.
 
+pub mod api;
 pub mod classes;
+pub mod config;
 pub mod diffusion;
+pub mod engine;
 pub mod model;
 pub mod pipeline;
 pub mod png;
+pub mod server;
+pub mod telemetry;

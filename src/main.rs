@@ -26,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API (the embedded default model when no model is given).
+    Serve(diffit_server::config::ServeArgs),
     /// Generate images from the command line.
     Generate(GenerateArgs),
     /// Run the network on tensors x, t, y from a safetensors file and write `out`.
@@ -133,14 +135,12 @@ impl RuntimeArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        diffit_server::telemetry::init_logging(diffit_server::config::LogFormat::Text);
+    }
     let result = match cli.command {
+        Command::Serve(a) => diffit_server::server::run(a),
         Command::Generate(a) => generate(a),
         Command::Forward(a) => forward(a),
         Command::Decode(a) => decode(a),
@@ -236,15 +236,15 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     })?;
     let label = match (&a.class, &a.class_name) {
         (Some(c), _) => *c,
-        (None, Some(name)) => pipe.classes.resolve(name).with_context(|| {
+        (None, Some(name)) => pipe.info.classes.resolve(name).with_context(|| {
             format!(
                 "unknown class name '{name}'; close matches: {}",
-                pipe.classes.close_matches(name, 5).join(", ")
+                pipe.info.classes.close_matches(name, 5).join(", ")
             )
         })?,
         (None, None) => unreachable!("clap requires --class or --class-name"),
     };
-    let d = pipe.defaults;
+    let d = pipe.info.defaults;
     let guidance = Guidance::new(
         a.guidance_scale.unwrap_or(d.guidance_scale),
         a.guidance_schedule.unwrap_or(d.guidance_schedule),
@@ -286,13 +286,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 .unwrap_or("out");
             a.output.with_file_name(format!("{stem}-{i}.png"))
         };
-        std::fs::write(&path, pipe.encode(px, spec)?)
+        std::fs::write(&path, pipe.info.encode(px, spec)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!(
             "wrote {} (class {} '{}', seed {})",
             path.display(),
             spec.label,
-            pipe.classes.label(spec.label),
+            pipe.info.classes.label(spec.label),
             spec.seed
         );
     }

@@ -11,7 +11,7 @@ use crate::classes::ClassNames;
 use crate::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, ScheduleCache, SeededNoise,
 };
-use crate::model::{vae, DiffiT, VaeDecoder, WeightsFile};
+use crate::model::{vae, DiffiT, DiffitConfig, VaeDecoder, WeightsFile};
 use crate::png::encode_png;
 
 /// Sampling settings used when a request leaves them out.
@@ -63,14 +63,58 @@ pub struct ImageSpec {
     pub guidance: Guidance,
 }
 
-pub struct Pipeline {
-    pub diffit: DiffiT,
-    pub vae: VaeDecoder,
+/// What the rest of the server needs to know about the loaded model, without the model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The DiffiT file's stem, e.g. `diffit_256`: the model id in the API.
+    pub name: String,
+    pub config: DiffitConfig,
     pub classes: ClassNames,
     pub defaults: SamplingDefaults,
     /// SHA-256 of the DiffiT file: names the model in every PNG.
     pub model_sha256: String,
-    pub model_path: PathBuf,
+    pub image_size: usize,
+    pub image_channels: usize,
+    pub dtype: String,
+    pub device: String,
+}
+
+impl ModelInfo {
+    /// The tEXt entries recorded in every PNG.
+    pub fn png_text(&self, spec: &ImageSpec) -> Vec<(&'static str, String)> {
+        vec![
+            ("seed", spec.seed.to_string()),
+            ("class_label", spec.label.to_string()),
+            ("class_name", self.classes.label(spec.label).to_string()),
+            ("steps", spec.steps.to_string()),
+            ("sampler", spec.sampler.to_string()),
+            ("guidance_scale", spec.guidance.scale().to_string()),
+            ("guidance_schedule", spec.guidance.schedule().to_string()),
+            ("model", self.name.clone()),
+            ("model_sha256", self.model_sha256.clone()),
+            (
+                "Software",
+                format!("diffit-server {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+    }
+
+    pub fn encode(&self, pixels: &[u8], spec: &ImageSpec) -> anyhow::Result<Vec<u8>> {
+        let side = self.image_size;
+        Ok(encode_png(
+            pixels,
+            self.image_channels,
+            side,
+            side,
+            &self.png_text(spec),
+        )?)
+    }
+}
+
+pub struct Pipeline {
+    pub diffit: DiffiT,
+    pub vae: VaeDecoder,
+    pub info: ModelInfo,
     pub decode_chunk: usize,
     schedules: ScheduleCache,
 }
@@ -120,13 +164,26 @@ impl Pipeline {
             vae.config().latent_channels,
             cfg.in_channels
         );
-        Ok(Self {
-            model_sha256: file.sha256(),
-            model_path: opts.model.clone(),
-            diffit,
-            vae,
+        let info = ModelInfo {
+            name: opts
+                .model
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("diffit")
+                .to_string(),
+            config: cfg.clone(),
             classes,
             defaults,
+            model_sha256: file.sha256(),
+            image_size: cfg.input_size * vae.config().upscale(),
+            image_channels: vae.config().out_channels,
+            dtype: format!("{:?}", opts.dtype).to_lowercase(),
+            device: device_name(&opts.device),
+        };
+        Ok(Self {
+            diffit,
+            vae,
+            info,
             decode_chunk: opts.decode_chunk.max(1),
             schedules: ScheduleCache::default(),
         })
@@ -134,15 +191,6 @@ impl Pipeline {
 
     pub fn device(&self) -> &Device {
         self.diffit.device()
-    }
-
-    /// Output image side in pixels.
-    pub fn image_size(&self) -> usize {
-        self.diffit.config().input_size * self.vae.config().upscale()
-    }
-
-    pub fn image_channels(&self) -> usize {
-        self.vae.config().out_channels
     }
 
     /// A fresh sample whose latent and noise come from `spec.seed` alone.
@@ -193,34 +241,13 @@ impl Pipeline {
         let per = pixels.len() / b.max(1);
         Ok(pixels.chunks(per).map(<[u8]>::to_vec).collect())
     }
+}
 
-    /// The tEXt entries recorded in every PNG.
-    pub fn png_text(&self, spec: &ImageSpec) -> Vec<(&'static str, String)> {
-        vec![
-            ("seed", spec.seed.to_string()),
-            ("class_label", spec.label.to_string()),
-            ("class_name", self.classes.label(spec.label).to_string()),
-            ("steps", spec.steps.to_string()),
-            ("sampler", spec.sampler.to_string()),
-            ("guidance_scale", spec.guidance.scale().to_string()),
-            ("guidance_schedule", spec.guidance.schedule().to_string()),
-            ("model_sha256", self.model_sha256.clone()),
-            (
-                "Software",
-                format!("diffit-server {}", env!("CARGO_PKG_VERSION")),
-            ),
-        ]
-    }
-
-    pub fn encode(&self, pixels: &[u8], spec: &ImageSpec) -> anyhow::Result<Vec<u8>> {
-        let side = self.image_size();
-        Ok(encode_png(
-            pixels,
-            self.image_channels(),
-            side,
-            side,
-            &self.png_text(spec),
-        )?)
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
     }
 }
 

@@ -1,0 +1,43 @@
+//! Reading a JSON body: size limit (413) and parse errors that name the offending field (400).
+//! The Content-Type is not enforced, so `curl -d '{…}'` works as typed.
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+pub async fn read_json<T: DeserializeOwned>(
+    _headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request(
+            "request body is empty; send a JSON object",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        // serde names unknown fields in its message; otherwise the path names the field.
+        let param = if let Some(rest) = msg.strip_prefix("unknown field `") {
+            rest.split('`').next().map(str::to_string)
+        } else if path != "." && !path.is_empty() {
+            Some(path)
+        } else {
+            None
+        };
+        let mut err = ApiError::bad_request(match &param {
+            Some(p) => format!("invalid request body at '{p}': {msg}"),
+            None => format!("invalid JSON body: {msg}"),
+        });
+        err.param = param;
+        err
+    })
+}

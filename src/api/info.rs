@@ -1,0 +1,75 @@
+//! Read-only routes: models, classes, health, readiness, metrics.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::generate::unix_now;
+use super::AppState;
+
+pub async fn models(State(state): State<AppState>) -> Response {
+    let info = state.engine.info();
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": info.name,
+            "object": "model",
+            "created": state.started_unix,
+            "owned_by": "diffit-server",
+            "image_size": info.image_size,
+            "num_classes": info.config.num_classes,
+            "config": info.config,
+            "defaults": info.defaults,
+            "sha256": info.model_sha256,
+            "dtype": info.dtype,
+            "device": info.device,
+        }]
+    }))
+    .into_response()
+}
+
+pub async fn classes(State(state): State<AppState>) -> Response {
+    let info = state.engine.info();
+    let classes: Vec<_> = (0..info.classes.len())
+        .map(|i| {
+            json!({
+                "label": i,
+                "name": info.classes.label(i),
+                "synonyms": &info.classes.synonyms(i)[1.min(info.classes.synonyms(i).len())..],
+            })
+        })
+        .collect();
+    axum::Json(json!({ "num_classes": info.classes.len(), "classes": classes })).into_response()
+}
+
+pub async fn healthz() -> Response {
+    axum::Json(json!({ "status": "ok", "time": unix_now() })).into_response()
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let engine = &state.engine;
+    let (status, word) = if engine.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !engine
+        .stats()
+        .ready
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        (StatusCode::SERVICE_UNAVAILABLE, "warming up")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    (status, axum::Json(json!({ "status": word }))).into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,122 @@
+//! Submitting a validated request to the engine and collecting its images, PNG-encoded on
+//! the blocking pool.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::types::Timings;
+use super::AppState;
+use crate::engine::{EngineError, Job, JobEvent, SubmitError};
+use crate::pipeline::ImageSpec;
+
+pub struct EncodedImage {
+    pub png: Vec<u8>,
+    pub spec: ImageSpec,
+}
+
+pub struct Outcome {
+    pub images: Vec<EncodedImage>,
+    pub timings: Timings,
+}
+
+/// Admits the job or refuses it (429 with Retry-After, 503 while draining).
+pub fn submit(
+    state: &AppState,
+    id: &str,
+    specs: Vec<ImageSpec>,
+    timeout: Duration,
+    progress: bool,
+) -> Result<(mpsc::UnboundedReceiver<JobEvent>, Instant), ApiError> {
+    let deadline = Instant::now() + timeout;
+    let (job, rx) = Job::new(id.to_string(), specs, deadline, progress);
+    match state.engine.submit(job) {
+        Ok(()) => Ok((rx, deadline)),
+        Err(SubmitError::Draining) => {
+            metrics::counter!("diffit_rejections_total", "reason" => "draining").increment(1);
+            Err(ApiError::unavailable(
+                "the server is draining; retry on another replica",
+            ))
+        }
+        Err(
+            e @ SubmitError::QueueFull {
+                retry_after_secs, ..
+            },
+        ) => {
+            metrics::counter!("diffit_rejections_total", "reason" => "queue_full").increment(1);
+            Err(ApiError::queue_full(e.to_string(), retry_after_secs))
+        }
+    }
+}
+
+/// Waits for every image of the job. `on_progress` sees (step, total) for streaming requests.
+pub async fn collect(
+    state: &AppState,
+    mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    specs: &[ImageSpec],
+    deadline: Instant,
+    mut on_progress: impl FnMut(usize, usize),
+) -> Result<Outcome, ApiError> {
+    let start = Instant::now();
+    let mut images: Vec<Option<EncodedImage>> = (0..specs.len()).map(|_| None).collect();
+    let mut timings = Timings::default();
+    let mut remaining = specs.len();
+    // The engine enforces the deadline between steps; this guards a step that overruns it.
+    let hard_deadline = tokio::time::Instant::from_std(deadline + Duration::from_secs(5));
+    while remaining > 0 {
+        let event = tokio::time::timeout_at(hard_deadline, rx.recv())
+            .await
+            .map_err(|_| ApiError::deadline())?;
+        match event {
+            None => {
+                return Err(ApiError::unavailable(
+                    "the engine stopped before the request finished",
+                ))
+            }
+            Some(JobEvent::Started { queue_wait }) => timings.queue_ms = ms(queue_wait),
+            Some(JobEvent::Progress { step, total }) => on_progress(step, total),
+            Some(JobEvent::Failed(EngineError::Deadline)) => return Err(ApiError::deadline()),
+            Some(JobEvent::Failed(EngineError::ShuttingDown)) => {
+                return Err(ApiError::unavailable("the server is shutting down"))
+            }
+            Some(JobEvent::Failed(EngineError::Internal(msg))) => {
+                return Err(ApiError::internal(msg))
+            }
+            Some(JobEvent::Image {
+                index,
+                pixels,
+                denoise,
+                decode,
+            }) => {
+                let spec = specs[index];
+                let info = state.engine.info().clone();
+                let t0 = Instant::now();
+                let png = tokio::task::spawn_blocking(move || info.encode(&pixels, &spec))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("PNG encoder task failed: {e}")))?
+                    .map_err(|e| ApiError::internal(format!("PNG encoding failed: {e}")))?;
+                let enc = t0.elapsed();
+                metrics::histogram!("diffit_encode_duration_seconds").record(enc.as_secs_f64());
+                metrics::counter!("diffit_images_generated_total").increment(1);
+                timings.encode_ms += ms(enc);
+                timings.denoise_ms = timings.denoise_ms.max(ms(denoise));
+                timings.decode_ms = timings.decode_ms.max(ms(decode));
+                images[index] = Some(EncodedImage { png, spec });
+                remaining -= 1;
+            }
+        }
+    }
+    timings.total_ms = ms(start.elapsed());
+    Ok(Outcome {
+        images: images
+            .into_iter()
+            .map(|i| i.expect("every index filled"))
+            .collect(),
+        timings,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}

@@ -1,0 +1,198 @@
+//! Request and response bodies of the native API, and their validation into engine specs.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
+use crate::diffusion::{Guidance, GuidanceSchedule, SamplerKind};
+use crate::pipeline::{ImageSpec, ModelInfo};
+
+/// `POST /generate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    pub class_label: Option<i64>,
+    pub class_name: Option<String>,
+    pub n: Option<i64>,
+    pub seed: Option<u64>,
+    pub steps: Option<i64>,
+    pub sampler: Option<String>,
+    pub guidance_scale: Option<f64>,
+    pub guidance_schedule: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub timeout_secs: Option<f64>,
+}
+
+/// The sampling fields shared by the native and OpenAI routes, validated.
+#[derive(Debug, Default)]
+pub struct SamplingFields {
+    pub n: Option<i64>,
+    pub seed: Option<u64>,
+    pub steps: Option<i64>,
+    pub sampler: Option<String>,
+    pub guidance_scale: Option<f64>,
+    pub guidance_schedule: Option<String>,
+}
+
+pub struct Limits {
+    pub max_images: usize,
+    pub max_queue: usize,
+}
+
+/// Builds one spec per image (image i uses seed + i), checking every field against its limits.
+pub fn build_specs(
+    info: &ModelInfo,
+    label: usize,
+    f: &SamplingFields,
+    limits: &Limits,
+) -> Result<Vec<ImageSpec>, ApiError> {
+    let max_n = limits.max_images.min(limits.max_queue);
+    let n = f.n.unwrap_or(1);
+    if n < 1 || n as usize > max_n {
+        return Err(ApiError::invalid_field(
+            "n",
+            format!("n must be between 1 and {max_n}, got {n}"),
+        ));
+    }
+    let d = info.defaults;
+    let steps = f.steps.unwrap_or(d.steps as i64);
+    if steps < MIN_STEPS as i64 || steps > MAX_STEPS as i64 {
+        return Err(ApiError::invalid_field(
+            "steps",
+            format!("steps must be between {MIN_STEPS} and {MAX_STEPS}, got {steps}"),
+        ));
+    }
+    let sampler = match &f.sampler {
+        None => d.sampler,
+        Some(s) => s.parse::<SamplerKind>().map_err(|_| {
+            ApiError::invalid_field(
+                "sampler",
+                format!("sampler must be one of ddpm, ddim, dpm-solver++; got '{s}'"),
+            )
+        })?,
+    };
+    let schedule = match &f.guidance_schedule {
+        None => d.guidance_schedule,
+        Some(s) => s.parse::<GuidanceSchedule>().map_err(|_| {
+            ApiError::invalid_field(
+                "guidance_schedule",
+                format!("guidance_schedule must be power-cosine or constant; got '{s}'"),
+            )
+        })?,
+    };
+    let scale = f.guidance_scale.unwrap_or(d.guidance_scale as f64);
+    let guidance = Guidance::new(scale as f32, schedule)
+        .map_err(|e| ApiError::invalid_field("guidance_scale", e.to_string()))?;
+    if !scale.is_finite() {
+        return Err(ApiError::invalid_field(
+            "guidance_scale",
+            "guidance_scale must be finite",
+        ));
+    }
+    let seed = f.seed.unwrap_or_else(rand::random);
+    Ok((0..n as u64)
+        .map(|i| ImageSpec {
+            label,
+            seed: seed.wrapping_add(i),
+            steps: steps as usize,
+            sampler,
+            guidance,
+        })
+        .collect())
+}
+
+/// Resolves `class_label` / `class_name` (exactly one) to a class index.
+pub fn resolve_class(
+    info: &ModelInfo,
+    label: Option<i64>,
+    name: Option<&str>,
+) -> Result<usize, ApiError> {
+    let n = info.config.num_classes;
+    match (label, name) {
+        (Some(_), Some(_)) => Err(ApiError::invalid_field(
+            "class_label",
+            "give class_label or class_name, not both",
+        )),
+        (None, None) => Err(ApiError::invalid_field(
+            "class_label",
+            format!("class_label (0..{}) or class_name is required", n - 1),
+        )),
+        (Some(l), None) => {
+            if l < 0 || l as usize >= n {
+                Err(ApiError::invalid_field(
+                    "class_label",
+                    format!("class_label must be between 0 and {}, got {l}", n - 1),
+                ))
+            } else {
+                Ok(l as usize)
+            }
+        }
+        (None, Some(s)) => resolve_name(info, s, "class_name"),
+    }
+}
+
+/// A class by name, synonym or number; an unknown name lists close matches.
+pub fn resolve_name(info: &ModelInfo, s: &str, param: &str) -> Result<usize, ApiError> {
+    info.classes.resolve(s).ok_or_else(|| {
+        let close = info.classes.close_matches(s, 5);
+        ApiError::invalid_field(
+            param,
+            format!(
+                "unknown class '{s}'; close matches: {} (GET /v1/classes lists all {})",
+                close.join(", "),
+                info.classes.len()
+            ),
+        )
+    })
+}
+
+pub fn check_timeout(
+    secs: Option<f64>,
+    default: std::time::Duration,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, ApiError> {
+    match secs {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s <= max.as_secs_f64() => {
+            Ok(std::time::Duration::from_secs_f64(s))
+        }
+        Some(s) => Err(ApiError::invalid_field(
+            "timeout_secs",
+            format!(
+                "timeout_secs must be > 0 and at most {}, got {s}",
+                max.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImageJson {
+    pub b64_png: String,
+    pub seed: u64,
+    pub class_label: usize,
+    pub class_name: String,
+}
+
+#[derive(Debug, Serialize, Default, Clone, Copy)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub denoise_ms: f64,
+    pub decode_ms: f64,
+    pub encode_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GenerateResponse {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub steps: usize,
+    pub sampler: String,
+    pub guidance_scale: f32,
+    pub guidance_schedule: String,
+    pub images: Vec<ImageJson>,
+    pub timings: Timings,
+}

@@ -1,0 +1,137 @@
+//! Every setting of `serve`, as a flag and an environment variable, in one place.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the embedded default model lives, relative to the working directory, the
+/// executable, or the source tree it was built from.
+pub const DEFAULT_MODEL_FILE: &str = "diffit_fmnist.safetensors";
+pub const DEFAULT_VAE_FILE: &str = "vae_fmnist.safetensors";
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// DiffiT checkpoint; the embedded default in weights/ when left out.
+    #[arg(long, env = "DIFFIT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// VAE weights (.safetensors, or a diffusers directory); the embedded default when left out.
+    #[arg(long, env = "DIFFIT_VAE")]
+    pub vae: Option<PathBuf>,
+    #[arg(long, env = "DIFFIT_VAE_CONFIG")]
+    pub vae_config: Option<PathBuf>,
+    #[arg(long, env = "DIFFIT_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// 0 picks a free port (printed at start-up).
+    #[arg(long, env = "DIFFIT_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// auto | cpu | cuda:N
+    #[arg(long, env = "DIFFIT_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// f32 | bf16 | f16
+    #[arg(long, env = "DIFFIT_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Most images denoised together in one step.
+    #[arg(long, env = "DIFFIT_MAX_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_batch: u32,
+    /// Most images waiting for a batch slot; beyond it requests get 429.
+    #[arg(long, env = "DIFFIT_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_queue: u32,
+    /// Most images one request may ask for.
+    #[arg(long, env = "DIFFIT_MAX_IMAGES_PER_REQUEST", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_images_per_request: u32,
+    /// Bearer keys accepted (repeat the flag, or comma-separate in the env var). None: no auth.
+    #[arg(
+        long = "api-key",
+        env = "DIFFIT_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Deadline of a request that sets none.
+    #[arg(long, env = "DIFFIT_REQUEST_TIMEOUT_SECS", default_value_t = 300.0)]
+    pub request_timeout_secs: f64,
+    /// Longest deadline a request may ask for.
+    #[arg(
+        long,
+        env = "DIFFIT_MAX_REQUEST_TIMEOUT_SECS",
+        default_value_t = 3600.0
+    )]
+    pub max_request_timeout_secs: f64,
+    /// After SIGTERM, how long in-flight work may take before the process exits anyway.
+    #[arg(long, env = "DIFFIT_DRAIN_TIMEOUT_SECS", default_value_t = 120.0)]
+    pub drain_timeout_secs: f64,
+    /// Largest request body accepted.
+    #[arg(long, env = "DIFFIT_MAX_BODY_BYTES", default_value_t = 65536)]
+    pub max_body_bytes: usize,
+    /// Most latents decoded by the VAE at once (bounds decoder memory).
+    #[arg(long, env = "DIFFIT_DECODE_CHUNK", default_value_t = 8)]
+    pub decode_chunk: usize,
+    #[arg(long, env = "DIFFIT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Batch whole requests only (no joining mid-way): a baseline for benchmarks.
+    #[arg(long, hide = true)]
+    pub request_level_batching: bool,
+}
+
+impl ServeArgs {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_secs.max(0.001))
+    }
+
+    pub fn max_request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.max_request_timeout_secs
+                .max(self.request_timeout_secs)
+                .max(0.001),
+        )
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_timeout_secs.max(0.0))
+    }
+}
+
+/// The embedded default weights: `weights/` in the working directory, beside or above the
+/// executable (`/app/weights` in the image), or in the source tree it was built from.
+pub fn default_weights_dir() -> Option<PathBuf> {
+    let mut candidates = vec![PathBuf::from("weights")];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(4) {
+            candidates.push(dir.join("weights"));
+        }
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights"));
+    candidates
+        .into_iter()
+        .find(|d| d.join(DEFAULT_MODEL_FILE).is_file())
+}
+
+/// The model and VAE to load: what was given, else the embedded default.
+pub fn resolve_model_paths(
+    model: Option<PathBuf>,
+    vae: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    match (model, vae) {
+        (Some(m), Some(v)) => Ok((m, v)),
+        (Some(_), None) => anyhow::bail!("--model needs --vae (the VAE that decodes its latents)"),
+        (m, v) => {
+            let dir = default_weights_dir().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no --model given and the embedded default model (weights/{DEFAULT_MODEL_FILE}) \
+                     was not found; pass --model M --vae V"
+                )
+            })?;
+            Ok((
+                m.unwrap_or_else(|| dir.join(DEFAULT_MODEL_FILE)),
+                v.unwrap_or_else(|| dir.join(DEFAULT_VAE_FILE)),
+            ))
+        }
+    }
+}

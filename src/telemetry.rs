@@ -1,0 +1,88 @@
+//! Logging and Prometheus metrics set-up.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::LogFormat;
+
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, repeated calls) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the global recorder and describes every metric the server emits.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("diffit_batch_size".into()), &BATCH_BUCKETS)?
+        .install_recorder()?;
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("diffit_requests_total", "HTTP requests by route and status");
+    describe_histogram!(
+        "diffit_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency by route"
+    );
+    describe_gauge!("diffit_queue_depth", "Images waiting for a batch slot");
+    describe_histogram!(
+        "diffit_queue_wait_seconds",
+        Unit::Seconds,
+        "Time from admission to first denoising step"
+    );
+    describe_gauge!("diffit_active_samples", "Images being denoised now");
+    describe_histogram!("diffit_batch_size", "Images per denoising step");
+    describe_histogram!(
+        "diffit_step_duration_seconds",
+        Unit::Seconds,
+        "Latency of one batched denoising step"
+    );
+    describe_counter!(
+        "diffit_images_generated_total",
+        "Images returned to clients"
+    );
+    describe_histogram!(
+        "diffit_decode_duration_seconds",
+        Unit::Seconds,
+        "VAE decode latency per batch"
+    );
+    describe_histogram!(
+        "diffit_encode_duration_seconds",
+        Unit::Seconds,
+        "PNG encode latency per image"
+    );
+    describe_counter!(
+        "diffit_rejections_total",
+        "Requests refused or ended early, by reason"
+    );
+    describe_gauge!(
+        "diffit_ready",
+        "1 when the model is loaded, warmed up and not draining"
+    );
+    describe_gauge!("diffit_model_info", "The loaded model (labels) ; always 1");
+    for reason in [
+        "queue_full",
+        "deadline",
+        "disconnected",
+        "unauthorized",
+        "draining",
+    ] {
+        metrics::counter!("diffit_rejections_total", "reason" => reason).absolute(0);
+    }
+    metrics::counter!("diffit_images_generated_total").absolute(0);
+    metrics::gauge!("diffit_queue_depth").set(0.0);
+    metrics::gauge!("diffit_active_samples").set(0.0);
+    metrics::gauge!("diffit_ready").set(0.0);
+    Ok(handle)
+}
