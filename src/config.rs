@@ -81,16 +81,17 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The default deadline, never longer than the maximum.
     pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.request_timeout_secs.max(0.001))
+        Duration::from_secs_f64(
+            self.request_timeout_secs
+                .min(self.max_request_timeout_secs)
+                .max(0.001),
+        )
     }
 
     pub fn max_request_timeout(&self) -> Duration {
-        Duration::from_secs_f64(
-            self.max_request_timeout_secs
-                .max(self.request_timeout_secs)
-                .max(0.001),
-        )
+        Duration::from_secs_f64(self.max_request_timeout_secs.max(0.001))
     }
 
     pub fn drain_timeout(&self) -> Duration {

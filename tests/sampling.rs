@@ -138,6 +138,11 @@ fn a_sample_does_not_depend_on_its_batch_mates() {
         denoise_step(&model, &mut batch).unwrap();
         step += 1;
     }
-    let e = rel_err(target.latent(), alone.latent());
-    assert!(e < 1e-5, "batch mates changed the sample: rel err {e}");
+    // Bit for bit: the conditioning matmuls run in fixed-shape chunks, so no kernel sees B.
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        bits(target.latent()),
+        bits(alone.latent()),
+        "batch mates changed the sample"
+    );
 }

@@ -239,7 +239,29 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// `forward` for a few per-sample rows [B, K], computed in fixed-shape chunks of
+    /// `PER_SAMPLE_ROWS` (zero-padded). Matmul kernels pick their reduction order by shape,
+    /// so a sample's conditioning must not see B: this keeps its image independent of which
+    /// other samples share the batch.
+    pub fn forward_per_sample(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, k) = x.dims2()?;
+        let mut parts = Vec::with_capacity(b.div_ceil(PER_SAMPLE_ROWS));
+        for start in (0..b).step_by(PER_SAMPLE_ROWS) {
+            let rows = PER_SAMPLE_ROWS.min(b - start);
+            let mut chunk = x.narrow(0, start, rows)?;
+            if rows < PER_SAMPLE_ROWS {
+                let pad = Tensor::zeros((PER_SAMPLE_ROWS - rows, k), x.dtype(), x.device())?;
+                chunk = Tensor::cat(&[&chunk, &pad], 0)?;
+            }
+            parts.push(self.forward(&chunk)?.narrow(0, 0, rows)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
 }
+
+/// Row count of every per-sample (conditioning) matmul; see `Linear::forward_per_sample`.
+const PER_SAMPLE_ROWS: usize = 16;
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -487,8 +509,10 @@ impl DiffiT {
 
         let freq = Tensor::from_vec(timestep_features(t), (b, TIME_FREQ_DIM), &self.device)?;
         record("t_freq", &freq);
-        let t_emb = self.t_mlp2.forward(&candle_nn::ops::silu(
-            &self.t_mlp0.forward(&freq.to_dtype(self.dtype)?)?,
+        let t_emb = self.t_mlp2.forward_per_sample(&candle_nn::ops::silu(
+            &self
+                .t_mlp0
+                .forward_per_sample(&freq.to_dtype(self.dtype)?)?,
         )?)?;
         record("t_embedder", &t_emb);
         let labels: Vec<u32> = y.iter().map(|&v| v as u32).collect();
@@ -531,7 +555,7 @@ impl DiffiT {
         let a = &block.attn;
         // The time/class projection is one [3D] vector per sample: fold it and the qkv bias
         // into a single per-sample bias instead of adding two broadcasts over every token.
-        let mut sample_bias = a.qkv_temb.forward(c)?;
+        let mut sample_bias = a.qkv_temb.forward_per_sample(c)?;
         if let Some(bq) = a.qkv.bias() {
             sample_bias = sample_bias.broadcast_add(bq)?;
         }

@@ -1,4 +1,4 @@
-//! Shared helpers for the parity and loader tests: fixture paths and error measures.
+//! Shared test helpers: fixture paths, error measures, the live server harness.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -46,3 +46,5 @@ pub fn ints(t: &Tensor) -> Vec<i64> {
         .to_vec1::<i64>()
         .unwrap()
 }
+
+pub mod server;
