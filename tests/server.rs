@@ -93,7 +93,7 @@ async fn generate_json_png_stream_and_info_routes() {
     let result_line = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .last()
+        .next_back()
         .unwrap();
     let result: Value = serde_json::from_str(result_line).unwrap();
     assert_eq!(result["images"][0]["seed"], 1);
