@@ -12,9 +12,7 @@ pub async fn read_json<T: DeserializeOwned>(
     body: Body,
     limit: usize,
 ) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::too_large(limit))?;
+    let bytes = read_limited(body, limit).await?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request(
             "request body is empty; send a JSON object",
@@ -40,4 +38,29 @@ pub async fn read_json<T: DeserializeOwned>(
         err.param = param;
         err
     })
+}
+
+/// Most bytes read (and discarded) from an oversized body before answering 413, so that a
+/// client still sending gets the 413 rather than a reset connection.
+const DRAIN_LIMIT: usize = 8 << 20;
+
+async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        total += chunk.len();
+        if total <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if total > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if total > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(buf)
 }

@@ -47,4 +47,5 @@ pub fn ints(t: &Tensor) -> Vec<i64> {
         .unwrap()
 }
 
+pub mod schema;
 pub mod server;
