@@ -5,6 +5,7 @@ pub mod classes;
 pub mod config;
 pub mod diffusion;
 pub mod engine;
+pub mod loadgen;
 pub mod model;
 pub mod pipeline;
 pub mod png;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 use diffit_server::diffusion::guidance::guide_doubled_batch;
 use diffit_server::diffusion::{Guidance, GuidanceSchedule, SamplerKind};
+use diffit_server::loadgen::{self, LoadConfig, Workload};
 use diffit_server::model::{vae, DiffiT, VaeDecoder, WeightsFile};
 use diffit_server::pipeline::{
     parse_device, parse_dtype, resolve_vae_path, ImageSpec, LoadOptions, Pipeline,
@@ -34,6 +35,72 @@ enum Command {
     Forward(ForwardArgs),
     /// Decode latents `z` with the VAE; writes `decoded` (f32) and `pixels_u8`.
     Decode(DecodeArgs),
+    /// Load-test a running server on this machine (loopback only; bounded in requests and time).
+    Load(LoadArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Step-level continuous batching against request-level batching on one mixed workload.
+    Batching(BatchingArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Server base URL (loopback only).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long, default_value_t = 100)]
+    requests: usize,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Open-loop Poisson arrivals at this many requests per second (default: closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop sending after this many seconds; requests time out after it too.
+    #[arg(long, default_value_t = 300.0)]
+    max_secs: f64,
+    /// JSON body for every request (default: the mixed workload).
+    #[arg(long)]
+    body: Option<String>,
+    /// Classes of the mixed workload.
+    #[arg(long, default_value_t = 10)]
+    num_classes: usize,
+    #[arg(long, env = "DIFFIT_LOAD_API_KEY")]
+    api_key: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BatchingArgs {
+    /// DiffiT model (default: the embedded model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    #[arg(long, default_value_t = 120)]
+    requests: usize,
+    /// Poisson arrival rate, requests/s.
+    #[arg(long, default_value_t = 4.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 16)]
+    max_batch: u32,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write both reports as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -144,6 +211,8 @@ fn main() {
         Command::Generate(a) => generate(a),
         Command::Forward(a) => forward(a),
         Command::Decode(a) => decode(a),
+        Command::Load(a) => load(a),
+        Command::Bench(BenchCommand::Batching(a)) => bench_batching(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -297,5 +366,144 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     eprintln!("{} image(s) in {:.2?}", specs.len(), start.elapsed());
+    Ok(())
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn load(a: LoadArgs) -> anyhow::Result<()> {
+    let workload = match &a.body {
+        Some(b) => Workload::Fixed(serde_json::from_str(b).context("--body is not JSON")?),
+        None => Workload::Mixed {
+            num_classes: a.num_classes,
+        },
+    };
+    let cfg = LoadConfig {
+        url: a.url.trim_end_matches('/').to_string(),
+        requests: a.requests,
+        concurrency: a.concurrency,
+        rate: a.rate,
+        max_duration: std::time::Duration::from_secs_f64(a.max_secs),
+        workload,
+        api_key: a.api_key.clone(),
+        seed: a.seed,
+    };
+    let report = tokio_runtime()?.block_on(loadgen::run(&cfg))?;
+    println!("{report}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// A `serve` child process on a free loopback port, killed on drop.
+struct ChildServer(std::process::Child, String);
+
+impl ChildServer {
+    fn start(args: &[String]) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let out = child.stdout.take().context("child stdout")?;
+        let mut lines = std::io::BufReader::new(out).lines();
+        let line = lines.next().context("server exited before listening")??;
+        std::thread::spawn(move || for _ in lines {});
+        let url = line.rsplit(' ').next().unwrap_or_default().to_string();
+        Ok(Self(child, url))
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bench_batching(a: BatchingArgs) -> anyhow::Result<()> {
+    let (model, vae) = diffit_server::config::resolve_model_paths(a.model.clone(), a.vae.clone())?;
+    let rt = tokio_runtime()?;
+    let mut rows = Vec::new();
+    for (name, extra) in [("continuous (step-level)", false), ("request-level", true)] {
+        let mut args: Vec<String> = vec![
+            "--model".into(),
+            model.display().to_string(),
+            "--vae".into(),
+            vae.display().to_string(),
+            "--device".into(),
+            a.device.clone(),
+            "--dtype".into(),
+            a.dtype.clone(),
+            "--max-batch".into(),
+            a.max_batch.to_string(),
+            "--max-queue".into(),
+            "100000".into(),
+        ];
+        if extra {
+            args.push("--request-level-batching".into());
+        }
+        let server = ChildServer::start(&args)?;
+        let classes = rt.block_on(async {
+            let client = reqwest::Client::new();
+            for _ in 0..600 {
+                if let Ok(r) = client.get(format!("{}/readyz", server.1)).send().await {
+                    if r.status() == 200 {
+                        break;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let v: serde_json::Value = client
+                .get(format!("{}/v1/classes", server.1))
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(v["num_classes"].as_u64().unwrap_or(10) as usize)
+        })?;
+        let cfg = LoadConfig {
+            url: server.1.clone(),
+            requests: a.requests,
+            concurrency: 100_000,
+            rate: Some(a.rate),
+            max_duration: std::time::Duration::from_secs(1800),
+            workload: Workload::Mixed {
+                num_classes: classes,
+            },
+            api_key: None,
+            seed: a.seed,
+        };
+        eprintln!("running {name} …");
+        let report = rt.block_on(loadgen::run(&cfg))?;
+        eprintln!("{name}: {report}");
+        rows.push((name, report));
+    }
+    println!(
+        "mixed workload: {} requests, Poisson arrivals at {}/s, steps 10/20/50/100, 3 samplers, guidance 1 or 4, max batch {}",
+        a.requests, a.rate, a.max_batch
+    );
+    println!("| batching | images/s | p50 ms | p95 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    for (name, r) in &rows {
+        println!(
+            "| {name} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            r.images_per_sec, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
+        );
+    }
+    if let Some(p) = &a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(n, r)| serde_json::json!({"batching": n, "report": r}))
+            .collect();
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
     Ok(())
 }

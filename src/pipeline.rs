@@ -2,6 +2,7 @@
 //! what `generate` runs directly and what the serving engine owns.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -63,6 +64,19 @@ pub struct ImageSpec {
     pub guidance: Guidance,
 }
 
+/// Decodes latents [B, C, h, w] in chunks of `chunk` to planar u8 pixels, one Vec per image.
+pub fn decode_pixels(
+    vae: &VaeDecoder,
+    latents: &Tensor,
+    chunk: usize,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let decoded = vae.decode_chunked(latents, chunk)?;
+    let b = decoded.dim(0)?;
+    let pixels = vae::to_pixels(&decoded)?;
+    let per = pixels.len() / b.max(1);
+    Ok(pixels.chunks(per).map(<[u8]>::to_vec).collect())
+}
+
 /// What the rest of the server needs to know about the loaded model, without the model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -113,7 +127,7 @@ impl ModelInfo {
 
 pub struct Pipeline {
     pub diffit: DiffiT,
-    pub vae: VaeDecoder,
+    pub vae: Arc<VaeDecoder>,
     pub info: ModelInfo,
     pub decode_chunk: usize,
     schedules: ScheduleCache,
@@ -182,7 +196,7 @@ impl Pipeline {
         };
         Ok(Self {
             diffit,
-            vae,
+            vae: Arc::new(vae),
             info,
             decode_chunk: opts.decode_chunk.max(1),
             schedules: ScheduleCache::default(),
@@ -235,11 +249,7 @@ impl Pipeline {
 
     /// Decodes finished latents [B, C, h, w] to planar u8 pixels, one Vec per image.
     pub fn decode(&self, latents: &Tensor) -> anyhow::Result<Vec<Vec<u8>>> {
-        let decoded = self.vae.decode_chunked(latents, self.decode_chunk)?;
-        let b = decoded.dim(0)?;
-        let pixels = vae::to_pixels(&decoded)?;
-        let per = pixels.len() / b.max(1);
-        Ok(pixels.chunks(per).map(<[u8]>::to_vec).collect())
+        decode_pixels(&self.vae, latents, self.decode_chunk)
     }
 }
 

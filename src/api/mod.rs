@@ -65,6 +65,9 @@ impl AppState {
     }
 }
 
+/// Routes that take generation work (their bad input counts as an `invalid` rejection).
+const GENERATE_ROUTES: [&str; 2] = ["/generate", "/v1/images/generations"];
+
 /// Routes that probes and scrapers reach without an API key.
 const OPEN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
@@ -114,7 +117,11 @@ async fn observe(mut req: Request, next: Next) -> Response {
         tracing::Instrument::instrument(next.run(req), span.clone()).await
     };
     let elapsed = start.elapsed();
-    let status = resp.status().as_u16().to_string();
+    let code = resp.status().as_u16();
+    if GENERATE_ROUTES.contains(&route.as_str()) && matches!(code, 400 | 413 | 422) {
+        metrics::counter!("diffit_rejections_total", "reason" => "invalid").increment(1);
+    }
+    let status = code.to_string();
     metrics::counter!("diffit_requests_total", "route" => route.clone(), "status" => status.clone())
         .increment(1);
     metrics::histogram!("diffit_request_duration_seconds", "route" => route.clone())

@@ -157,7 +157,7 @@ mod tests {
         for i in [0, 1, 500, 999] {
             assert!((s.alphas_cumprod[i] - base[i]).abs() < 1e-15);
         }
-        assert!((s.betas[0] - 1e-4).abs() < 1e-18);
+        assert!((s.betas[0] - 1e-4).abs() < 1e-15); // 1 − (1 − β) is not exact in f64
         assert!((s.betas[999] - 0.02).abs() < 1e-15);
     }
 

@@ -2,6 +2,7 @@
 //! batching over every request in flight. It knows nothing of HTTP: requests arrive as
 //! [`Job`]s through an [`EngineHandle`], results leave on each job's event channel.
 
+mod decoder;
 mod scheduler;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -1,15 +1,15 @@
 //! The batching loop. Each iteration: take new jobs, drop what is cancelled or late, fill
 //! free batch slots from the queue (FIFO), run one denoising step over every active sample,
-//! then decode and hand back whatever finished.
+//! then hand whatever finished to the decode worker.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use tokio::sync::mpsc;
 
+use super::decoder::{self, DecodeWork};
 use super::{EngineError, EngineStats, Job, JobEvent};
 use crate::diffusion::{denoise_step, SampleState};
 use crate::pipeline::Pipeline;
@@ -71,6 +71,7 @@ struct Scheduler {
     queue: VecDeque<usize>,
     active: Vec<Active>,
     recent: VecDeque<(Instant, usize)>,
+    decoder: std::sync::mpsc::Sender<DecodeWork>,
 }
 
 pub(super) fn run(
@@ -79,7 +80,9 @@ pub(super) fn run(
     mut rx: mpsc::UnboundedReceiver<Job>,
     stats: Arc<EngineStats>,
 ) {
+    let (decoder, decode_thread) = decoder::spawn(pipe.vae.clone(), pipe.decode_chunk);
     let mut s = Scheduler {
+        decoder,
         pipe,
         config,
         stats,
@@ -90,6 +93,8 @@ pub(super) fn run(
     };
     if let Err(e) = s.warm_up() {
         tracing::error!(error = %e, "engine warm-up failed");
+        drop(s);
+        let _ = decode_thread.join();
         return;
     }
     s.stats.ready.store(true, Ordering::SeqCst);
@@ -117,6 +122,9 @@ pub(super) fn run(
         }
     }
     s.stats.ready.store(false, Ordering::SeqCst);
+    // Closing the channel lets the decoder finish what it holds, then stop.
+    drop(s);
+    let _ = decode_thread.join();
     tracing::info!("engine stopped");
 }
 
@@ -295,26 +303,24 @@ impl Scheduler {
         }
     }
 
-    /// Decodes finished samples in one (chunked) batch and sends each image to its job.
+    /// Hands finished latents to the decode worker; a job leaves the engine once all of its
+    /// images have been handed over.
     fn finish(&mut self, done: Vec<Active>) -> anyhow::Result<()> {
-        let t0 = Instant::now();
-        let latents: Vec<&Tensor> = done.iter().map(|a| a.sample.latent()).collect();
-        let pixels = self.pipe.decode(&Tensor::cat(&latents, 0)?)?;
-        let decode = t0.elapsed();
-        metrics::histogram!("diffit_decode_duration_seconds").record(decode.as_secs_f64());
         let now = Instant::now();
-        for (a, px) in done.into_iter().zip(pixels) {
+        for a in done {
             let Some(state) = self.jobs[a.job].as_mut() else {
                 continue;
             };
             state.in_flight -= 1;
-            let denoise = state.started.map(|s| t0 - s).unwrap_or_default();
-            let _ = state.job.events.send(JobEvent::Image {
+            let work = DecodeWork {
+                latent: a.sample.latent().clone(),
                 index: a.index,
-                pixels: px,
-                denoise,
-                decode,
-            });
+                denoise: state.started.map(|s| now - s).unwrap_or_default(),
+                events: state.job.events.clone(),
+            };
+            if self.decoder.send(work).is_err() {
+                anyhow::bail!("the decode worker stopped");
+            }
             self.recent.push_back((now, 1));
             if state.in_flight == 0 && state.waiting() == 0 {
                 self.jobs[a.job] = None;
