@@ -77,6 +77,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "disconnected",
         "unauthorized",
         "draining",
+        "invalid",
     ] {
         metrics::counter!("diffit_rejections_total", "reason" => reason).absolute(0);
     }
