@@ -1,6 +1,7 @@
 //! diffit-server: serving class-conditional latent DiffiT.
 
 pub mod api;
+pub mod bench;
 pub mod classes;
 pub mod config;
 pub mod diffusion;

@@ -46,6 +46,32 @@ enum Command {
 enum BenchCommand {
     /// Step-level continuous batching against request-level batching on one mixed workload.
     Batching(BatchingArgs),
+    /// Guided step time, images/s and VAE decode on random weights of the released shapes.
+    Model(ModelArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// 256 or 512 (the ImageNet checkpoint shapes).
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Images per guided step (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    batches: Vec<usize>,
+    /// VAE decode batch sizes (comma-separated; empty to skip).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    vae_batches: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -213,6 +239,7 @@ fn main() {
         Command::Decode(a) => decode(a),
         Command::Load(a) => load(a),
         Command::Bench(BenchCommand::Batching(a)) => bench_batching(a),
+        Command::Bench(BenchCommand::Model(a)) => bench_model(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -504,6 +531,28 @@ fn bench_batching(a: BatchingArgs) -> anyhow::Result<()> {
             .map(|(n, r)| serde_json::json!({"batching": n, "report": r}))
             .collect();
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn bench_model(a: ModelArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(a.resolution, 256 | 512),
+        "--resolution must be 256 or 512"
+    );
+    let (device, dtype) = (parse_device(&a.device)?, parse_dtype(&a.dtype)?);
+    let report = diffit_server::bench::run(&diffit_server::bench::ModelBench {
+        latent: a.resolution / 8,
+        device,
+        dtype,
+        batches: a.batches.clone(),
+        vae_batches: a.vae_batches.clone(),
+        warmup: a.warmup,
+        iters: a.iters,
+    })?;
+    print!("{report}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }

@@ -32,6 +32,21 @@ pub struct DiffitConfig {
 }
 
 impl DiffitConfig {
+    /// The released ImageNet-256 (latent 32) or -512 (latent 64) architecture.
+    pub fn imagenet(latent: usize) -> Self {
+        Self {
+            input_size: latent,
+            patch_size: 2,
+            in_channels: 4,
+            hidden_size: 1152,
+            depth: 28,
+            num_heads: 16,
+            mlp_hidden: 4608,
+            num_classes: 1000,
+            out_channels: 8,
+        }
+    }
+
     pub fn grid(&self) -> usize {
         self.input_size / self.patch_size
     }
@@ -273,19 +288,46 @@ impl Module for Linear {
     }
 }
 
+/// Where a model's tensors come from: a validated checkpoint, or random values of the right
+/// shapes (benchmarks: speed does not depend on the values).
+enum Source<'a> {
+    File(&'a WeightsFile),
+    Random(BTreeMap<String, Vec<usize>>),
+}
+
 /// Loads tensors by name, converting to the run dtype and device.
 struct Loader<'a> {
-    file: &'a WeightsFile,
+    source: Source<'a>,
     dtype: DType,
     device: &'a Device,
 }
 
 impl Loader<'_> {
+    fn err(&self, name: &str, e: candle_core::Error) -> WeightsError {
+        match &self.source {
+            Source::File(f) => f.tensor_err(name, e),
+            Source::Random(_) => WeightsError::Tensor {
+                path: "<random weights>".into(),
+                tensor: name.to_string(),
+                source: Box::new(e),
+            },
+        }
+    }
+
     fn get(&self, name: &str) -> Result<Tensor, WeightsError> {
-        let t = self.file.load_f32_finite(name)?;
+        let t = match &self.source {
+            Source::File(f) => f.load_f32_finite(name)?,
+            Source::Random(shapes) => {
+                let shape = shapes[name].as_slice();
+                // Generated on the device: a 2 GB model need not pass through the host.
+                return Tensor::randn(0f32, 0.02, shape, self.device)
+                    .and_then(|t| t.to_dtype(self.dtype))
+                    .map_err(|e| self.err(name, e));
+            }
+        };
         t.to_dtype(self.dtype)
             .and_then(|t| t.to_device(self.device))
-            .map_err(|e| self.file.tensor_err(name, e))
+            .map_err(|e| self.err(name, e))
     }
 
     fn linear(&self, prefix: &str) -> Result<Linear, WeightsError> {
@@ -338,39 +380,61 @@ impl DiffiT {
         let config = DiffitConfig::infer(file)?;
         let (required, optional) = config.expected_tensors();
         file.check_exact(&required, &optional)?;
-        let ld = Loader {
-            file,
-            dtype,
-            device,
-        };
-        let (d, p, c) = (config.hidden_size, config.patch_size, config.in_channels);
-        let n = config.num_tokens();
-        let conv = ld.get("x_embedder.proj.weight")?;
-        let patch_weight = Linear::new(
-            conv.reshape((d, c * p * p))
-                .map_err(|e| file.tensor_err("x_embedder.proj.weight", e))?,
-            Some(ld.get("x_embedder.proj.bias")?),
-        );
         let index = relative_position_index(config.grid());
-        let index_t = Tensor::from_vec(index.clone(), n * n, &Device::Cpu)
-            .and_then(|t| t.to_device(device))
-            .map_err(|e| file.tensor_err("relative_position_index", e))?;
-        let mut blocks = Vec::with_capacity(config.depth);
-        for i in 0..config.depth {
-            let b = format!("blocks.{i}");
-            let idx_name = format!("{b}.attn.relative_position_index");
-            if file.shape(&idx_name).is_some() {
+        for idx_name in optional.keys() {
+            if file.shape(idx_name).is_some() {
                 let stored = file
-                    .load(&idx_name)?
+                    .load(idx_name)?
                     .to_dtype(DType::I64)
                     .and_then(|t| t.flatten_all()?.to_vec1::<i64>())
-                    .map_err(|e| file.tensor_err(&idx_name, e))?;
+                    .map_err(|e| file.tensor_err(idx_name, e))?;
                 if stored.iter().zip(&index).any(|(&s, &r)| s != r as i64) {
                     return Err(file.invalid(format!(
                         "tensor '{idx_name}' differs from the spec's relative-position layout"
                     )));
                 }
             }
+        }
+        let loader = Loader {
+            source: Source::File(file),
+            dtype,
+            device,
+        };
+        Self::build(&loader, config)
+    }
+
+    /// A model of `config` with random weights, made on `device` (for benchmarks).
+    pub fn random(
+        config: DiffitConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, WeightsError> {
+        let (required, _) = config.expected_tensors();
+        let loader = Loader {
+            source: Source::Random(required),
+            dtype,
+            device,
+        };
+        Self::build(&loader, config)
+    }
+
+    fn build(ld: &Loader, config: DiffitConfig) -> Result<Self, WeightsError> {
+        let (dtype, device) = (ld.dtype, ld.device);
+        let (d, p, c) = (config.hidden_size, config.patch_size, config.in_channels);
+        let n = config.num_tokens();
+        let conv = ld.get("x_embedder.proj.weight")?;
+        let patch_weight = Linear::new(
+            conv.reshape((d, c * p * p))
+                .map_err(|e| ld.err("x_embedder.proj.weight", e))?,
+            Some(ld.get("x_embedder.proj.bias")?),
+        );
+        let index = relative_position_index(config.grid());
+        let index_t = Tensor::from_vec(index, n * n, &Device::Cpu)
+            .and_then(|t| t.to_device(device))
+            .map_err(|e| ld.err("relative_position_index", e))?;
+        let mut blocks = Vec::with_capacity(config.depth);
+        for i in 0..config.depth {
+            let b = format!("blocks.{i}");
             let table_name = format!("{b}.attn.relative_position_bias_table");
             let bias = ld
                 .get(&table_name)?
@@ -381,7 +445,7 @@ impl DiffiT {
                         .contiguous()
                 })
                 .and_then(|t| t.unsqueeze(0))
-                .map_err(|e| file.tensor_err(&table_name, e))?;
+                .map_err(|e| ld.err(&table_name, e))?;
             blocks.push(Block {
                 attn: Attention {
                     qkv: ld.linear(&format!("{b}.attn.qkv"))?,
@@ -398,7 +462,7 @@ impl DiffiT {
         let consts = |v: f32| {
             Tensor::full(v, d, device)
                 .and_then(|t| t.to_dtype(dtype))
-                .map_err(|e| file.tensor_err("layer-norm constants", e))
+                .map_err(|e| ld.err("layer-norm constants", e))
         };
         Ok(Self {
             patch_weight,

@@ -40,6 +40,20 @@ pub struct VaeConfig {
 }
 
 impl VaeConfig {
+    /// `stabilityai/sd-vae-ft-ema` (kl-f8), the VAE of the released DiffiT models.
+    pub fn sd_kl_f8() -> Self {
+        Self {
+            latent_channels: 4,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            scaling_factor: DEFAULT_SCALING_FACTOR,
+            mid_attention: true,
+            post_quant_conv: true,
+        }
+    }
+
     /// Pixels per latent cell along each side.
     pub fn upscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
@@ -288,6 +302,13 @@ impl VaeDecoder {
         }
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Self::build(vb, config, dtype, device).map_err(|e| file.invalid(format!("VAE: {e}")))
+    }
+
+    /// A decoder of `config` with random weights (for benchmarks).
+    pub fn random(config: VaeConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        Self::build(vb, config, dtype, device)
     }
 
     fn build(

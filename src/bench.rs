@@ -1,0 +1,217 @@
+//! `diffit-server bench model`: the network's guided step time, images/s and VAE decode speed on
+//! random weights of the released shapes (speed does not depend on the values).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::diffusion::{
+    denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule, SeededNoise,
+};
+use crate::model::{DiffiT, DiffitConfig, VaeConfig, VaeDecoder};
+
+#[derive(Debug, Clone)]
+pub struct ModelBench {
+    /// 32 for ImageNet-256, 64 for -512.
+    pub latent: usize,
+    pub device: Device,
+    pub dtype: DType,
+    pub batches: Vec<usize>,
+    pub vae_batches: Vec<usize>,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRow {
+    pub images: usize,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    pub tflops: f64,
+    pub images_per_sec_250: f64,
+    pub images_per_sec_50: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeRow {
+    pub images: usize,
+    pub ms_median: f64,
+    pub images_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchReport {
+    pub latent: usize,
+    pub dtype: String,
+    pub device: String,
+    pub gflop_per_image_forward: f64,
+    pub steps: Vec<StepRow>,
+    pub decode: Vec<DecodeRow>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// 2·m·n·k FLOP of one forward for one image (all matmuls, attention included).
+pub fn forward_flop(cfg: &DiffitConfig) -> f64 {
+    let (n, d, m) = (
+        cfg.num_tokens() as f64,
+        cfg.hidden_size as f64,
+        cfg.mlp_hidden as f64,
+    );
+    let p2c = (cfg.patch_size * cfg.patch_size) as f64;
+    let per_block = 2.0 * n * d * 3.0 * d
+        + 2.0 * d * 3.0 * d
+        + 2.0 * 2.0 * n * n * d
+        + 2.0 * n * d * d
+        + 2.0 * 2.0 * n * d * m;
+    let other = 2.0 * n * d * p2c * cfg.in_channels as f64
+        + 2.0 * (256.0 * d + d * d)
+        + 2.0 * n * d * p2c * cfg.out_channels as f64;
+    cfg.depth as f64 * per_block + other
+}
+
+pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
+    let cfg = DiffitConfig::imagenet(b.latent);
+    let t0 = Instant::now();
+    let model = DiffiT::random(cfg.clone(), b.dtype, &b.device)?;
+    b.device.synchronize()?;
+    eprintln!(
+        "random ImageNet-{} DiffiT built in {:.1?}",
+        b.latent * 8,
+        t0.elapsed()
+    );
+    let flop = forward_flop(&cfg);
+    let schedule = Arc::new(Schedule::new(250)?);
+    let guidance = Guidance::new(4.4, GuidanceSchedule::PowerCosine)?;
+    let mut steps = Vec::new();
+    for &n in &b.batches {
+        let mut samples: Vec<SampleState> = (0..n)
+            .map(|i| {
+                SampleState::new(
+                    (i % 1000) as i64,
+                    SamplerKind::Ddpm,
+                    guidance,
+                    schedule.clone(),
+                    Box::new(SeededNoise::new(i as u64)),
+                    (cfg.in_channels, cfg.input_size, cfg.input_size),
+                    &b.device,
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let mut times = Vec::new();
+        for it in 0..b.warmup + b.iters {
+            let start = Instant::now();
+            let mut refs: Vec<&mut SampleState> = samples.iter_mut().collect();
+            denoise_step(&model, &mut refs)?;
+            b.device.synchronize()?;
+            if it >= b.warmup {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let med = median(times);
+        let row = StepRow {
+            images: n,
+            step_ms_median: med,
+            step_ms_min: min,
+            tflops: 2.0 * n as f64 * flop / (med * 1e-3) / 1e12,
+            images_per_sec_250: n as f64 / (med * 1e-3 * 250.0),
+            images_per_sec_50: n as f64 / (med * 1e-3 * 50.0),
+        };
+        eprintln!("{row:?}");
+        steps.push(row);
+    }
+    drop(model);
+    let mut decode = Vec::new();
+    if !b.vae_batches.is_empty() {
+        let vae = VaeDecoder::random(VaeConfig::sd_kl_f8(), b.dtype, &b.device)?;
+        for &n in &b.vae_batches {
+            let z = Tensor::randn(0f32, 1.0, (n, 4, b.latent, b.latent), &b.device)?;
+            let mut times = Vec::new();
+            for it in 0..b.warmup.max(1) + b.iters.min(5) {
+                let start = Instant::now();
+                let out = vae.decode(&z)?;
+                b.device.synchronize()?;
+                drop(out);
+                if it >= b.warmup.max(1) {
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let med = median(times);
+            let row = DecodeRow {
+                images: n,
+                ms_median: med,
+                images_per_sec: n as f64 / (med * 1e-3),
+            };
+            eprintln!("{row:?}");
+            decode.push(row);
+        }
+    }
+    Ok(ModelBenchReport {
+        latent: b.latent,
+        dtype: format!("{:?}", b.dtype).to_lowercase(),
+        device: crate::pipeline::device_name(&b.device),
+        gflop_per_image_forward: flop / 1e9,
+        steps,
+        decode,
+    })
+}
+
+impl std::fmt::Display for ModelBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "ImageNet-{} DiffiT, {} on {}, guided step (2B network rows), {:.1} GFLOP/image forward",
+            self.latent * 8,
+            self.dtype,
+            self.device,
+            self.gflop_per_image_forward
+        )?;
+        writeln!(
+            f,
+            "| B | step ms (median) | min | TFLOP/s | img/s @250 | img/s @50 |"
+        )?;
+        writeln!(f, "|---|---|---|---|---|---|")?;
+        for r in &self.steps {
+            writeln!(
+                f,
+                "| {} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
+                r.images,
+                r.step_ms_median,
+                r.step_ms_min,
+                r.tflops,
+                r.images_per_sec_250,
+                r.images_per_sec_50
+            )?;
+        }
+        if !self.decode.is_empty() {
+            writeln!(f, "| VAE decode B | ms | images/s |")?;
+            writeln!(f, "|---|---|---|")?;
+            for r in &self.decode {
+                writeln!(
+                    f,
+                    "| {} | {:.1} | {:.1} |",
+                    r.images, r.ms_median, r.images_per_sec
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flop_count_matches_the_release() {
+        // FlopCounterMode on the released code: 237,014,581,248 per image at 256.
+        let f = forward_flop(&DiffitConfig::imagenet(32));
+        assert!((f - 237_014_581_248.0).abs() / f < 1e-3, "{f}");
+    }
+}
