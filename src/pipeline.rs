@@ -133,23 +133,36 @@ pub struct Pipeline {
     schedules: ScheduleCache,
 }
 
+/// Class names: the checkpoint's metadata `class_names`, else a side file `<model>.classes.json`
+/// or `classes.json` beside it (a JSON list of names or of synonym lists), else ImageNet's for a
+/// 1000-class model, else "class N".
 fn class_names(file: &WeightsFile, num_classes: usize) -> anyhow::Result<ClassNames> {
-    if let Some(text) = file.metadata().get("class_names") {
-        let names = ClassNames::from_json(text)
-            .map_err(|e| anyhow::anyhow!("{}: metadata class_names: {e}", file.path().display()))?;
-        anyhow::ensure!(
-            names.len() == num_classes,
-            "{}: metadata lists {} class names for a {num_classes}-class model",
-            file.path().display(),
-            names.len()
-        );
-        return Ok(names);
-    }
-    Ok(if num_classes == 1000 {
-        ClassNames::imagenet()
+    let path = file.path();
+    let side_files = [
+        path.with_extension("classes.json"),
+        path.with_file_name("classes.json"),
+    ];
+    let (text, origin) = if let Some(text) = file.metadata().get("class_names") {
+        (
+            text.clone(),
+            format!("{}: metadata class_names", path.display()),
+        )
+    } else if let Some(side) = side_files.iter().find(|p| p.is_file()) {
+        let text = std::fs::read_to_string(side)
+            .with_context(|| format!("cannot read {}", side.display()))?;
+        (text, side.display().to_string())
+    } else if num_classes == 1000 {
+        return Ok(ClassNames::imagenet());
     } else {
-        ClassNames::numbered(num_classes)
-    })
+        return Ok(ClassNames::numbered(num_classes));
+    };
+    let names = ClassNames::from_json(&text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    anyhow::ensure!(
+        names.len() == num_classes,
+        "{origin}: {} class names for a {num_classes}-class model",
+        names.len()
+    );
+    Ok(names)
 }
 
 impl Pipeline {

@@ -160,3 +160,50 @@ fn generate_rejects_unknown_class_name_with_suggestions() {
         "{err}"
     );
 }
+
+#[test]
+fn class_names_come_from_a_side_file() {
+    let dir = out_dir().join("side");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("m.safetensors");
+    std::fs::copy(fixture("diffit_tiny_model.safetensors"), &model).unwrap();
+    let names: Vec<Vec<String>> = (0..10)
+        .map(|i| vec![format!("thing {i}"), format!("alias{i}")])
+        .collect();
+    std::fs::write(
+        dir.join("m.classes.json"),
+        serde_json::to_string(&names).unwrap(),
+    )
+    .unwrap();
+    let out = dir.join("side.png");
+    run_ok(
+        bin()
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--class-name",
+                "ALIAS4",
+                "--steps",
+                "2",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--vae")
+            .arg(fixture("vae_tiny_model.safetensors"))
+            .arg("-o")
+            .arg(&out),
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let text: std::collections::HashMap<_, _> = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    assert_eq!(text["class_label"], "4");
+    assert_eq!(text["class_name"], "thing 4");
+}
