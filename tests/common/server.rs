@@ -15,6 +15,20 @@ pub struct TestServer {
 impl TestServer {
     /// Tiny fixture models on the CPU, any extra `serve` flags.
     pub async fn start(extra: &[&str]) -> Self {
+        let model = fixture("diffit_tiny_model.safetensors");
+        let vae = fixture("vae_tiny_model.safetensors");
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--vae",
+            vae.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(&args).await
+    }
+
+    /// `serve` on the CPU with exactly these extra flags (no model flags: the embedded model).
+    pub async fn start_with(extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_diffit-server"))
             .args([
                 "serve",
@@ -25,10 +39,6 @@ impl TestServer {
                 "--device",
                 "cpu",
             ])
-            .arg("--model")
-            .arg(fixture("diffit_tiny_model.safetensors"))
-            .arg("--vae")
-            .arg(fixture("vae_tiny_model.safetensors"))
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
