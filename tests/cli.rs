@@ -5,6 +5,7 @@ mod common;
 use std::process::Command;
 
 use candle_core::Device;
+use common::server::decode_png;
 use common::{fixture, golden, rel_err};
 
 fn bin() -> Command {
@@ -116,19 +117,8 @@ fn generate_writes_png_with_metadata_and_is_deterministic() {
         std::fs::read(&paths[1]).unwrap(),
         "same seed, same bytes"
     );
-    let dec = png::Decoder::new(std::io::Cursor::new(a));
-    let reader = dec.read_info().unwrap();
-    let info = reader.info();
-    assert_eq!(
-        (info.width, info.height),
-        (64, 64),
-        "8×8 latent through a 4-level (×8) VAE"
-    );
-    let text: std::collections::HashMap<_, _> = info
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.text.clone()))
-        .collect();
+    let (w, h, _, _, text) = decode_png(&a);
+    assert_eq!((w, h), (64, 64), "8×8 latent through a 4-level (×8) VAE");
     assert_eq!(text["seed"], "11");
     assert_eq!(text["class_label"], "3");
     assert_eq!(text["sampler"], "dpm-solver++");
@@ -195,15 +185,7 @@ fn class_names_come_from_a_side_file() {
             .arg(&out),
     );
     let bytes = std::fs::read(&out).unwrap();
-    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .unwrap();
-    let text: std::collections::HashMap<_, _> = reader
-        .info()
-        .uncompressed_latin1_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.text.clone()))
-        .collect();
+    let (_, _, _, _, text) = decode_png(&bytes);
     assert_eq!(text["class_label"], "4");
     assert_eq!(text["class_name"], "thing 4");
 }

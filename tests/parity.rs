@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, golden, ints, rel_err};
+use common::{fixture, golden, ints, rel_err, row, Replay};
 use diffit_server::diffusion::guidance::guide_doubled_batch;
 use diffit_server::diffusion::{
-    denoise_step, Guidance, GuidanceSchedule, NoiseSource, SampleState, SamplerKind, Schedule,
+    denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule,
 };
 use diffit_server::model::{vae, DiffiT, VaeDecoder, WeightsFile};
 
@@ -111,23 +111,6 @@ fn schedule_tables_match_reference() {
     }
 }
 
-/// Replays the reference run's recorded start latent and noise draws for one sample.
-struct Replay {
-    z: Vec<f32>,
-    noise: Vec<Vec<f32>>,
-}
-
-impl NoiseSource for Replay {
-    fn initial(&mut self, len: usize) -> Vec<f32> {
-        assert_eq!(len, self.z.len());
-        self.z.clone()
-    }
-    fn step(&mut self, iteration: usize, len: usize) -> Vec<f32> {
-        assert_eq!(len, self.noise[iteration].len());
-        self.noise[iteration].clone()
-    }
-}
-
 #[test]
 fn full_250_step_guided_ddpm_run_matches_reference() {
     let g = golden("diffit_tiny_golden.safetensors");
@@ -138,16 +121,8 @@ fn full_250_step_guided_ddpm_run_matches_reference() {
     let model_t = ints(&g["samp.model_t"]);
     let mut samples: Vec<SampleState> = (0..2)
         .map(|j| {
-            let row = |t: &Tensor| {
-                t.get(j)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
             let noise = (0..250)
-                .map(|k| row(&g["samp.noise"].get(k).unwrap()))
+                .map(|k| row(&g["samp.noise"].get(k).unwrap(), j))
                 .collect();
             SampleState::new(
                 labels[j],
@@ -155,7 +130,7 @@ fn full_250_step_guided_ddpm_run_matches_reference() {
                 guidance,
                 schedule.clone(),
                 Box::new(Replay {
-                    z: row(&g["samp.z"]),
+                    z: row(&g["samp.z"], j),
                     noise,
                 }),
                 (4, 8, 8),

@@ -2,16 +2,11 @@
 //! The Content-Type is not enforced, so `curl -d '{…}'` works as typed.
 
 use axum::body::Body;
-use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-pub async fn read_json<T: DeserializeOwned>(
-    _headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<T, ApiError> {
+pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
     let bytes = read_limited(body, limit).await?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request(

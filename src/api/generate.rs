@@ -44,7 +44,7 @@ pub async fn generate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: GenerateRequest = read_json(&headers, body, state.max_body_bytes).await?;
+    let req: GenerateRequest = read_json(body, state.max_body_bytes).await?;
     let info = state.engine.info().clone();
     let label = resolve_class(&info, req.class_label, req.class_name.as_deref())?;
     let fields = SamplingFields {

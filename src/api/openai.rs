@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use base64::Engine as _;
@@ -61,10 +61,9 @@ fn as_400(mut e: ApiError) -> ApiError {
 pub async fn images_generations(
     State(state): State<AppState>,
     Extension(RequestId(id)): Extension<RequestId>,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: ImagesRequest = read_json(&headers, body, state.max_body_bytes).await?;
+    let req: ImagesRequest = read_json(body, state.max_body_bytes).await?;
     let info = state.engine.info().clone();
     if let Some(m) = &req.model {
         if m != &info.name {

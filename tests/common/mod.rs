@@ -47,5 +47,32 @@ pub fn ints(t: &Tensor) -> Vec<i64> {
         .unwrap()
 }
 
+/// Replays a reference run's recorded start latent and per-iteration noise for one sample.
+pub struct Replay {
+    pub z: Vec<f32>,
+    pub noise: Vec<Vec<f32>>,
+}
+
+impl diffit_server::diffusion::NoiseSource for Replay {
+    fn initial(&mut self, len: usize) -> Vec<f32> {
+        assert_eq!(len, self.z.len());
+        self.z.clone()
+    }
+    fn step(&mut self, iteration: usize, len: usize) -> Vec<f32> {
+        assert_eq!(len, self.noise[iteration].len());
+        self.noise[iteration].clone()
+    }
+}
+
+/// Row `j` of a recorded tensor, flattened.
+pub fn row(t: &Tensor, j: usize) -> Vec<f32> {
+    t.get(j)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 pub mod schema;
 pub mod server;
