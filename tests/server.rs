@@ -429,19 +429,15 @@ async fn disconnected_client_frees_its_samples_and_deadline_gives_504() {
         .send()
         .await;
     assert!(r.is_err(), "the client timed out");
-    let mut freed = false;
-    for _ in 0..100 {
-        if s.metric("diffit_rejections_total{reason=\"disconnected\"}")
-            .await
-            == 1.0
-            && s.metric("diffit_active_samples").await == 0.0
-        {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(freed, "disconnected samples left the batch");
+    assert!(
+        s.wait_metric("diffit_rejections_total{reason=\"disconnected\"}", 1.0)
+            .await,
+        "the disconnect is counted"
+    );
+    assert!(
+        s.wait_metric("diffit_active_samples", 0.0).await,
+        "disconnected samples left the batch"
+    );
 
     let r = s
         .post(
@@ -452,12 +448,15 @@ async fn disconnected_client_frees_its_samples_and_deadline_gives_504() {
     assert_eq!(r.status(), 504);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["type"], "timeout_error");
-    assert_eq!(
-        s.metric("diffit_rejections_total{reason=\"deadline\"}")
+    assert!(
+        s.wait_metric("diffit_rejections_total{reason=\"deadline\"}", 1.0)
             .await,
-        1.0
+        "the deadline rejection is counted"
     );
-    assert_eq!(s.metric("diffit_active_samples").await, 0.0);
+    assert!(
+        s.wait_metric("diffit_active_samples", 0.0).await,
+        "its samples left the batch"
+    );
 }
 
 #[tokio::test]
@@ -472,7 +471,13 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
             .await
             .unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM only once the request is being denoised.
+    for _ in 0..200 {
+        if s.metric("diffit_active_samples").await > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     s.sigterm();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ready = s.get("/readyz").await;

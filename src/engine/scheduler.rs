@@ -187,19 +187,21 @@ impl Scheduler {
             };
             let freed = state.in_flight;
             let waiting = state.waiting();
-            if reason == "deadline" {
-                let _ = state
-                    .job
-                    .events
-                    .send(JobEvent::Failed(EngineError::Deadline));
-            }
             tracing::info!(job = %state.job.id, reason, freed, waiting, "job ended early");
+            // Count and free first: the client may look at the metrics as soon as it hears.
             metrics::counter!("diffit_rejections_total", "reason" => reason).increment(1);
             self.stats
                 .queued_images
                 .fetch_sub(waiting, Ordering::SeqCst);
             self.active.retain(|a| a.job != j);
             self.queue.retain(|&q| q != j);
+            self.set_gauges();
+            if reason == "deadline" {
+                let _ = state
+                    .job
+                    .events
+                    .send(JobEvent::Failed(EngineError::Deadline));
+            }
             self.jobs[j] = None;
         }
         self.compact();

@@ -102,6 +102,17 @@ impl TestServer {
             .unwrap_or(0.0)
     }
 
+    /// Polls a metric until it equals `want` (at most 10 s); whether it did.
+    pub async fn wait_metric(&self, series: &str, want: f64) -> bool {
+        for _ in 0..200 {
+            if self.metric(series).await == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     pub fn sigterm(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
