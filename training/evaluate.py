@@ -65,9 +65,17 @@ def frechet_distance(f1, f2):
 
 
 class Reference:
-    """Test-split features and the real-data baseline, computed once."""
+    """Test-split features and the real-data baseline, computed once (or loaded from an .npz
+    written by `save`, so that a machine without the data set can score samples)."""
 
-    def __init__(self, model, data_dir=None, n_real=1000, seed=0):
+    FIELDS = ("test_feats", "test_accuracy", "real_fd", "real_accuracy", "n_real")
+
+    def __init__(self, model=None, data_dir=None, n_real=1000, seed=0, path=None):
+        if path is not None:
+            z = np.load(path)
+            for k in self.FIELDS:
+                setattr(self, k, z[k] if k == "test_feats" else z[k].item())
+            return
         xt, yt = load_tensors("test", data_dir)
         self.test_feats, preds = features_and_predictions(model, xt)
         self.test_accuracy = float((preds == yt.numpy()).mean())
@@ -78,6 +86,9 @@ class Reference:
         self.real_fd = frechet_distance(f, self.test_feats)
         self.real_accuracy = float((p == labels[pick]).mean())
         self.n_real = n_real
+
+    def save(self, path):
+        np.savez(path, **{k: getattr(self, k) for k in self.FIELDS})
 
 
 def score(model, ref, images, labels):
@@ -131,17 +142,25 @@ def load_images(directory, manifest=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", required=True)
+    ap.add_argument("--images", default=None)
     ap.add_argument("--manifest", default=None)
     ap.add_argument("--classifier", default=os.path.join(HERE, "classifier.safetensors"))
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reference", default=None,
+                    help="cached reference (.npz from --save-reference) instead of the data set")
+    ap.add_argument("--save-reference", default=None, help="write the reference to this .npz and exit")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_classifier(args.classifier, dev)
+    if args.save_reference:
+        Reference(model, args.data).save(args.save_reference)
+        return
+    if args.images is None:
+        ap.error("--images is required")
     x, y = load_images(args.images, args.manifest)
-    ref = Reference(model, args.data)
+    ref = Reference(path=args.reference) if args.reference else Reference(model, args.data)
     report = score(model, ref, x, y)
     report.update(fd_real_train_vs_test=ref.real_fd, real_train_n=ref.n_real,
                   real_train_accuracy=ref.real_accuracy, classifier_test_accuracy=ref.test_accuracy)
