@@ -1,5 +1,8 @@
-//! The VAE decode worker: a thread of its own, so denoising steps go on while finished
-//! latents are decoded. It batches whatever is waiting (up to the decode chunk).
+//! VAE decoding of finished latents. On the CPU a worker thread of its own decodes, so
+//! denoising steps go on meanwhile; it batches whatever is waiting (up to the decode chunk).
+//! On CUDA the engine thread decodes inline, between steps: decoding from a second host
+//! thread on the same device produced corrupted images (whole decode batches) on an H100
+//! with candle 0.11, so the device is only ever driven from one thread.
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
@@ -20,16 +23,69 @@ pub(super) struct DecodeWork {
     pub events: UnboundedSender<JobEvent>,
 }
 
-pub(super) fn spawn(
-    vae: Arc<VaeDecoder>,
-    chunk: usize,
-) -> (Sender<DecodeWork>, std::thread::JoinHandle<()>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name("diffit-decode".into())
-        .spawn(move || run(&vae, chunk.max(1), rx))
-        .expect("spawn decode thread");
-    (tx, handle)
+pub(super) enum Decoder {
+    Inline {
+        vae: Arc<VaeDecoder>,
+        chunk: usize,
+    },
+    Worker {
+        tx: Sender<DecodeWork>,
+        thread: std::thread::JoinHandle<()>,
+    },
+}
+
+impl Decoder {
+    pub fn new(vae: Arc<VaeDecoder>, chunk: usize) -> Self {
+        let chunk = chunk.max(1);
+        if !vae.device().is_cpu() {
+            return Self::Inline { vae, chunk };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("diffit-decode".into())
+            .spawn(move || run(&vae, chunk, rx))
+            .expect("spawn decode thread");
+        Self::Worker { tx, thread }
+    }
+
+    /// Decodes (inline) or queues (worker) the finished latents.
+    pub fn submit(&self, work: Vec<DecodeWork>) -> anyhow::Result<()> {
+        match self {
+            Self::Inline { vae, chunk } => {
+                for part in chunks(work, *chunk) {
+                    decode_batch(vae, part, *chunk);
+                }
+                Ok(())
+            }
+            Self::Worker { tx, .. } => {
+                for w in work {
+                    tx.send(w)
+                        .map_err(|_| anyhow::anyhow!("the decode worker stopped"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Lets a worker finish what it holds, then waits for it.
+    pub fn finish(self) {
+        if let Self::Worker { tx, thread } = self {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn chunks(mut work: Vec<DecodeWork>, chunk: usize) -> Vec<Vec<DecodeWork>> {
+    let mut out = Vec::new();
+    while work.len() > chunk {
+        let rest = work.split_off(chunk);
+        out.push(std::mem::replace(&mut work, rest));
+    }
+    if !work.is_empty() {
+        out.push(work);
+    }
+    out
 }
 
 fn run(vae: &VaeDecoder, chunk: usize, rx: Receiver<DecodeWork>) {
@@ -41,38 +97,43 @@ fn run(vae: &VaeDecoder, chunk: usize, rx: Receiver<DecodeWork>) {
                 Err(_) => break,
             }
         }
-        // A client that has gone away needs no image.
-        batch.retain(|w| !w.events.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let t0 = Instant::now();
-        let latents: Vec<&Tensor> = batch.iter().map(|w| &w.latent).collect();
-        let result = Tensor::cat(&latents, 0)
-            .map_err(anyhow::Error::from)
-            .and_then(|z| decode_pixels(vae, &z, chunk));
-        let decode = t0.elapsed();
-        metrics::histogram!("diffit_decode_duration_seconds").record(decode.as_secs_f64());
-        match result {
-            Ok(pixels) => {
-                for (w, px) in batch.into_iter().zip(pixels) {
-                    let _ = w.events.send(JobEvent::Image {
-                        index: w.index,
-                        pixels: px,
-                        denoise: w.denoise,
-                        decode,
-                    });
-                }
+        decode_batch(vae, batch, chunk);
+    }
+}
+
+/// Decodes one batch and sends each image (or the failure) to its job.
+fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
+    // A client that has gone away needs no image.
+    batch.retain(|w| !w.events.is_closed());
+    if batch.is_empty() {
+        return;
+    }
+    let t0 = Instant::now();
+    let latents: Vec<&Tensor> = batch.iter().map(|w| &w.latent).collect();
+    let result = Tensor::cat(&latents, 0)
+        .map_err(anyhow::Error::from)
+        .and_then(|z| decode_pixels(vae, &z, chunk));
+    let decode = t0.elapsed();
+    metrics::histogram!("diffit_decode_duration_seconds").record(decode.as_secs_f64());
+    match result {
+        Ok(pixels) => {
+            for (w, px) in batch.into_iter().zip(pixels) {
+                let _ = w.events.send(JobEvent::Image {
+                    index: w.index,
+                    pixels: px,
+                    denoise: w.denoise,
+                    decode,
+                });
             }
-            Err(e) => {
-                tracing::error!(error = %e, "VAE decode failed");
-                for w in batch {
-                    let _ = w
-                        .events
-                        .send(JobEvent::Failed(super::EngineError::Internal(format!(
-                            "decode failed: {e}"
-                        ))));
-                }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "VAE decode failed");
+            for w in batch {
+                let _ = w
+                    .events
+                    .send(JobEvent::Failed(super::EngineError::Internal(format!(
+                        "decode failed: {e}"
+                    ))));
             }
         }
     }

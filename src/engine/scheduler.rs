@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::decoder::{self, DecodeWork};
+use super::decoder::{DecodeWork, Decoder};
 use super::{EngineError, EngineStats, Job, JobEvent};
 use crate::diffusion::{denoise_step, SampleState};
 use crate::pipeline::Pipeline;
@@ -71,7 +71,7 @@ struct Scheduler {
     queue: VecDeque<usize>,
     active: Vec<Active>,
     recent: VecDeque<(Instant, usize)>,
-    decoder: std::sync::mpsc::Sender<DecodeWork>,
+    decoder: Decoder,
 }
 
 pub(super) fn run(
@@ -80,7 +80,7 @@ pub(super) fn run(
     mut rx: mpsc::UnboundedReceiver<Job>,
     stats: Arc<EngineStats>,
 ) {
-    let (decoder, decode_thread) = decoder::spawn(pipe.vae.clone(), pipe.decode_chunk);
+    let decoder = Decoder::new(pipe.vae.clone(), pipe.decode_chunk);
     let mut s = Scheduler {
         decoder,
         pipe,
@@ -93,8 +93,7 @@ pub(super) fn run(
     };
     if let Err(e) = s.warm_up() {
         tracing::error!(error = %e, "engine warm-up failed");
-        drop(s);
-        let _ = decode_thread.join();
+        s.decoder.finish();
         return;
     }
     s.stats.ready.store(true, Ordering::SeqCst);
@@ -122,9 +121,7 @@ pub(super) fn run(
         }
     }
     s.stats.ready.store(false, Ordering::SeqCst);
-    // Closing the channel lets the decoder finish what it holds, then stop.
-    drop(s);
-    let _ = decode_thread.join();
+    s.decoder.finish();
     tracing::info!("engine stopped");
 }
 
@@ -309,25 +306,24 @@ impl Scheduler {
     /// images have been handed over.
     fn finish(&mut self, done: Vec<Active>) -> anyhow::Result<()> {
         let now = Instant::now();
+        let mut work = Vec::with_capacity(done.len());
         for a in done {
             let Some(state) = self.jobs[a.job].as_mut() else {
                 continue;
             };
             state.in_flight -= 1;
-            let work = DecodeWork {
+            work.push(DecodeWork {
                 latent: a.sample.latent().clone(),
                 index: a.index,
                 denoise: state.started.map(|s| now - s).unwrap_or_default(),
                 events: state.job.events.clone(),
-            };
-            if self.decoder.send(work).is_err() {
-                anyhow::bail!("the decode worker stopped");
-            }
+            });
             self.recent.push_back((now, 1));
             if state.in_flight == 0 && state.waiting() == 0 {
                 self.jobs[a.job] = None;
             }
         }
+        self.decoder.submit(work)?;
         self.update_throughput(now);
         self.compact();
         Ok(())
