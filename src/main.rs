@@ -141,12 +141,12 @@ struct RuntimeArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// DiffiT checkpoint (.safetensors, official key names).
+    /// DiffiT checkpoint (.safetensors, official key names); the embedded model when left out.
     #[arg(long, env = "DIFFIT_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// VAE: diffusers AutoencoderKL .safetensors, or a directory holding one and config.json.
     #[arg(long, env = "DIFFIT_VAE")]
-    vae: PathBuf,
+    vae: Option<PathBuf>,
     /// VAE config.json, when it is not beside the weights.
     #[arg(long, env = "DIFFIT_VAE_CONFIG")]
     vae_config: Option<PathBuf>,
@@ -322,9 +322,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         "--n must be between 1 and 64, got {}",
         a.n
     );
+    let (model, vae) = diffit_server::config::resolve_model_paths(a.model.clone(), a.vae.clone())?;
     let pipe = Pipeline::load(&LoadOptions {
-        model: a.model.clone(),
-        vae: a.vae.clone(),
+        model,
+        vae,
         vae_config: a.vae_config.clone(),
         device,
         dtype,

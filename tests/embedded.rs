@@ -66,6 +66,7 @@ fn rust_sampler_matches_the_pytorch_sampler_on_the_embedded_model() {
     }
     let latents: Vec<&Tensor> = samples.iter().map(|s| s.latent()).collect();
     let e = rel_err(&Tensor::cat(&latents, 0).unwrap(), &g["final"]);
+    eprintln!("embedded model, Rust vs PyTorch sampler: final latent rel err {e:.3e}");
     assert!(e <= 1e-3, "final latent rel err {e} vs the PyTorch sampler");
 }
 
@@ -101,4 +102,32 @@ async fn serve_without_model_flags_uses_the_embedded_model() {
         .await
         .unwrap();
     assert_eq!(o["data"][0]["revised_prompt"], "Sneaker");
+}
+
+#[test]
+fn generate_without_model_flags_uses_the_embedded_model() {
+    let out = std::env::temp_dir().join(format!("embedded-{}.png", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_diffit-server"))
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--class-name",
+            "trainer",
+            "--seed",
+            "9",
+            "--steps",
+            "4",
+            "-o",
+        ])
+        .arg(&out)
+        .env_remove("DIFFIT_MODEL")
+        .env_remove("DIFFIT_VAE")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (w, h, channels, _, text) = decode_png(&std::fs::read(&out).unwrap());
+    assert_eq!((w, h, channels), (32, 32, 1), "32×32 gray");
+    assert_eq!(text["class_name"], "Sneaker");
+    assert_eq!(text["model"], "diffit_fmnist");
 }
