@@ -204,6 +204,80 @@ impl std::fmt::Display for ModelBenchReport {
     }
 }
 
+/// Times one candle op formulation at the shapes of an ImageNet-256 guided step at B = 64
+/// (2B = 128 network rows), to find where the step's time goes and which rewrite is cheaper.
+pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<Vec<(String, f64)>> {
+    let rows = 128usize;
+    let (h, n, d, m) = (16usize, 256usize, 1152usize, 4608usize);
+    let t = rows * n;
+    let rnd = |shape: &[usize]| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)
+    };
+    let scores = rnd(&[rows, h, n, n])?;
+    let attn_bias = rnd(&[1, h, n, n])?;
+    let attn_bias_full = attn_bias.broadcast_as((rows, h, n, n))?.contiguous()?;
+    let y4 = rnd(&[t, m])?;
+    let b4 = rnd(&[m])?;
+    let b4_full = b4.broadcast_as((t, m))?.contiguous()?;
+    let qkv = rnd(&[rows, n, 3 * d])?;
+    let sample_bias = rnd(&[rows, 1, 3 * d])?;
+    let x = rnd(&[t, d])?;
+    let w1 = rnd(&[m, d])?;
+    let ones = rnd(&[d])?;
+    let zeros = rnd(&[d])?;
+    let mut out = Vec::new();
+    let mut time =
+        |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
+            f()?;
+            device.synchronize()?;
+            let mut v = Vec::new();
+            for _ in 0..iters {
+                let s = Instant::now();
+                let r = f()?;
+                device.synchronize()?;
+                v.push(s.elapsed().as_secs_f64() * 1e3);
+                drop(r);
+            }
+            let ms = median(v);
+            eprintln!("{name}: {ms:.3} ms");
+            out.push((name.to_string(), ms));
+            Ok(())
+        };
+    time(
+        "attn bias: broadcast_add [128,16,256,256]+[1,16,256,256]",
+        &|| scores.broadcast_add(&attn_bias),
+    )?;
+    time("attn bias: add pre-expanded contiguous", &|| {
+        scores.add(&attn_bias_full)
+    })?;
+    time("attn bias: broadcast_as+contiguous (materialise)", &|| {
+        attn_bias.broadcast_as((rows, h, n, n))?.contiguous()
+    })?;
+    time("attn scale: scores * 0.118", &|| scores.affine(0.118, 0.0))?;
+    time("softmax_last_dim [128,16,256,256]", &|| {
+        candle_nn::ops::softmax_last_dim(&scores)
+    })?;
+    time("fc1 bias: broadcast_add [32768,4608]+[4608]", &|| {
+        y4.broadcast_add(&b4)
+    })?;
+    time("fc1 bias: add pre-expanded contiguous", &|| {
+        y4.add(&b4_full)
+    })?;
+    time("gelu (tanh) [32768,4608]", &|| y4.gelu())?;
+    time(
+        "qkv sample bias: broadcast_add [128,256,3456]+[128,1,3456]",
+        &|| qkv.broadcast_add(&sample_bias),
+    )?;
+    time("layer_norm [32768,1152]", &|| {
+        candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6)
+    })?;
+    time("matmul fc1 [32768,1152]x[1152,4608]ᵀ", &|| {
+        x.matmul(&w1.t()?)
+    })?;
+    time("residual add [32768,1152]", &|| x.add(&x))?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,9 @@ struct ModelArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also time single ops at the B = 64 shapes (where a step's time goes).
+    #[arg(long)]
+    ops: bool,
 }
 
 #[derive(Args)]
@@ -542,6 +545,13 @@ fn bench_model(a: ModelArgs) -> anyhow::Result<()> {
         "--resolution must be 256 or 512"
     );
     let (device, dtype) = (parse_device(&a.device)?, parse_dtype(&a.dtype)?);
+    if a.ops {
+        println!("| op at the B = 64 shapes ({}) | ms |", a.dtype);
+        println!("|---|---|");
+        for (name, ms) in diffit_server::bench::op_micro(&device, dtype, a.iters)? {
+            println!("| {name} | {ms:.3} |");
+        }
+    }
     let report = diffit_server::bench::run(&diffit_server::bench::ModelBench {
         latent: a.resolution / 8,
         device,

@@ -11,6 +11,7 @@ use diffit_server::diffusion::guidance::guide_doubled_batch;
 use diffit_server::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule,
 };
+use diffit_server::model::diffit::AttnBias;
 use diffit_server::model::{vae, DiffiT, VaeDecoder, WeightsFile};
 
 fn tiny_model(dtype: DType) -> DiffiT {
@@ -68,6 +69,22 @@ fn guided_forward_matches_reference() {
     let out = guide_doubled_batch(&raw, &scales).unwrap();
     let e = rel_err(&out, &g["cfg.out"]);
     assert!(e <= 1e-4, "guided rel err {e}");
+}
+
+#[test]
+fn expanded_attention_bias_gives_the_same_forward() {
+    let g = golden("diffit_tiny_golden.safetensors");
+    let mut model = tiny_model(DType::F32);
+    model.set_attn_bias(AttnBias::Expanded);
+    // Two batch sizes: the expanded bias is cached for the larger and narrowed for the smaller.
+    for rows in [4, 3] {
+        let x = g["fwd.x"].narrow(0, 0, rows).unwrap();
+        let t = &ints(&g["fwd.t"])[..rows];
+        let y = &ints(&g["fwd.y"])[..rows];
+        let out = model.forward(&x, t, y).unwrap();
+        let e = rel_err(&out, &g["fwd.out"].narrow(0, 0, rows).unwrap());
+        assert!(e <= 1e-4, "expanded-bias forward ({rows} rows) rel err {e}");
+    }
 }
 
 #[test]
