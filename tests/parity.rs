@@ -72,10 +72,11 @@ fn guided_forward_matches_reference() {
 }
 
 #[test]
-fn expanded_attention_bias_gives_the_same_forward() {
+fn gpu_layout_expanded_bias_and_folded_biases_give_the_same_forward() {
     let g = golden("diffit_tiny_golden.safetensors");
     let mut model = tiny_model(DType::F32);
     model.set_attn_bias(AttnBias::Expanded);
+    model.fold_biases().unwrap();
     // Two batch sizes: the expanded bias is cached for the larger and narrowed for the smaller.
     for rows in [4, 3] {
         let x = g["fwd.x"].narrow(0, 0, rows).unwrap();
