@@ -829,6 +829,35 @@ def cmd_faults(a, ck, res):
             lambda: (lambda m: m.get("diffit_active_samples", 0) == 4
                      and m.get("diffit_queue_depth", 0) == 4)(srv.metrics()), 20)
         ck.ok(admitted, f"{n_inflight} requests accepted before SIGTERM: 4 denoising, 4 queued")
+        # Plus open-loop traffic across the SIGTERM: a new short request every 50 ms, each on its
+        # own connection, from 0.3 s before the signal until the process is gone (at most 600).
+        # Sent before the signal: accepted, must finish 200 with its image. Sent during the
+        # drain: 503. After the exit: no answer (connection refused). Nothing else.
+        bg_out, bg_stop, bg_lock = [], threading.Event(), threading.Lock()
+
+        def bg_one(seed):
+            t_sent = time.monotonic()
+            r = srv.req("POST", "/generate", {"class_label": seed % NUM_CLASSES, "steps": 10,
+                                              "seed": seed}, timeout=60)
+            with bg_lock:
+                bg_out.append((t_sent, seed, r))
+
+        def spawner():
+            workers = []
+            for seed in range(6000, 6600):
+                if bg_stop.is_set():
+                    break
+                t = threading.Thread(target=bg_one, args=(seed,))
+                t.start()
+                workers.append(t)
+                time.sleep(0.05)
+            for t in workers:
+                t.join()
+
+        bg = [threading.Thread(target=spawner)]
+        for t in bg:
+            t.start()
+        time.sleep(0.3)
         t_term = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
@@ -853,9 +882,38 @@ def cmd_faults(a, ck, res):
               f"PNGs ({statuses})")
         rc = srv.wait(drain_timeout + 10)
         dt = time.monotonic() - t_term
+        t_exit = time.monotonic()
+        bg_stop.set()
+        for t in bg:
+            t.join()
         ck.ok(rc == 0 and dt <= drain_timeout,
               f"process exited {rc} {dt:.1f} s after SIGTERM (drain timeout {drain_timeout} s)")
-        res.update(drain_exit_code=rc, drain_exit_s=round(dt, 2))
+        bg_status = {}
+        for _, _, r in bg_out:
+            bg_status[r[0]] = bg_status.get(r[0], 0) + 1
+        bg_bad = []
+        for t_sent, seed, r in sorted(bg_out):
+            if r[0] == 200:
+                err = check_image(images_of(r[0], r[1], r[2], "/generate")[0], seed)
+                if err:
+                    bg_bad.append(f"seed {seed}: {err}")
+                if t_sent > t_term + 0.5:
+                    bg_bad.append(f"seed {seed}: sent {t_sent - t_term:.2f} s after SIGTERM, got 200")
+            elif r[0] == 503:
+                if t_sent < t_term - 0.1:
+                    bg_bad.append(f"seed {seed}: sent before SIGTERM, got 503")
+            elif r[0] is None:
+                if t_sent < t_exit - 0.5:
+                    bg_bad.append(f"seed {seed}: no answer ({r[2][:60]!r}) while the server was up")
+            else:
+                bg_bad.append(f"seed {seed}: status {r[0]}")
+        before = sum(1 for t_sent, _, _ in bg_out if t_sent < t_term)
+        ck.ok(not bg_bad and bg_status.get(503, 0) > 0 and bg_status.get(200, 0) >= 1,
+              f"open-loop traffic through the drain ({len(bg_out)} requests, {before} sent before "
+              f"SIGTERM): only complete 200s for those sent before, 503s during the drain, no "
+              f"answer only after exit: {bg_status}{'; ' + bg_bad[0] if bg_bad else ''}")
+        res.update(drain_exit_code=rc, drain_exit_s=round(dt, 2),
+                   drain_background={str(k): v for k, v in bg_status.items()})
         st = request(srv.port, "GET", "/healthz", timeout=2)[0]
         ck.ok(st is None, "port closed after exit")
     finally:
@@ -982,13 +1040,13 @@ def hostile_cases(max_images):
     ]
 
 
-def specialised_openapi(srv, auth, out_path, max_images, max_timeout, max_steps):
+def specialised_openapi(spec_path, srv, auth, out_path, max_images, max_timeout, max_steps):
     """openapi.yaml narrowed to what this live server accepts (its classes, model id, size, n
     limit, and a short step range for speed), for a positive-only schemathesis pass: every body
     valid under the narrowed schema must get 200 with a body that conforms to openapi.yaml."""
     import yaml  # PyYAML comes with schemathesis in the venv
 
-    with open(os.path.join(ROOT, "openapi.yaml")) as f:
+    with open(spec_path) as f:
         spec = yaml.safe_load(f)
     model = json.loads(srv.req("GET", "/v1/models", headers=auth)[2])["data"][0]
     classes = json.loads(srv.req("GET", "/v1/classes", headers=auth)[2])["classes"]
@@ -1111,6 +1169,13 @@ def cmd_hostile(a, ck, res):
             if want == 401:
                 good &= rh.get("www-authenticate") == "Bearer"
             ck.ok(good, f"{name}: {st} (want {want}) {detail}")
+        # Not failed, reported: openapi.yaml types these optional fields without null, the
+        # server takes null as "absent".
+        for body in ({"class_label": 1, "class_name": None, "steps": 2},
+                     {"class_label": 1, "n": None, "seed": None, "sampler": None, "steps": 2}):
+            st = srv.req("POST", "/generate", body, auth)[0]
+            ck.info(f"null for optional fields {json.dumps(body)}: {st} (schema allows no null)")
+            res.setdefault("null_fields", []).append([body, st])
         # Protocol-level abuse, below the JSON layer.
         s = socket.create_connection((HOST, srv.port), timeout=10)
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
@@ -1152,9 +1217,10 @@ def cmd_hostile(a, ck, res):
 
         # Schemathesis against the live server: openapi.yaml as published (every mode), then
         # a positive-only pass on openapi.yaml narrowed to this server's runtime rules.
-        run_schemathesis(a, ck, res, srv, key, "schemathesis-openapi",
-                         os.path.join(ROOT, "openapi.yaml"), [], "schemathesis.toml")
-        narrowed = specialised_openapi(srv, auth, os.path.join(a.workdir, "openapi-narrowed.json"),
+        run_schemathesis(a, ck, res, srv, key, "schemathesis-openapi", a.openapi, [],
+                         "schemathesis.toml")
+        narrowed = specialised_openapi(a.openapi, srv, auth,
+                                       os.path.join(a.workdir, "openapi-narrowed.json"),
                                        max_images, 120, 20)
         run_schemathesis(a, ck, res, srv, key, "schemathesis-narrowed", narrowed,
                          ["--mode", "positive"], "schemathesis-narrowed.toml")
@@ -1173,13 +1239,15 @@ def cmd_hostile(a, ck, res):
 
 
 def cmd_soak(a, ck, res):
-    """Steady closed-loop load; RSS compared at rest after the warm-up and at the end.
+    """Steady closed-loop load; RSS after the warm-up compared with RSS at the end.
 
-    RSS of this small process swings by several MiB within a run depending on which batch
-    buffers are live at the instant it is read (27-35 MiB in a 4,000-request trial), so the two
-    readings that decide are taken at rest: the load pauses after the warm-up requests, the
-    engine empties, and the median of five readings over a second is kept; the same at the end.
-    RSS is also sampled every 0.5 s throughout and its band reported."""
+    RSS of this small process (~20-40 MiB) swings by 10+ MiB within a run depending on which
+    batch buffers the allocator holds at the instant it is read, and even at rest (load paused,
+    engine empty) it lands anywhere in an ~8 MiB band from run to run (20.0 to 27.9 MiB after
+    the same warm-up over ten runs). So the decisive comparison is the floor of RSS, sampled every
+    0.1 s under load: its minimum over the first fifth of the post-warm-up samples (about
+    requests 200-560) against its minimum over the last fifth. A leak lifts the floor; the
+    allocator's swings do not. The at-rest readings are reported too."""
     n_req, conc, warm = a.requests, 8, 200
     srv = Server(a.bin, ["--max-batch", "4"], a.workdir, "soak-server")
     try:
@@ -1195,7 +1263,7 @@ def cmd_soak(a, ck, res):
                     samples.append((time.monotonic(), done[0], srv.rss_kb()))
                 except Exception:
                     pass
-                time.sleep(0.5)
+                time.sleep(0.1)
 
         def one(i):
             body = {"class_label": i % NUM_CLASSES, "steps": 2, "seed": i}
@@ -1248,7 +1316,17 @@ def cmd_soak(a, ck, res):
               f"({len(after_warm)} samples)")
         print(f"    open fds {fw} -> {fe}, threads {tw} -> {te}; latency p50 "
               f"{percentile(lat, 50):.0f} ms, p99 {percentile(lat, 99):.0f} ms; {n_req / wall:.1f} req/s")
-        ck.ok(growth < 5.0, f"RSS growth after warm-up {growth:+.2f} % < 5 %")
+        ck.info(f"RSS at rest after warm-up vs at the end: {growth:+.2f} % (not decisive: the "
+                f"allocator leaves it anywhere in an ~8 MiB band from one run to the next)")
+        # Decisive: the floor of RSS (lowest 0.1 s sample) under load over the first and the
+        # last fifth of the post-warm-up samples; a leak lifts the floor, allocator swings do not.
+        k = max(1, len(after_warm) // 5)
+        floor_first, floor_last = min(after_warm[:k]), min(after_warm[-k:])
+        floor_growth = (floor_last - floor_first) / floor_first * 100
+        ck.ok(floor_growth < 5.0, f"RSS floor under load, first vs last fifth after warm-up: "
+              f"{floor_first / 1024:.2f} -> {floor_last / 1024:.2f} MiB ({floor_growth:+.2f} %) < 5 %")
+        res.update(rss_floor_first_kb=floor_first, rss_floor_last_kb=floor_last,
+                   rss_floor_growth_pct=round(floor_growth, 2))
         ck.ok(fe <= fw, f"no file descriptor leak ({fw} -> {fe} at rest)")
         m = srv.metrics()
         gen = m.get("diffit_images_generated_total", 0)
@@ -1280,6 +1358,8 @@ def main():
     ap.add_argument("--seed", type=int, default=20261125)
     ap.add_argument("--st-timeout", type=int, default=240)
     ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--openapi", default=os.path.join(ROOT, "openapi.yaml"),
+                    help="the contract schemathesis tests (hostile)")
     a = ap.parse_args()
     a.bin = os.path.abspath(a.bin)
     a.workdir = a.workdir or tempfile.mkdtemp(prefix=f"ops-{a.step}-")

@@ -20,7 +20,8 @@
 #     PROMTOOL to use your own binaries.
 #   - PyPI, in a venv: schemathesis 4.32.5 and its dependencies, pinned in tests/ops/requirements.txt.
 # Tools live in $DIFFIT_OPS_TOOLS (default ~/.cache/diffit-ops-tools); logs and per-step JSON
-# results in $DIFFIT_OPS_OUT (default target/ops). OPS_STEPS="load soak" runs a subset.
+# results in $DIFFIT_OPS_OUT (default target/ops; scratch, server logs and schemathesis reports in
+# its work/). OPS_STEPS="load soak" runs a subset.
 # Prints PASS/FAIL per step and exits 1 if any step failed.
 set -euo pipefail
 
@@ -110,9 +111,11 @@ echo "tools ready in $((T_TOOLS - T_START)) s; server: $BIN ($("$BIN" --version 
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sr)"
 
 # --- steps -----------------------------------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/diffit-ops.XXXXXX")
-cleanup() { rm -rf "$WORK"; }
-trap cleanup EXIT
+# Scratch per step (server and Prometheus logs, broken weight files, schemathesis reports), kept
+# after the run for inspection and cleared at the start of the next.
+WORK=$OUT/work
+rm -rf "$WORK"
+mkdir -p "$WORK"
 
 PASSED=()
 FAILED=()
