@@ -218,6 +218,12 @@ async fn every_field_is_validated_with_a_clear_error() {
         ),
         (
             json!({"class_label": 1, "n": 1e9}),
+            422,
+            "n",
+            "between 1 and 8",
+        ),
+        (
+            json!({"class_label": 1, "n": 1.5}),
             400,
             "n",
             "invalid type",
@@ -288,7 +294,8 @@ async fn every_field_is_validated_with_a_clear_error() {
             "colour",
             "unknown field",
         ),
-        (json!([1, 2]), 400, "", "invalid type"),
+        (json!([1, 2]), 400, "", "JSON object"),
+        (json!([3, null, 1, 7, 2]), 400, "", "JSON object"),
     ];
     for (body, status, param, words) in cases {
         let r = s.post("/generate", body.clone()).await;
@@ -306,6 +313,26 @@ async fn every_field_is_validated_with_a_clear_error() {
     let raw = |bytes: Vec<u8>| s.client.post(s.url("/generate")).body(bytes).send();
     let r = raw(b"{\"class_label\": 1,".to_vec()).await.unwrap();
     assert_eq!(r.status(), 400, "truncated JSON");
+    let r = raw(b"{\"class_label\": 1, \"steps\": 2} xyz".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "trailing bytes after the object");
+    let r = raw(b"{\"class_label\": 1, \"steps\": 2}{\"class_label\": 2}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a second object");
+    // JSON Schema integers include 1.0; fractional values are still refused.
+    let r = s
+        .post(
+            "/generate",
+            json!({"class_label": 1, "n": 1.0, "steps": 2.0}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "whole-number floats are integers");
+    let r = s
+        .post("/generate", json!({"class_label": 1, "steps": 2.5}))
+        .await;
+    assert_eq!(r.status(), 400, "fractional steps");
     let r = raw(b"{\"class_name\": \"\xff\xfe\"}".to_vec())
         .await
         .unwrap();

@@ -13,15 +13,24 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<
             "request body is empty; send a JSON object",
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    // Parse the whole body as one JSON value first: trailing bytes, a second value, or
+    // anything but an object is refused rather than silently ignored.
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "request body must be a JSON object (see openapi.yaml)",
+        ));
+    }
+    integral_floats_to_integers(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
         // serde names unknown fields in its message; otherwise the path names the field.
         let param = if let Some(rest) = msg.strip_prefix("unknown field `") {
             rest.split('`').next().map(str::to_string)
-        } else if path != "." && !path.is_empty() {
+        } else if path != "." && path != "?" && !path.is_empty() {
             Some(path)
         } else {
             None
@@ -33,6 +42,19 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<
         err.param = param;
         err
     })
+}
+
+/// JSON Schema counts 1.0 as an integer; so do we (top-level fields only: the bodies are flat).
+fn integral_floats_to_integers(v: &mut serde_json::Value) {
+    if let Some(obj) = v.as_object_mut() {
+        for field in obj.values_mut() {
+            if let Some(f) = field.as_f64().filter(|_| field.is_f64()) {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *field = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+    }
 }
 
 /// Most bytes read (and discarded) from an oversized body before answering 413, so that a

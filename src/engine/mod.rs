@@ -150,8 +150,13 @@ impl EngineHandle {
 
     /// Seconds until the queue has room for `n` more images at the current throughput.
     pub fn retry_after_secs(&self, n: usize) -> u64 {
+        /// Before the first image finishes there is no throughput to go by.
+        const UNKNOWN_RATE_RETRY_SECS: u64 = 5;
         let queued = self.stats.queued_images.load(Ordering::Relaxed) + n;
-        let rate = self.stats.images_per_sec().max(1e-3);
+        let rate = self.stats.images_per_sec();
+        if rate <= 0.0 {
+            return UNKNOWN_RATE_RETRY_SECS;
+        }
         ((queued as f64 / rate).ceil() as u64).clamp(1, 300)
     }
 
