@@ -13,17 +13,14 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<
             "request body is empty; send a JSON object",
         ));
     }
-    // Parse the whole body as one JSON value first: trailing bytes, a second value, or
-    // anything but an object is refused rather than silently ignored.
-    let mut value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    if !value.is_object() {
+    // Only a JSON object is a request; serde's derive would also take an array positionally.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::bad_request(
-            "request body must be a JSON object (see openapi.yaml)",
+            "invalid type: the request body must be a JSON object (see openapi.yaml)",
         ));
     }
-    integral_floats_to_integers(&mut value);
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
@@ -41,20 +38,41 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<
         });
         err.param = param;
         err
-    })
+    })?;
+    // Trailing bytes or a second value are refused, not silently ignored.
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
-/// JSON Schema counts 1.0 as an integer; so do we (top-level fields only: the bodies are flat).
-fn integral_floats_to_integers(v: &mut serde_json::Value) {
-    if let Some(obj) = v.as_object_mut() {
-        for field in obj.values_mut() {
-            if let Some(f) = field.as_f64().filter(|_| field.is_f64()) {
-                if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                    *field = serde_json::Value::from(f as i64);
-                }
-            }
+/// `deserialize_with` for optional integer fields: JSON Schema counts 1.0 as an integer, so a
+/// whole-number float is accepted; 1.5 is not.
+pub fn opt_integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i128>,
+{
+    use serde::de::{Deserialize, Error, Unexpected};
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let i: i128 = if let Some(i) = n.as_i64() {
+        i.into()
+    } else if let Some(u) = n.as_u64() {
+        u.into()
+    } else {
+        let f = n.as_f64().unwrap_or(f64::NAN);
+        if f.fract() != 0.0 || f.abs() >= 1.8e19 {
+            return Err(D::Error::invalid_type(Unexpected::Float(f), &"an integer"));
         }
-    }
+        f as i128
+    };
+    T::try_from(i).map(Some).map_err(|_| {
+        D::Error::invalid_value(
+            Unexpected::Other(&format!("integer {i}")),
+            &"an integer in range",
+        )
+    })
 }
 
 /// Most bytes read (and discarded) from an oversized body before answering 413, so that a

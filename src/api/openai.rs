@@ -20,6 +20,7 @@ use super::{AppState, RequestId};
 pub struct ImagesRequest {
     pub prompt: String,
     pub model: Option<String>,
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub n: Option<i64>,
     pub size: Option<String>,
     pub response_format: Option<String>,
@@ -31,7 +32,9 @@ pub struct ImagesRequest {
     #[allow(dead_code)]
     pub user: Option<String>,
     // Extensions.
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub seed: Option<u64>,
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub steps: Option<i64>,
     pub guidance_scale: Option<f64>,
     pub sampler: Option<String>,

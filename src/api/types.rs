@@ -11,10 +11,14 @@ use crate::pipeline::{ImageSpec, ModelInfo};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub class_label: Option<i64>,
     pub class_name: Option<String>,
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub n: Option<i64>,
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub seed: Option<u64>,
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub steps: Option<i64>,
     pub sampler: Option<String>,
     pub guidance_scale: Option<f64>,
