@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// auto | cpu | cuda:N
     #[arg(long, env = "DIFFIT_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Several devices, one engine (model copy) each, sharing one queue: `cuda:0,cuda:1`,
+    /// `0,1` (GPU ordinals) or `cpu,cpu`. Overrides --device when given.
+    #[arg(long, env = "DIFFIT_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
     /// f32 | bf16 | f16
     #[arg(long, env = "DIFFIT_DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -96,6 +100,15 @@ impl ServeArgs {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.drain_timeout_secs.max(0.0))
+    }
+
+    /// The devices to start an engine on: `--devices` if given, else `--device`.
+    pub fn device_specs(&self) -> Vec<String> {
+        if self.devices.iter().any(|d| !d.trim().is_empty()) {
+            self.devices.clone()
+        } else {
+            vec![self.device.clone()]
+        }
     }
 }
 

@@ -216,6 +216,42 @@ impl Pipeline {
         })
     }
 
+    /// One pipeline per device, loaded in parallel (each device gets its own copy).
+    pub fn load_on_each(opts: &LoadOptions, devices: &[Device]) -> anyhow::Result<Vec<Self>> {
+        Self::build_on_each(devices, |device| {
+            Self::load(&LoadOptions {
+                device: device.clone(),
+                ..opts.clone()
+            })
+        })
+    }
+
+    /// Runs `build` once per device, in parallel, keeping the devices' order.
+    pub fn build_on_each(
+        devices: &[Device],
+        build: impl Fn(&Device) -> anyhow::Result<Self> + Sync,
+    ) -> anyhow::Result<Vec<Self>> {
+        anyhow::ensure!(!devices.is_empty(), "no device to load the model on");
+        let build = &build;
+        std::thread::scope(|scope| {
+            let loads: Vec<_> = devices
+                .iter()
+                .map(|device| {
+                    scope.spawn(move || {
+                        build(device).with_context(|| format!("on {}", device_name(device)))
+                    })
+                })
+                .collect();
+            loads
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a model loading thread panicked"))?
+                })
+                .collect()
+        })
+    }
+
     pub fn device(&self) -> &Device {
         self.diffit.device()
     }
@@ -293,6 +329,34 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     }
 }
 
+/// `--devices` values: each `auto`, `cpu`, `cuda:N` or a bare GPU ordinal `N`. A GPU may appear
+/// once (one engine per GPU: a device is only ever driven from one host thread); `cpu` may
+/// repeat (several CPU engines, for tests).
+pub fn parse_devices(specs: &[String]) -> anyhow::Result<Vec<Device>> {
+    anyhow::ensure!(!specs.is_empty(), "no device given");
+    let mut devices = Vec::with_capacity(specs.len());
+    let mut seen = std::collections::HashSet::new();
+    for spec in specs {
+        let spec = spec.trim();
+        anyhow::ensure!(
+            !spec.is_empty(),
+            "empty entry in the device list {specs:?}; use e.g. cuda:0,cuda:1 or 0,1"
+        );
+        let device = if spec.bytes().all(|b| b.is_ascii_digit()) {
+            parse_device(&format!("cuda:{spec}"))?
+        } else {
+            parse_device(spec)?
+        };
+        let name = device_name(&device);
+        anyhow::ensure!(
+            device.is_cpu() || seen.insert(name.clone()),
+            "{name} is listed twice in {specs:?}: one engine per GPU"
+        );
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
 pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     match s {
         "f32" => Ok(DType::F32),
@@ -308,5 +372,29 @@ pub fn resolve_vae_path(p: &Path) -> PathBuf {
         p.join("diffusion_pytorch_model.safetensors")
     } else {
         p.to_path_buf()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(s: &str) -> Vec<String> {
+        s.split(',').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn device_lists() {
+        let d = parse_devices(&list("cpu, cpu")).unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(Device::is_cpu));
+        for bad in ["", "cpu,", "gpu0", "cuda:x", "cpu,tpu"] {
+            assert!(parse_devices(&list(bad)).is_err(), "{bad}");
+        }
+        assert!(parse_devices(&[]).is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let e = parse_devices(&list("0,1")).unwrap_err().to_string();
+            assert!(e.contains("cuda:0"), "{e}");
+        }
     }
 }

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::api::{self, AppState};
 use crate::config::{resolve_model_paths, ServeArgs};
 use crate::engine::{self, EngineConfig, EngineHandle};
-use crate::pipeline::{parse_device, parse_dtype, LoadOptions, Pipeline};
+use crate::pipeline::{parse_devices, parse_dtype, LoadOptions, Pipeline};
 use crate::telemetry;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -24,49 +25,35 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics()?;
     let (model, vae) = resolve_model_paths(args.model.clone(), args.vae.clone())?;
+    let devices = parse_devices(&args.device_specs())?;
     let opts = LoadOptions {
         model,
         vae,
         vae_config: args.vae_config.clone(),
-        device: parse_device(&args.device)?,
+        device: devices[0].clone(),
         dtype: parse_dtype(&args.dtype)?,
         decode_chunk: args.decode_chunk,
     };
     let t0 = Instant::now();
-    let pipeline = tokio::task::spawn_blocking(move || Pipeline::load(&opts)).await??;
-    let info = pipeline.info.clone();
-    tracing::info!(model = %info.name, config = ?info.config, device = %info.device, dtype = %info.dtype,
-        elapsed = ?t0.elapsed(), "model loaded");
-    metrics::gauge!("diffit_model_info",
-        "model" => info.name.clone(), "dtype" => info.dtype.clone(), "device" => info.device.clone(),
-        "image_size" => info.image_size.to_string(), "num_classes" => info.config.num_classes.to_string())
-    .set(1.0);
-
-    let (engine, engine_thread) = engine::start(
-        pipeline,
+    let pipelines =
+        tokio::task::spawn_blocking(move || Pipeline::load_on_each(&opts, &devices)).await??;
+    let (engine, engines) = engine::start(
+        pipelines,
         EngineConfig {
             max_batch: args.max_batch as usize,
             max_queue: args.max_queue as usize,
             request_level: args.request_level_batching,
         },
-    );
-    let state = AppState {
-        engine: engine.clone(),
-        metrics: metrics.clone(),
-        api_keys: Arc::new(
-            args.api_keys
-                .iter()
-                .filter(|k| !k.is_empty())
-                .cloned()
-                .collect(),
-        ),
-        max_images_per_request: args.max_images_per_request as usize,
-        max_body_bytes: args.max_body_bytes,
-        request_timeout: args.request_timeout(),
-        max_request_timeout: args.max_request_timeout(),
-        started_unix: api_unix_now(),
-        inflight: Default::default(),
-    };
+    )?;
+    let info = engine.info().clone();
+    tracing::info!(model = %info.name, config = ?info.config, devices = %info.device, dtype = %info.dtype,
+        engines = engine.devices().len(), elapsed = ?t0.elapsed(), "model loaded");
+    metrics::gauge!("diffit_model_info",
+        "model" => info.name.clone(), "dtype" => info.dtype.clone(), "device" => info.device.clone(),
+        "image_size" => info.image_size.to_string(), "num_classes" => info.config.num_classes.to_string())
+    .set(1.0);
+
+    let state = app_state(engine.clone(), metrics.clone(), &args);
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
@@ -88,11 +75,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(drain(drain_state, drain_timeout))
         .await?;
-    // Dropping the last handle lets the engine thread finish what it holds and exit.
+    // Dropping the last handle lets every engine finish what it holds and exit.
     drop(engine);
-    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    let _ = tokio::task::spawn_blocking(move || engines.join()).await;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// The HTTP side's shared state for `serve`'s settings.
+pub fn app_state(engine: EngineHandle, metrics: PrometheusHandle, args: &ServeArgs) -> AppState {
+    AppState {
+        engine,
+        metrics,
+        api_keys: Arc::new(
+            args.api_keys
+                .iter()
+                .filter(|k| !k.is_empty())
+                .cloned()
+                .collect(),
+        ),
+        max_images_per_request: args.max_images_per_request as usize,
+        max_body_bytes: args.max_body_bytes,
+        request_timeout: args.request_timeout(),
+        max_request_timeout: args.max_request_timeout(),
+        started_unix: api_unix_now(),
+        inflight: Default::default(),
+    }
 }
 
 fn api_unix_now() -> u64 {
@@ -132,7 +140,7 @@ async fn drain(state: AppState, timeout: Duration) {
     while Instant::now() < until {
         let busy = state.inflight.load(Ordering::SeqCst)
             + engine.stats().queued_images.load(Ordering::SeqCst)
-            + engine.stats().active_samples.load(Ordering::SeqCst);
+            + engine.stats().active_samples();
         if busy == 0 {
             break;
         }

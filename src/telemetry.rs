@@ -42,11 +42,18 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "Time from admission to first denoising step"
     );
     describe_gauge!("diffit_active_samples", "Images being denoised now");
-    describe_histogram!("diffit_batch_size", "Images per denoising step");
+    describe_histogram!(
+        "diffit_batch_size",
+        "Images per denoising step, by engine and device"
+    );
     describe_histogram!(
         "diffit_step_duration_seconds",
         Unit::Seconds,
-        "Latency of one batched denoising step"
+        "Latency of one batched denoising step, by engine and device"
+    );
+    describe_gauge!(
+        "diffit_engines",
+        "Engines (one per device, each with its own model copy) sharing the queue"
     );
     describe_counter!(
         "diffit_images_generated_total",

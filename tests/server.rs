@@ -562,7 +562,8 @@ async fn same_request_same_pixels_alone_and_amid_concurrent_traffic() {
         px(&amid),
         "pixels must not depend on batch mates"
     );
-    let hist = s.metric("diffit_batch_size_sum").await / s.metric("diffit_batch_size_count").await;
+    let hist = s.metric_total("diffit_batch_size_sum").await
+        / s.metric_total("diffit_batch_size_count").await;
     assert!(
         hist > 1.0,
         "requests really shared batches (mean batch {hist})"

@@ -24,6 +24,7 @@ pub async fn models(State(state): State<AppState>) -> Response {
             "sha256": info.model_sha256,
             "dtype": info.dtype,
             "device": info.device,
+            "devices": state.engine.devices(),
         }]
     }))
     .into_response()
@@ -51,11 +52,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let engine = &state.engine;
     let (status, word) = if engine.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !engine
-        .stats()
-        .ready
-        .load(std::sync::atomic::Ordering::SeqCst)
-    {
+    } else if !engine.stats().ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "warming up")
     } else {
         (StatusCode::OK, "ready")

@@ -1,17 +1,22 @@
-//! The engine: one thread owns the model and the device and runs step-level continuous
-//! batching over every request in flight. It knows nothing of HTTP: requests arrive as
-//! [`Job`]s through an [`EngineHandle`], results leave on each job's event channel.
+//! The engines: one thread per device owns that device's model copy and runs step-level
+//! continuous batching over the requests it holds. Every engine pulls from one shared queue,
+//! and only as many images as it has free batch slots, so the load spreads over the devices.
+//! It knows nothing of HTTP: requests arrive as [`Job`]s through an [`EngineHandle`], results
+//! leave on each job's event channel.
 
 mod decoder;
+mod queue;
 mod scheduler;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::pipeline::{ImageSpec, ModelInfo, Pipeline};
+use queue::JobQueue;
 
 pub use scheduler::EngineConfig;
 
@@ -50,6 +55,8 @@ pub enum JobEvent {
 }
 
 /// A request as the engine sees it: the images to make, a deadline, and where to report.
+/// A job larger than an engine's free batch slots is split into parts (see [`Job::split_front`]);
+/// the parts share one [`JobShared`] and one event channel.
 pub struct Job {
     pub id: String,
     pub specs: Vec<ImageSpec>,
@@ -58,6 +65,63 @@ pub struct Job {
     /// Send `Progress` events (only streaming requests want them).
     pub progress: bool,
     pub(crate) enqueued: Instant,
+    /// Index (within the whole request) of `specs[0]`: non-zero for a later part.
+    pub(crate) first_index: usize,
+    pub(crate) shared: Arc<JobShared>,
+}
+
+/// State every part of one job sees, whichever engine holds it.
+#[derive(Debug)]
+pub(crate) struct JobShared {
+    /// The job failed, passed its deadline or lost its client: whoever sets this reports it
+    /// (once); every engine then drops the job's samples.
+    ended: AtomicBool,
+    /// The first part admitted sends `Started`.
+    started: AtomicBool,
+    /// Steps done by each image (streaming jobs only): progress is the slowest image's.
+    steps_done: Vec<AtomicUsize>,
+    /// Last progress step sent, so that parts on different engines never send it backwards.
+    reported: AtomicUsize,
+}
+
+impl JobShared {
+    fn new(images: usize, progress: bool) -> Self {
+        Self {
+            ended: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            steps_done: (0..if progress { images } else { 0 })
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            reported: AtomicUsize::new(0),
+        }
+    }
+
+    /// Marks the job ended; true for the one caller that should report why.
+    pub(crate) fn end(&self) -> bool {
+        !self.ended.swap(true, Ordering::SeqCst)
+    }
+
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// True for the first part to start.
+    pub(crate) fn start(&self) -> bool {
+        !self.started.swap(true, Ordering::SeqCst)
+    }
+
+    /// Records image `index`'s steps; returns the job's new progress (its slowest image's step
+    /// count) if it advanced and this caller should send it.
+    pub(crate) fn record_progress(&self, index: usize, steps: usize) -> Option<usize> {
+        self.steps_done.get(index)?.store(steps, Ordering::SeqCst);
+        let slowest = self
+            .steps_done
+            .iter()
+            .map(|s| s.load(Ordering::SeqCst))
+            .min()?;
+        (slowest > 0 && self.reported.fetch_max(slowest, Ordering::SeqCst) < slowest)
+            .then_some(slowest)
+    }
 }
 
 impl Job {
@@ -68,6 +132,7 @@ impl Job {
         progress: bool,
     ) -> (Self, mpsc::UnboundedReceiver<JobEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(JobShared::new(specs.len(), progress));
         let job = Self {
             id,
             specs,
@@ -75,8 +140,40 @@ impl Job {
             events,
             progress,
             enqueued: Instant::now(),
+            first_index: 0,
+            shared,
         };
         (job, rx)
+    }
+
+    /// Splits off the first `k` images as a part of their own (same id, deadline, events and
+    /// shared state); `self` keeps the rest.
+    pub(crate) fn split_front(&mut self, k: usize) -> Job {
+        let rest = self.specs.split_off(k.min(self.specs.len()));
+        let front = std::mem::replace(&mut self.specs, rest);
+        let part = Job {
+            id: self.id.clone(),
+            specs: front,
+            deadline: self.deadline,
+            events: self.events.clone(),
+            progress: self.progress,
+            enqueued: self.enqueued,
+            first_index: self.first_index,
+            shared: self.shared.clone(),
+        };
+        self.first_index += part.specs.len();
+        part
+    }
+
+    /// Why the job should stop now, if it should: its deadline passed or its client left.
+    pub(crate) fn end_reason(&self, now: Instant) -> Option<&'static str> {
+        if now >= self.deadline {
+            Some("deadline")
+        } else if self.events.is_closed() {
+            Some("disconnected")
+        } else {
+            None
+        }
     }
 }
 
@@ -94,20 +191,32 @@ pub enum SubmitError {
     Draining,
 }
 
-/// Counters the HTTP side reads and the engine writes.
+/// What one engine reports about itself.
 #[derive(Debug, Default)]
-pub struct EngineStats {
-    /// Images waiting for a batch slot (the bounded queue, in images).
-    pub queued_images: AtomicUsize,
-    pub active_samples: AtomicUsize,
-    /// Recent throughput in images per second (f64 bits), for Retry-After.
+pub struct EngineSlot {
+    active: AtomicUsize,
+    /// Recent throughput in images per second (f64 bits).
     images_per_sec_bits: AtomicU64,
-    pub ready: AtomicBool,
+    ready: AtomicBool,
+    /// Images this engine finished denoising.
+    images_done: AtomicU64,
 }
 
-impl EngineStats {
+impl EngineSlot {
+    pub fn active_samples(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
     pub fn images_per_sec(&self) -> f64 {
         f64::from_bits(self.images_per_sec_bits.load(Ordering::Relaxed))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn images_done(&self) -> u64 {
+        self.images_done.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_images_per_sec(&self, v: f64) {
@@ -116,19 +225,82 @@ impl EngineStats {
     }
 }
 
-/// The HTTP side's end of the engine: admission control and submission.
+/// Counters the HTTP side reads and the engines write.
+#[derive(Debug)]
+pub struct EngineStats {
+    /// Images waiting for a batch slot (the bounded queue, in images), all engines together.
+    pub queued_images: AtomicUsize,
+    engines: Vec<EngineSlot>,
+    /// Engine threads still running.
+    alive: AtomicUsize,
+}
+
+impl EngineStats {
+    fn new(engines: usize) -> Self {
+        Self {
+            queued_images: AtomicUsize::new(0),
+            engines: (0..engines).map(|_| EngineSlot::default()).collect(),
+            alive: AtomicUsize::new(engines),
+        }
+    }
+
+    pub fn engines(&self) -> &[EngineSlot] {
+        &self.engines
+    }
+
+    /// Images being denoised now, on every engine.
+    pub fn active_samples(&self) -> usize {
+        self.engines.iter().map(EngineSlot::active_samples).sum()
+    }
+
+    /// Recent throughput of all engines together, for Retry-After.
+    pub fn images_per_sec(&self) -> f64 {
+        self.engines.iter().map(EngineSlot::images_per_sec).sum()
+    }
+
+    /// Engine threads still running (one whose warm-up failed has stopped).
+    pub fn engines_alive(&self) -> usize {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Every engine warmed up and running.
+    pub fn ready(&self) -> bool {
+        !self.engines.is_empty() && self.engines.iter().all(EngineSlot::is_ready)
+    }
+}
+
+/// Closes the shared queue when the last [`EngineHandle`] goes: the engines then finish what
+/// they hold and exit.
+struct Submitter {
+    queue: Arc<JobQueue>,
+}
+
+impl Drop for Submitter {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// The HTTP side's end of the engines: admission control and submission.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::UnboundedSender<Job>,
+    submitter: Arc<Submitter>,
     stats: Arc<EngineStats>,
     max_queue: usize,
     draining: Arc<AtomicBool>,
     info: Arc<ModelInfo>,
+    devices: Arc<Vec<String>>,
 }
 
 impl EngineHandle {
+    /// The model, with `device` naming every engine's device (comma-separated).
     pub fn info(&self) -> &Arc<ModelInfo> {
         &self.info
+    }
+
+    /// Each engine's device, by engine index.
+    pub fn devices(&self) -> &[String] {
+        &self.devices
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -148,7 +320,8 @@ impl EngineHandle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Seconds until the queue has room for `n` more images at the current throughput.
+    /// Seconds until the queue has room for `n` more images at the current throughput of all
+    /// engines together.
     pub fn retry_after_secs(&self, n: usize) -> u64 {
         /// Before the first image finishes there is no throughput to go by.
         const UNKNOWN_RATE_RETRY_SECS: u64 = 5;
@@ -181,7 +354,7 @@ impl EngineHandle {
         }
         metrics::gauge!("diffit_queue_depth")
             .set(self.stats.queued_images.load(Ordering::SeqCst) as f64);
-        if self.tx.send(job).is_err() {
+        if self.submitter.queue.push(job).is_err() {
             self.stats.queued_images.fetch_sub(n, Ordering::SeqCst);
             return Err(SubmitError::Draining);
         }
@@ -189,25 +362,67 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread around a loaded pipeline. It warms up (one step and one decode)
-/// before it reports ready. The thread exits once every handle is dropped and all work is done.
+/// The engine threads, to wait for once every handle is dropped.
+pub struct Engines {
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Engines {
+    /// Waits for every engine to finish its work and exit.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts one engine thread per loaded pipeline (one per device), all pulling from one queue.
+/// Each warms up (one step and one decode) before it counts as ready; the server is ready when
+/// all are. The threads exit once every handle is dropped and all work is done.
 pub fn start(
-    pipeline: Pipeline,
+    pipelines: Vec<Pipeline>,
     config: EngineConfig,
-) -> (EngineHandle, std::thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stats = Arc::new(EngineStats::default());
-    let info = Arc::new(pipeline.info.clone());
+) -> anyhow::Result<(EngineHandle, Engines)> {
+    let first = pipelines
+        .first()
+        .context("no pipeline to start an engine on")?;
+    let devices: Vec<String> = pipelines.iter().map(|p| p.info.device.clone()).collect();
+    for p in &pipelines[1..] {
+        anyhow::ensure!(
+            p.info.model_sha256 == first.info.model_sha256 && p.info.config == first.info.config,
+            "the engines on {} and {} hold different models",
+            first.info.device,
+            p.info.device
+        );
+    }
+    let mut info = first.info.clone();
+    info.device = devices.join(",");
+    let queue = Arc::new(JobQueue::default());
+    let stats = Arc::new(EngineStats::new(pipelines.len()));
+    metrics::gauge!("diffit_engines").set(pipelines.len() as f64);
     let handle = EngineHandle {
-        tx,
+        submitter: Arc::new(Submitter {
+            queue: queue.clone(),
+        }),
         stats: stats.clone(),
         max_queue: config.max_queue,
         draining: Arc::new(AtomicBool::new(false)),
-        info,
+        info: Arc::new(info),
+        devices: Arc::new(devices),
     };
-    let thread = std::thread::Builder::new()
-        .name("diffit-engine".into())
-        .spawn(move || scheduler::run(pipeline, config, rx, stats))
-        .expect("spawn engine thread");
-    (handle, thread)
+    let mut threads = Vec::with_capacity(pipelines.len());
+    for (index, pipeline) in pipelines.into_iter().enumerate() {
+        let ctx = scheduler::EngineContext {
+            index,
+            queue: queue.clone(),
+            stats: stats.clone(),
+        };
+        let config = config.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("diffit-engine-{index}"))
+            .spawn(move || scheduler::run(pipeline, config, ctx))
+            .context("cannot spawn an engine thread")?;
+        threads.push(thread);
+    }
+    Ok((handle, Engines { threads }))
 }

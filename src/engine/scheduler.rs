@@ -1,24 +1,24 @@
-//! The batching loop. Each iteration: take new jobs, drop what is cancelled or late, fill
-//! free batch slots from the queue (FIFO), run one denoising step over every active sample,
-//! then hand whatever finished to the decode worker.
+//! One engine's batching loop. Each iteration: drop queued jobs that are late or abandoned,
+//! fill free batch slots from the shared queue (oldest job first, splitting a job that does not
+//! fit), drop what is cancelled or late among the samples held, run one denoising step over
+//! every active sample, then hand whatever finished to the decode worker.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
 use super::decoder::{DecodeWork, Decoder};
-use super::{EngineError, EngineStats, Job, JobEvent};
+use super::queue::{JobQueue, Take};
+use super::{EngineError, EngineSlot, EngineStats, Job, JobEvent};
 use crate::diffusion::{denoise_step, SampleState};
 use crate::pipeline::Pipeline;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Most samples (images) denoised together; guided ones cost two network rows.
+    /// Most samples (images) one engine denoises together; guided ones cost two network rows.
     pub max_batch: usize,
-    /// Most images waiting for a slot.
+    /// Most images waiting for a slot, all engines together.
     pub max_queue: usize,
     /// Request-level batching: admit only when the batch is empty (for benchmarks).
     pub request_level: bool,
@@ -34,29 +34,24 @@ impl Default for EngineConfig {
     }
 }
 
-/// A job while the engine holds it.
-struct JobState {
-    job: Job,
-    /// Index of the next image to admit.
-    next_image: usize,
-    /// Images admitted and not yet finished.
-    in_flight: usize,
-    started: Option<Instant>,
-    last_progress: usize,
+/// Where an engine sits among the others: its index, the shared queue and the shared counters.
+pub(super) struct EngineContext {
+    pub index: usize,
+    pub queue: Arc<JobQueue>,
+    pub stats: Arc<EngineStats>,
 }
 
-impl JobState {
-    fn waiting(&self) -> usize {
-        self.job.specs.len() - self.next_image
-    }
-
-    fn abandoned(&self) -> bool {
-        self.job.events.is_closed()
-    }
+/// A part of a job while this engine holds it: all of its images are in the batch.
+struct Part {
+    job: Job,
+    /// Images not yet finished.
+    in_flight: usize,
+    started: Instant,
 }
 
 struct Active {
-    job: usize,
+    part: u64,
+    /// The image's index within its request.
     index: usize,
     sample: SampleState,
 }
@@ -64,68 +59,70 @@ struct Active {
 struct Scheduler {
     pipe: Pipeline,
     config: EngineConfig,
-    stats: Arc<EngineStats>,
-    /// Jobs in arrival order; a slot is `None` once the job is finished.
-    jobs: VecDeque<Option<JobState>>,
-    /// Indices into `jobs` still holding images to admit, FIFO.
-    queue: VecDeque<usize>,
+    ctx: EngineContext,
+    /// Labels of this engine's metrics.
+    engine_label: String,
+    device_label: String,
+    parts: HashMap<u64, Part>,
+    next_part: u64,
     active: Vec<Active>,
-    recent: VecDeque<(Instant, usize)>,
+    recent: VecDeque<Instant>,
     decoder: Decoder,
 }
 
-pub(super) fn run(
-    pipe: Pipeline,
-    config: EngineConfig,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    stats: Arc<EngineStats>,
-) {
+pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
     let decoder = Decoder::new(pipe.vae.clone(), pipe.decode_chunk);
     let mut s = Scheduler {
         decoder,
+        engine_label: ctx.index.to_string(),
+        device_label: pipe.info.device.clone(),
         pipe,
         config,
-        stats,
-        jobs: VecDeque::new(),
-        queue: VecDeque::new(),
+        ctx,
+        parts: HashMap::new(),
+        next_part: 0,
         active: Vec::new(),
         recent: VecDeque::new(),
     };
-    if let Err(e) = s.warm_up() {
-        tracing::error!(error = %e, "engine warm-up failed");
-        s.decoder.finish();
-        return;
+    let engine = s.ctx.index;
+    let device = s.device_label.clone();
+    match s.warm_up() {
+        Ok(()) => {
+            s.slot().ready.store(true, Ordering::SeqCst);
+            if s.ctx.stats.ready() {
+                metrics::gauge!("diffit_ready").set(1.0);
+            }
+            tracing::info!(engine, %device, "engine ready");
+            s.serve();
+            s.slot().ready.store(false, Ordering::SeqCst);
+        }
+        Err(e) => tracing::error!(engine, %device, error = %e, "engine warm-up failed"),
     }
-    s.stats.ready.store(true, Ordering::SeqCst);
-    metrics::gauge!("diffit_ready").set(1.0);
-    tracing::info!("engine ready");
-    loop {
-        // Block only when there is nothing to do.
-        if s.active.is_empty() && s.queue.is_empty() {
-            match rx.blocking_recv() {
-                Some(job) => s.accept(job),
-                None => break,
+    let Scheduler {
+        decoder, ctx, pipe, ..
+    } = s;
+    decoder.finish();
+    drop(pipe);
+    if ctx.stats.alive.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // The last engine: nothing will ever run what is still queued.
+        for job in ctx.queue.close_and_take_all() {
+            ctx.stats
+                .queued_images
+                .fetch_sub(job.specs.len(), Ordering::SeqCst);
+            if job.shared.end() {
+                let _ = job.events.send(JobEvent::Failed(EngineError::ShuttingDown));
             }
         }
-        while let Ok(job) = rx.try_recv() {
-            s.accept(job);
-        }
-        s.reap();
-        s.admit();
-        if s.active.is_empty() {
-            continue;
-        }
-        if let Err(e) = s.step() {
-            tracing::error!(error = %e, "denoising step failed");
-            s.fail_active(EngineError::Internal(e.to_string()));
-        }
+        metrics::gauge!("diffit_queue_depth").set(0.0);
     }
-    s.stats.ready.store(false, Ordering::SeqCst);
-    s.decoder.finish();
-    tracing::info!("engine stopped");
+    tracing::info!(engine, %device, "engine stopped");
 }
 
 impl Scheduler {
+    fn slot(&self) -> &EngineSlot {
+        &self.ctx.stats.engines[self.ctx.index]
+    }
+
     fn warm_up(&mut self) -> anyhow::Result<()> {
         let start = Instant::now();
         let d = self.pipe.info.defaults;
@@ -146,115 +143,170 @@ impl Scheduler {
         let mut s = self.pipe.new_sample(&spec)?;
         denoise_step(&self.pipe.diffit, &mut [&mut s])?;
         self.pipe.decode(s.latent())?;
-        tracing::info!(elapsed = ?start.elapsed(), "warm-up done");
+        tracing::info!(engine = self.ctx.index, elapsed = ?start.elapsed(), "warm-up done");
         Ok(())
     }
 
-    fn accept(&mut self, job: Job) {
-        self.jobs.push_back(Some(JobState {
-            job,
-            next_image: 0,
-            in_flight: 0,
-            started: None,
-            last_progress: 0,
-        }));
-        self.queue.push_back(self.jobs.len() - 1);
+    /// The loop, until the queue is closed and everything taken from it is done.
+    fn serve(&mut self) {
+        loop {
+            self.sweep_queue();
+            if !self.fill() && self.active.is_empty() {
+                return;
+            }
+            self.reap();
+            if self.active.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                tracing::error!(engine = self.ctx.index, error = %e, "denoising step failed");
+                self.fail_active(EngineError::Internal(e.to_string()));
+            }
+        }
+    }
+
+    /// Free batch slots.
+    fn room(&self) -> usize {
+        if self.config.request_level && !self.active.is_empty() {
+            return 0;
+        }
+        self.config.max_batch.saturating_sub(self.active.len())
+    }
+
+    /// Takes work from the shared queue into free slots; blocks only while this engine has
+    /// nothing to do. False once the queue is closed and empty.
+    fn fill(&mut self) -> bool {
+        loop {
+            let room = self.room();
+            if room == 0 {
+                return true;
+            }
+            match self.ctx.queue.take(room, self.active.is_empty()) {
+                Take::Part(part) => self.admit(part),
+                Take::Empty => return true,
+                Take::Closed => return false,
+            }
+        }
     }
 
     fn set_gauges(&self) {
-        metrics::gauge!("diffit_queue_depth")
-            .set(self.stats.queued_images.load(Ordering::SeqCst) as f64);
-        metrics::gauge!("diffit_active_samples").set(self.active.len() as f64);
-        self.stats
-            .active_samples
+        self.slot()
+            .active
             .store(self.active.len(), Ordering::SeqCst);
+        metrics::gauge!("diffit_queue_depth")
+            .set(self.ctx.stats.queued_images.load(Ordering::SeqCst) as f64);
+        metrics::gauge!("diffit_active_samples").set(self.ctx.stats.active_samples() as f64);
     }
 
-    /// Ends jobs whose client went away or whose deadline passed, freeing their samples.
-    fn reap(&mut self) {
-        let now = Instant::now();
-        for j in 0..self.jobs.len() {
-            let Some(state) = &self.jobs[j] else { continue };
-            let reason = if now >= state.job.deadline {
-                "deadline"
-            } else if state.abandoned() {
-                "disconnected"
-            } else {
-                continue;
-            };
-            let freed = state.in_flight;
-            let waiting = state.waiting();
-            tracing::info!(job = %state.job.id, reason, freed, waiting, "job ended early");
-            // Count and free first: the client may look at the metrics as soon as it hears.
-            metrics::counter!("diffit_rejections_total", "reason" => reason).increment(1);
-            self.stats
-                .queued_images
-                .fetch_sub(waiting, Ordering::SeqCst);
-            self.active.retain(|a| a.job != j);
-            self.queue.retain(|&q| q != j);
-            self.set_gauges();
-            if reason == "deadline" {
-                let _ = state
-                    .job
-                    .events
-                    .send(JobEvent::Failed(EngineError::Deadline));
-            }
-            self.jobs[j] = None;
-        }
-        self.compact();
-        self.set_gauges();
-    }
-
-    /// Fills free batch slots, oldest job first; a job of n images may be admitted in parts.
-    fn admit(&mut self) {
-        if self.config.request_level && !self.active.is_empty() {
+    /// Reports why a job ended (once, whichever engine or part notices first).
+    fn report_end(job: &Job, reason: &'static str) {
+        if !job.shared.end() {
             return;
         }
-        while self.active.len() < self.config.max_batch {
-            let Some(&j) = self.queue.front() else { break };
-            let state = self.jobs[j].as_mut().expect("queued job exists");
-            let index = state.next_image;
-            let spec = state.job.specs[index];
-            match self.pipe.new_sample(&spec) {
-                Ok(sample) => {
-                    if state.started.is_none() {
-                        let now = Instant::now();
-                        let wait = now - state.job.enqueued;
-                        state.started = Some(now);
-                        metrics::histogram!("diffit_queue_wait_seconds").record(wait.as_secs_f64());
-                        let _ = state
-                            .job
-                            .events
-                            .send(JobEvent::Started { queue_wait: wait });
-                    }
-                    state.next_image += 1;
-                    state.in_flight += 1;
-                    self.active.push(Active {
-                        job: j,
-                        index,
-                        sample,
-                    });
-                }
-                Err(e) => {
-                    let _ = state
-                        .job
-                        .events
-                        .send(JobEvent::Failed(EngineError::Internal(e.to_string())));
-                    let waiting = state.waiting();
-                    self.stats
-                        .queued_images
-                        .fetch_sub(waiting, Ordering::SeqCst);
-                    self.active.retain(|a| a.job != j);
-                    self.jobs[j] = None;
-                    self.queue.pop_front();
-                    continue;
-                }
-            }
-            self.stats.queued_images.fetch_sub(1, Ordering::SeqCst);
-            if self.jobs[j].as_ref().is_some_and(|s| s.waiting() == 0) {
-                self.queue.pop_front();
+        tracing::info!(job = %job.id, reason, "job ended early");
+        metrics::counter!("diffit_rejections_total", "reason" => reason).increment(1);
+        if reason == "deadline" {
+            let _ = job.events.send(JobEvent::Failed(EngineError::Deadline));
+        }
+    }
+
+    /// Drops queued jobs that ended elsewhere, passed their deadline or lost their client.
+    fn sweep_queue(&mut self) {
+        let now = Instant::now();
+        let gone = self
+            .ctx
+            .queue
+            .remove_where(|j| j.shared.is_ended() || j.end_reason(now).is_some());
+        if gone.is_empty() {
+            return;
+        }
+        // Count and free first: the client may look at the metrics as soon as it hears.
+        for job in &gone {
+            self.ctx
+                .stats
+                .queued_images
+                .fetch_sub(job.specs.len(), Ordering::SeqCst);
+        }
+        self.set_gauges();
+        for job in &gone {
+            if let Some(reason) = job.end_reason(now) {
+                Self::report_end(job, reason);
             }
         }
+    }
+
+    /// Ends the parts whose job ended elsewhere, passed its deadline or lost its client,
+    /// freeing their samples.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let ended: Vec<(u64, Option<&'static str>)> = self
+            .parts
+            .iter()
+            .filter_map(|(&id, p)| {
+                let reason = p.job.end_reason(now);
+                (p.job.shared.is_ended() || reason.is_some()).then_some((id, reason))
+            })
+            .collect();
+        if ended.is_empty() {
+            return;
+        }
+        let mut removed = Vec::with_capacity(ended.len());
+        for (id, reason) in ended {
+            self.active.retain(|a| a.part != id);
+            if let Some(part) = self.parts.remove(&id) {
+                removed.push((part, reason));
+            }
+        }
+        self.set_gauges();
+        for (part, reason) in removed {
+            if let Some(reason) = reason {
+                tracing::info!(job = %part.job.id, freed = part.in_flight, "samples freed");
+                Self::report_end(&part.job, reason);
+            }
+        }
+    }
+
+    /// Puts every image of a part taken from the queue into the batch.
+    fn admit(&mut self, job: Job) {
+        let n = job.specs.len();
+        self.ctx.stats.queued_images.fetch_sub(n, Ordering::SeqCst);
+        let samples: anyhow::Result<Vec<SampleState>> =
+            job.specs.iter().map(|s| self.pipe.new_sample(s)).collect();
+        let samples = match samples {
+            Ok(s) => s,
+            Err(e) => {
+                if job.shared.end() {
+                    let _ = job
+                        .events
+                        .send(JobEvent::Failed(EngineError::Internal(e.to_string())));
+                }
+                self.set_gauges();
+                return;
+            }
+        };
+        let now = Instant::now();
+        if job.shared.start() {
+            let wait = now - job.enqueued;
+            metrics::histogram!("diffit_queue_wait_seconds").record(wait.as_secs_f64());
+            let _ = job.events.send(JobEvent::Started { queue_wait: wait });
+        }
+        let id = self.next_part;
+        self.next_part += 1;
+        for (k, sample) in samples.into_iter().enumerate() {
+            self.active.push(Active {
+                part: id,
+                index: job.first_index + k,
+                sample,
+            });
+        }
+        self.parts.insert(
+            id,
+            Part {
+                job,
+                in_flight: n,
+                started: now,
+            },
+        );
         self.set_gauges();
     }
 
@@ -266,8 +318,13 @@ impl Scheduler {
                 self.active.iter_mut().map(|a| &mut a.sample).collect();
             denoise_step(&self.pipe.diffit, &mut refs)?;
         }
-        metrics::histogram!("diffit_batch_size").record(batch as f64);
-        metrics::histogram!("diffit_step_duration_seconds").record(started.elapsed().as_secs_f64());
+        let labels = [
+            ("engine", self.engine_label.clone()),
+            ("device", self.device_label.clone()),
+        ];
+        metrics::histogram!("diffit_batch_size", &labels).record(batch as f64);
+        metrics::histogram!("diffit_step_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
         self.report_progress();
 
         let (done, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active)
@@ -281,95 +338,80 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Streams each job's progress as the step count of its slowest sample, once all of its
-    /// images are in the batch.
-    fn report_progress(&mut self) {
-        let mut slowest: std::collections::HashMap<usize, (usize, usize)> = Default::default();
+    /// Streams each job's progress as the step count of its slowest image, once every image
+    /// of the job is in a batch (on this engine or another).
+    fn report_progress(&self) {
         for a in &self.active {
-            let e = slowest
-                .entry(a.job)
-                .or_insert((usize::MAX, a.sample.steps_total()));
-            e.0 = e.0.min(a.sample.steps_done());
-            e.1 = e.1.max(a.sample.steps_total());
-        }
-        for (j, (step, total)) in slowest {
-            if let Some(state) = self.jobs[j].as_mut() {
-                if state.job.progress && state.waiting() == 0 && step > state.last_progress {
-                    state.last_progress = step;
-                    let _ = state.job.events.send(JobEvent::Progress { step, total });
-                }
+            let Some(part) = self.parts.get(&a.part) else {
+                continue;
+            };
+            if !part.job.progress {
+                continue;
+            }
+            if let Some(step) = part
+                .job
+                .shared
+                .record_progress(a.index, a.sample.steps_done())
+            {
+                let total = a.sample.steps_total();
+                let _ = part.job.events.send(JobEvent::Progress { step, total });
             }
         }
     }
 
-    /// Hands finished latents to the decode worker; a job leaves the engine once all of its
+    /// Hands finished latents to the decode worker; a part leaves the engine once all of its
     /// images have been handed over.
     fn finish(&mut self, done: Vec<Active>) -> anyhow::Result<()> {
         let now = Instant::now();
         let mut work = Vec::with_capacity(done.len());
         for a in done {
-            let Some(state) = self.jobs[a.job].as_mut() else {
+            let Some(part) = self.parts.get_mut(&a.part) else {
                 continue;
             };
-            state.in_flight -= 1;
+            part.in_flight -= 1;
             work.push(DecodeWork {
                 latent: a.sample.latent().clone(),
                 index: a.index,
-                denoise: state.started.map(|s| now - s).unwrap_or_default(),
-                events: state.job.events.clone(),
+                denoise: now - part.started,
+                events: part.job.events.clone(),
             });
-            self.recent.push_back((now, 1));
-            if state.in_flight == 0 && state.waiting() == 0 {
-                self.jobs[a.job] = None;
+            self.recent.push_back(now);
+            if part.in_flight == 0 {
+                self.parts.remove(&a.part);
             }
         }
+        self.slot()
+            .images_done
+            .fetch_add(work.len() as u64, Ordering::Relaxed);
         self.decoder.submit(work)?;
         self.update_throughput(now);
-        self.compact();
         Ok(())
     }
 
     fn update_throughput(&mut self, now: Instant) {
         const WINDOW: Duration = Duration::from_secs(30);
-        while self.recent.front().is_some_and(|(t, _)| now - *t > WINDOW) {
+        while self.recent.front().is_some_and(|t| now - *t > WINDOW) {
             self.recent.pop_front();
         }
-        if let Some((first, _)) = self.recent.front() {
-            let images: usize = self.recent.iter().map(|(_, n)| n).sum();
+        if let Some(first) = self.recent.front() {
             let span = (now - *first).as_secs_f64().max(1.0);
-            self.stats.set_images_per_sec(images as f64 / span);
+            let rate = self.recent.len() as f64 / span;
+            self.slot().set_images_per_sec(rate);
         }
     }
 
+    /// A step failed: every job with a sample on this engine fails (its parts elsewhere and
+    /// in the queue are dropped too).
     fn fail_active(&mut self, err: EngineError) {
-        let jobs: std::collections::BTreeSet<usize> = self.active.iter().map(|a| a.job).collect();
-        for j in jobs {
-            if let Some(state) = self.jobs[j].take() {
-                let _ = state.job.events.send(JobEvent::Failed(err.clone()));
-                self.stats
-                    .queued_images
-                    .fetch_sub(state.waiting(), Ordering::SeqCst);
-            }
-        }
+        let ids: std::collections::BTreeSet<u64> = self.active.iter().map(|a| a.part).collect();
         self.active.clear();
-        self.queue.retain(|&q| self.jobs[q].is_some());
+        for id in ids {
+            if let Some(part) = self.parts.remove(&id) {
+                if part.job.shared.end() {
+                    let _ = part.job.events.send(JobEvent::Failed(err.clone()));
+                }
+            }
+        }
         self.set_gauges();
-    }
-
-    /// Drops finished job slots from the front so indices stay small over a long run.
-    fn compact(&mut self) {
-        let mut shift = 0;
-        while self.jobs.front().is_some_and(Option::is_none) {
-            self.jobs.pop_front();
-            shift += 1;
-        }
-        if shift > 0 {
-            for a in &mut self.active {
-                a.job -= shift;
-            }
-            for q in &mut self.queue {
-                *q -= shift;
-            }
-        }
     }
 }

@@ -102,6 +102,22 @@ impl TestServer {
             .unwrap_or(0.0)
     }
 
+    /// The sum of every series of one metric, whatever its labels (e.g. over engines).
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = if rest.starts_with('{') {
+                    rest.split_once("} ")?.1
+                } else {
+                    rest.strip_prefix(' ')?
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum()
+    }
+
     /// Polls a metric until it equals `want` (at most 10 s); whether it did.
     pub async fn wait_metric(&self, series: &str, want: f64) -> bool {
         for _ in 0..200 {

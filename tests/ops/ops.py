@@ -527,7 +527,10 @@ def cmd_load(a, ck, res):
         m = srv.metrics()
         gen = m.get("diffit_images_generated_total", 0)
         ck.ok(gen == n_img, f"server counted {gen:g} images generated, clients received {n_img}")
-        batch_mean = m.get("diffit_batch_size_sum", 0) / max(1.0, m.get("diffit_batch_size_count", 0))
+        def total(name):  # labelled by engine and device: sum over the series
+            return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
+
+        batch_mean = total("diffit_batch_size_sum") / max(1.0, total("diffit_batch_size_count"))
         res.update(requests=n_req, concurrency=conc, max_batch=max_batch, wall_s=round(wall, 2),
                    statuses={str(k): v for k, v in statuses.items()}, images=n_img,
                    req_per_s=round(n_req / wall, 2), images_per_s=round(n_img / wall, 2),
