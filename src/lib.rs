@@ -10,5 +10,6 @@ pub mod loadgen;
 pub mod model;
 pub mod pipeline;
 pub mod png;
+pub mod serve_bench;
 pub mod server;
 pub mod telemetry;

@@ -110,7 +110,8 @@ fn body_for(workload: &Workload, rng: &mut ChaCha8Rng) -> Value {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p`-th percentile (nearest rank) of ascending values; 0 for none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -48,6 +48,8 @@ enum BenchCommand {
     Batching(BatchingArgs),
     /// Guided step time, images/s and VAE decode on random weights of the released shapes.
     Model(ModelArgs),
+    /// Serving images/s under concurrent load: engine only, engine + PNG, and HTTP end to end.
+    Serve(diffit_server::serve_bench::ServeBenchArgs),
 }
 
 #[derive(Args)]
@@ -243,6 +245,7 @@ fn main() {
         Command::Load(a) => load(a),
         Command::Bench(BenchCommand::Batching(a)) => bench_batching(a),
         Command::Bench(BenchCommand::Model(a)) => bench_model(a),
+        Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -535,6 +538,16 @@ fn bench_batching(a: BatchingArgs) -> anyhow::Result<()> {
             .map(|(n, r)| serde_json::json!({"batching": n, "report": r}))
             .collect();
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn bench_serve(a: diffit_server::serve_bench::ServeBenchArgs) -> anyhow::Result<()> {
+    let report = diffit_server::serve_bench::run(&a)?;
+    print!("{report}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
 }

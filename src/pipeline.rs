@@ -252,6 +252,43 @@ impl Pipeline {
         })
     }
 
+    /// Random weights of the released ImageNet shapes (`latent` 32 for 256 px, 64 for 512 px)
+    /// and the SD VAE's: for benchmarks, where speed does not depend on the values.
+    pub fn random(
+        latent: usize,
+        dtype: DType,
+        device: &Device,
+        decode_chunk: usize,
+    ) -> anyhow::Result<Self> {
+        let cfg = DiffitConfig::imagenet(latent);
+        let diffit =
+            DiffiT::random(cfg.clone(), dtype, device).context("building a random DiffiT")?;
+        let vae = VaeDecoder::random(crate::model::VaeConfig::sd_kl_f8(), dtype, device)
+            .context("building a random VAE decoder")?;
+        let info = ModelInfo {
+            name: format!("random-imagenet-{}", latent * vae.config().upscale()),
+            classes: if cfg.num_classes == 1000 {
+                ClassNames::imagenet()
+            } else {
+                ClassNames::numbered(cfg.num_classes)
+            },
+            defaults: SamplingDefaults::release(cfg.input_size),
+            model_sha256: "random-weights".into(),
+            image_size: cfg.input_size * vae.config().upscale(),
+            image_channels: vae.config().out_channels,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: device_name(device),
+            config: cfg,
+        };
+        Ok(Self {
+            diffit,
+            vae: Arc::new(vae),
+            info,
+            decode_chunk: decode_chunk.max(1),
+            schedules: ScheduleCache::default(),
+        })
+    }
+
     pub fn device(&self) -> &Device {
         self.diffit.device()
     }

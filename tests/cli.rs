@@ -189,3 +189,87 @@ fn class_names_come_from_a_side_file() {
     assert_eq!(text["class_label"], "4");
     assert_eq!(text["class_name"], "thing 4");
 }
+
+#[test]
+fn bench_serve_reports_engine_png_and_http_throughput() {
+    let json_path = out_dir().join("bench-serve.json");
+    let out = bin()
+        .args(["bench", "serve", "--devices", "cpu,cpu", "--model"])
+        .arg(fixture("diffit_tiny_model.safetensors"))
+        .arg("--vae")
+        .arg(fixture("vae_tiny_model.safetensors"))
+        .args([
+            "--steps",
+            "4",
+            "--images",
+            "12",
+            "--n",
+            "2",
+            "--concurrency",
+            "3",
+            "--max-batch",
+            "4",
+            "--max-secs",
+            "120",
+            "--json",
+        ])
+        .arg(&json_path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench serve failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    for words in [
+        "| path | requests | images | wall s | images/s | vs engine | p50 ms | p99 ms |",
+        "| engine |",
+        "| engine+png |",
+        "| http |",
+        "of engine-only throughput",
+    ] {
+        assert!(table.contains(words), "no '{words}' in:\n{table}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["devices"], serde_json::json!(["cpu", "cpu"]));
+    assert_eq!(report["images"], 12);
+    let rows = report["rows"].as_array().unwrap();
+    let paths: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["engine", "engine+png", "http"]);
+    for r in rows {
+        assert_eq!(r["images"], 12, "{r}");
+        assert_eq!(r["requests"], 6, "{r}");
+        for field in [
+            "wall_secs",
+            "images_per_sec",
+            "relative_to_engine",
+            "p50_ms",
+            "p99_ms",
+        ] {
+            let v = r[field].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0 && v.is_finite(), "{field} = {v} in {r}");
+        }
+        assert!(r["p99_ms"].as_f64() >= r["p50_ms"].as_f64(), "{r}");
+    }
+    assert!(report["http_overhead_pct"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn bench_serve_refuses_bad_settings() {
+    for (flag, value, words) in [
+        ("--images", "0", "--images must be between"),
+        ("--resolution", "300", "--resolution must be 256 or 512"),
+        ("--devices", "cpu,,cpu", "empty entry"),
+    ] {
+        let out = bin()
+            .args(["bench", "serve", "--device", "cpu", flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(words), "{flag} {value}: {err}");
+    }
+}
