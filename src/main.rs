@@ -48,6 +48,18 @@ enum BenchCommand {
     Batching(BatchingArgs),
     /// Guided step time, images/s and VAE decode on random weights of the released shapes.
     Model(ModelArgs),
+    /// Every fused kernel against its unfused candle version on random inputs (fails if any
+    /// differs by more than the tolerance of its dtype).
+    Kernels(KernelsArgs),
+}
+
+#[derive(Args)]
+struct KernelsArgs {
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Dtypes to check (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
+    dtypes: Vec<String>,
 }
 
 #[derive(Args)]
@@ -243,6 +255,7 @@ fn main() {
         Command::Load(a) => load(a),
         Command::Bench(BenchCommand::Batching(a)) => bench_batching(a),
         Command::Bench(BenchCommand::Model(a)) => bench_model(a),
+        Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -536,6 +549,34 @@ fn bench_batching(a: BatchingArgs) -> anyhow::Result<()> {
             .collect();
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
+    Ok(())
+}
+
+fn bench_kernels(a: KernelsArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    println!(
+        "| fused op ({}) | dtype | rel err vs unfused f32 | ok |",
+        diffit_server::pipeline::device_name(&device)
+    );
+    println!("|---|---|---|---|");
+    let mut failed = 0;
+    for name in &a.dtypes {
+        let dtype = parse_dtype(name)?;
+        // f32: the kernels differ from candle's ops only in summation order and fast exp;
+        // half types: one rounding of the output.
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for case in diffit_server::kernels::reference::check_all(&device, dtype)? {
+            let ok = case.rel_err <= tol;
+            failed += usize::from(!ok);
+            println!(
+                "| {} | {name} | {:.2e} | {} |",
+                case.name,
+                case.rel_err,
+                if ok { "yes" } else { "NO" }
+            );
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} fused kernel case(s) over tolerance");
     Ok(())
 }
 
