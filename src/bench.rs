@@ -225,6 +225,7 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
     let w1 = rnd(&[m, d])?;
     let ones = rnd(&[d])?;
     let zeros = rnd(&[d])?;
+    let ctx = rnd(&[rows, h, n, d / h])?;
     let mut out = Vec::new();
     let mut time =
         |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
@@ -275,6 +276,35 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
         x.matmul(&w1.t()?)
     })?;
     time("residual add [32768,1152]", &|| x.add(&x))?;
+    time(
+        "merge heads: transpose + contiguous [128,16,256,72]",
+        &|| ctx.transpose(1, 2)?.contiguous(),
+    )?;
+    // The fused kernels that replace the passes above (crate::kernels).
+    use crate::kernels::{self, Activation};
+    let attn_bias_rows = attn_bias.reshape((h * n, n))?;
+    let sample_bias2 = sample_bias.squeeze(1)?;
+    let b1 = rnd(&[d])?.unsqueeze(0)?;
+    let b4_row = b4.unsqueeze(0)?;
+    time("fused: scale + bias + softmax [128,16,256,256]", &|| {
+        kernels::softmax_bias(&scores, &attn_bias_rows, 0.118)
+    })?;
+    time("fused: bias + GELU [32768,4608]", &|| {
+        kernels::bias_act(&y4, &b4_row, t, Activation::GeluTanh, None)
+    })?;
+    time("fused: bias + residual [32768,1152]", &|| {
+        kernels::bias_act(&x, &b1, t, Activation::Identity, Some(&x))
+    })?;
+    time(
+        "fused: per-sample qkv bias + head split [128,256,3456]",
+        &|| kernels::split_qkv(&qkv, &sample_bias2, h),
+    )?;
+    time("fused: merge heads [128,16,256,72]", &|| {
+        kernels::merge_heads(&ctx)
+    })?;
+    time("fused: layer_norm [32768,1152]", &|| {
+        kernels::layer_norm(&x, 1e-6)
+    })?;
     Ok(out)
 }
 

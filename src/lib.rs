@@ -6,6 +6,7 @@ pub mod classes;
 pub mod config;
 pub mod diffusion;
 pub mod engine;
+pub mod kernels;
 pub mod loadgen;
 pub mod model;
 pub mod pipeline;

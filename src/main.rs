@@ -50,6 +50,18 @@ enum BenchCommand {
     Model(ModelArgs),
     /// Serving images/s under concurrent load: engine only, engine + PNG, and HTTP end to end.
     Serve(diffit_server::serve_bench::ServeBenchArgs),
+    /// Every fused kernel against its unfused candle version on random inputs (fails if any
+    /// differs by more than the tolerance of its dtype).
+    Kernels(KernelsArgs),
+}
+
+#[derive(Args)]
+struct KernelsArgs {
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Dtypes to check (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16,f16")]
+    dtypes: Vec<String>,
 }
 
 #[derive(Args)]
@@ -246,6 +258,7 @@ fn main() {
         Command::Bench(BenchCommand::Batching(a)) => bench_batching(a),
         Command::Bench(BenchCommand::Model(a)) => bench_model(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve(a),
+        Command::Bench(BenchCommand::Kernels(a)) => bench_kernels(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -549,6 +562,34 @@ fn bench_serve(a: diffit_server::serve_bench::ServeBenchArgs) -> anyhow::Result<
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
+    Ok(())
+}
+
+fn bench_kernels(a: KernelsArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    println!(
+        "| fused op ({}) | dtype | rel err vs unfused f32 | ok |",
+        diffit_server::pipeline::device_name(&device)
+    );
+    println!("|---|---|---|---|");
+    let mut failed = 0;
+    for name in &a.dtypes {
+        let dtype = parse_dtype(name)?;
+        // f32: the kernels differ from candle's ops only in summation order and fast exp;
+        // half types: one rounding of the output.
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        for case in diffit_server::kernels::reference::check_all(&device, dtype)? {
+            let ok = case.rel_err <= tol;
+            failed += usize::from(!ok);
+            println!(
+                "| {} | {name} | {:.2e} | {} |",
+                case.name,
+                case.rel_err,
+                if ok { "yes" } else { "NO" }
+            );
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} fused kernel case(s) over tolerance");
     Ok(())
 }
 

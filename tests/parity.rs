@@ -88,6 +88,46 @@ fn gpu_layout_expanded_bias_and_folded_biases_give_the_same_forward() {
     }
 }
 
+/// The fused-kernel block path (the default on CUDA), run here through the kernels' CPU
+/// fallbacks: the same outputs and activations as the reference.
+#[test]
+fn fused_kernel_path_matches_reference() {
+    let g = golden("diffit_tiny_golden.safetensors");
+    for dtype in [DType::F32, DType::BF16] {
+        let mut model = tiny_model(dtype);
+        model.set_fused(true).unwrap();
+        assert!(model.is_fused());
+        let mut acts: BTreeMap<String, Tensor> = BTreeMap::new();
+        let out = model
+            .forward_traced(
+                &g["fwd.x"],
+                &ints(&g["fwd.t"]),
+                &ints(&g["fwd.y"]),
+                &mut |n, t| {
+                    acts.insert(n.to_string(), t.clone());
+                },
+            )
+            .unwrap();
+        let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        let e = rel_err(&out, &g["fwd.out"]);
+        assert!(e <= tol, "{dtype:?} fused forward rel err {e}");
+        if dtype == DType::F32 {
+            for key in g.keys().filter(|k| k.starts_with("act.")) {
+                let name = key.strip_prefix("act.").unwrap();
+                let e = rel_err(&acts[name], &g[key.as_str()]);
+                assert!(e <= 1e-4, "fused activation {name}: rel err {e}");
+            }
+        }
+        let half = g["cfg.x"].narrow(0, 0, 2).unwrap();
+        let x = Tensor::cat(&[&half, &half], 0).unwrap();
+        let raw = model
+            .forward(&x, &ints(&g["cfg.t"]), &ints(&g["cfg.y"]))
+            .unwrap();
+        let e = rel_err(&raw, &g["cfg.raw"]);
+        assert!(e <= tol, "{dtype:?} fused guided-batch rel err {e}");
+    }
+}
+
 #[test]
 fn bf16_forward_is_close_to_f32_reference() {
     let g = golden("diffit_tiny_golden.safetensors");

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::weights::{WeightsError, WeightsFile};
+use crate::kernels::{self, Activation};
 
 /// LayerNorm epsilon of every (affine-free) norm in the network.
 const LN_EPS: f32 = 1e-6;
@@ -321,6 +322,14 @@ impl Linear {
     }
 }
 
+/// A layer's bias, or zeros for a layer without one.
+fn bias_or_zeros(l: &Linear) -> candle_core::Result<Tensor> {
+    match &l.bias {
+        Some(b) => Ok(b.clone()),
+        None => Tensor::zeros(l.weight.dim(0)?, l.weight.dtype(), l.weight.device()),
+    }
+}
+
 /// Row count of every per-sample (conditioning) matmul; see `Linear::forward_per_sample`.
 const PER_SAMPLE_ROWS: usize = 16;
 
@@ -466,6 +475,18 @@ pub struct DiffiT {
     ln_ones: Tensor,
     ln_zeros: Tensor,
     attn_bias: AttnBias,
+    /// Present when the block runs through the fused kernels (`set_fused`).
+    fused: Option<FusedParts>,
+}
+
+/// What the fused block path precomputes at load time.
+struct FusedParts {
+    /// Every block's time/class projection in one layer: [depth·3D, D], with each block's qkv
+    /// bias folded into its bias, so a step makes all per-sample qkv biases in one matmul.
+    cond: Linear,
+    /// Each block's relative-position bias as [heads·N, N] rows (softmax row r takes row
+    /// r mod heads·N).
+    attn_bias: Vec<Tensor>,
 }
 
 /// Called with (name, activation) at each point the reference fixtures record.
@@ -573,16 +594,28 @@ impl DiffiT {
             ln_ones: consts(1.0)?,
             ln_zeros: consts(0.0)?,
             attn_bias: AttnBias::for_device(device),
+            fused: None,
             config,
             dtype,
             device: device.clone(),
         };
+        let fused = match std::env::var("DIFFIT_FUSED").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => !device.is_cpu(),
+        };
+        if fused {
+            model
+                .set_fused(true)
+                .map_err(|e| ld.err("fused-kernel tables", e))?;
+        }
         let fold = match std::env::var("DIFFIT_FOLD_BIAS").as_deref() {
             Ok("0") => false,
             Ok("1") => true,
             _ => !device.is_cpu(),
         };
-        if fold {
+        // The fused path adds biases in its own kernels.
+        if fold && !fused {
             model
                 .fold_biases()
                 .map_err(|e| ld.err("folded biases", e))?;
@@ -599,6 +632,36 @@ impl DiffiT {
             b.mlp.fc1.fold_bias()?;
         }
         Ok(())
+    }
+
+    /// Runs the blocks through the fused kernels (`crate::kernels`: one pass each for the
+    /// per-sample qkv bias and head split, bias + scale + softmax, head merge, bias + GELU,
+    /// bias + residual, LayerNorm) instead of plain candle ops. The default on CUDA
+    /// (`DIFFIT_FUSED=0` turns it off); on the CPU the kernels' fallbacks compute the same.
+    pub fn set_fused(&mut self, on: bool) -> candle_core::Result<()> {
+        if !on {
+            self.fused = None;
+            return Ok(());
+        }
+        let (n, heads) = (self.config.num_tokens(), self.config.num_heads);
+        let mut weights = Vec::with_capacity(self.blocks.len());
+        let mut biases = Vec::with_capacity(self.blocks.len());
+        let mut attn_bias = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            let a = &b.attn;
+            weights.push(a.qkv_temb.weight.clone());
+            biases.push((bias_or_zeros(&a.qkv_temb)? + bias_or_zeros(&a.qkv)?)?);
+            attn_bias.push(a.bias.reshape((heads * n, n))?);
+        }
+        self.fused = Some(FusedParts {
+            cond: Linear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?)),
+            attn_bias,
+        });
+        Ok(())
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// Overrides how the attention bias is added (the default depends on the device).
@@ -667,6 +730,9 @@ impl DiffiT {
     }
 
     fn layer_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused.is_some() {
+            return kernels::layer_norm(x, LN_EPS);
+        }
         candle_nn::ops::layer_norm(x, &self.ln_ones, &self.ln_zeros, LN_EPS)
     }
 
@@ -680,6 +746,7 @@ impl DiffiT {
         let b = self.check_inputs(x, t, y)?;
         let cfg = &self.config;
         let (p, g) = (cfg.patch_size, cfg.grid());
+        let tracing = trace.is_some();
         let mut record = |name: &str, v: &Tensor| {
             if let Some(f) = trace.as_mut() {
                 f(name, v)
@@ -713,7 +780,15 @@ impl DiffiT {
         let c = (t_emb + y_emb)?;
         record("c", &c);
 
-        for (i, block) in self.blocks.iter().enumerate() {
+        if let Some(fused) = &self.fused {
+            h = self.blocks_fused(fused, h, &c, tracing, &mut record)?;
+        }
+        for (i, block) in self
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|_| self.fused.is_none())
+        {
             let attn = self.attention(block, &h, &c)?;
             record(&format!("blocks.{i}.attn"), &attn);
             h = (h + attn)?;
@@ -736,6 +811,62 @@ impl DiffiT {
             .permute(vec![0, 5, 1, 3, 2, 4])?
             .contiguous()?
             .reshape((b, oc, g * p, g * p))
+    }
+
+    /// All blocks through the fused kernels; records the same activations as the plain path.
+    fn blocks_fused(
+        &self,
+        fused: &FusedParts,
+        mut h: Tensor,
+        c: &Tensor,
+        tracing: bool,
+        record: &mut dyn FnMut(&str, &Tensor),
+    ) -> candle_core::Result<Tensor> {
+        let (b, n, d) = h.dims3()?;
+        let rows = b * n;
+        let heads = self.config.num_heads;
+        let scale = 1.0 / ((d / heads) as f32).sqrt();
+        // Every block's per-sample qkv bias (time/class projection + qkv bias) at once.
+        let cond = fused.cond.forward_per_sample(c)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (a, mlp) = (&block.attn, &block.mlp);
+            let qkv = a.qkv.forward_no_bias(&kernels::layer_norm(&h, LN_EPS)?)?;
+            let qkv = kernels::split_qkv(&qkv, &cond.narrow(1, i * 3 * d, 3 * d)?, heads)?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            let probs = kernels::softmax_bias(&q.matmul(&k.t()?)?, &fused.attn_bias[i], scale)?;
+            let ctx = kernels::merge_heads(&probs.matmul(&v)?)?;
+            let before = h.clone();
+            h = kernels::bias_act(
+                &a.proj.forward_no_bias(&ctx)?,
+                &bias_or_zeros(&a.proj)?.unsqueeze(0)?,
+                rows,
+                Activation::Identity,
+                Some(&h),
+            )?;
+            if tracing {
+                record(&format!("blocks.{i}.attn"), &(&h - &before)?);
+            }
+            let hidden = kernels::bias_act(
+                &mlp.fc1.forward_no_bias(&kernels::layer_norm(&h, LN_EPS)?)?,
+                &bias_or_zeros(&mlp.fc1)?.unsqueeze(0)?,
+                rows,
+                Activation::GeluTanh,
+                None,
+            )?;
+            let before = h.clone();
+            h = kernels::bias_act(
+                &mlp.fc2.forward_no_bias(&hidden)?,
+                &bias_or_zeros(&mlp.fc2)?.unsqueeze(0)?,
+                rows,
+                Activation::Identity,
+                Some(&h),
+            )?;
+            if tracing {
+                record(&format!("blocks.{i}.mlp"), &(&h - &before)?);
+                record(&format!("blocks.{i}"), &h);
+            }
+        }
+        Ok(h)
     }
 
     fn attention(&self, block: &Block, x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {

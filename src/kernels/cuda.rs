@@ -1,0 +1,272 @@
+//! Launchers for src/kernels/fused.cu. Each takes candle CUDA storages with their layouts,
+//! picks the kernel for the dtype and returns the output storage.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{kernel_name, CudaStorageSlice, WrapErr};
+use candle_core::{CudaStorage, Layout, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const MODULE: &str = "diffit_fused";
+/// Threads per block of the row-wise kernels (8 warps, one row each).
+const ROW_BLOCK: u32 = 256;
+/// Most blocks launched along a grid axis; kernels stride over the rest.
+const MAX_GRID: usize = 65_535;
+
+type In<'a> = (&'a CudaStorage, &'a Layout);
+
+fn contiguous<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((lo, hi)) => Ok(s.slice(lo..hi)),
+        None => candle_core::bail!("fused kernel: input is not contiguous"),
+    }
+}
+
+/// Evaluates `$body` (a `CudaSlice<$t>`) with `$t` the storage's element type (f32, bf16 or
+/// f16) and wraps the result as a storage on `$dev`.
+macro_rules! dispatch {
+    ($dev:expr, $first:expr, |$t:ident| $body:expr) => {{
+        let slice = match &$first.slice {
+            CudaStorageSlice::F32(_) => {
+                type $t = f32;
+                CudaStorageSlice::F32($body)
+            }
+            CudaStorageSlice::BF16(_) => {
+                type $t = half::bf16;
+                CudaStorageSlice::BF16($body)
+            }
+            CudaStorageSlice::F16(_) => {
+                type $t = half::f16;
+                CudaStorageSlice::F16($body)
+            }
+            _ => candle_core::bail!("fused kernel: unsupported dtype {:?}", $first.dtype()),
+        };
+        Ok(CudaStorage {
+            slice,
+            device: $dev.clone(),
+        })
+    }};
+}
+
+fn slice<T: candle_core::cuda_backend::CudaDType>(s: &CudaStorage) -> Result<&CudaSlice<T>> {
+    s.as_cuda_slice::<T>()
+}
+
+/// Elements of T in one 16-byte pack (the vectorised kernels' unit).
+fn pack<T>() -> usize {
+    16 / std::mem::size_of::<T>()
+}
+
+/// Whether a contiguous view starts on a 16-byte boundary (allocations are at least 256-byte
+/// aligned, so only the view's offset matters).
+fn aligned<T>(l: &Layout) -> bool {
+    (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16)
+}
+
+/// Blocks for a grid-stride kernel over `items` with ROW_BLOCK threads.
+fn grid_flat(items: usize) -> u32 {
+    items.div_ceil(ROW_BLOCK as usize).clamp(1, 16_384) as u32
+}
+
+fn grid_rows(rows: usize) -> u32 {
+    rows.div_ceil((ROW_BLOCK / 32) as usize).clamp(1, MAX_GRID) as u32
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act(
+    kernel: &str,
+    y: In,
+    bias: In,
+    res: Option<In>,
+    rows: usize,
+    cols: usize,
+    rows_per_group: usize,
+) -> Result<CudaStorage> {
+    let dev = y.0.device().clone();
+    dispatch!(dev, y.0, |T| {
+        let yv = contiguous(slice::<T>(y.0)?, y.1)?;
+        let bv = contiguous(slice::<T>(bias.0)?, bias.1)?;
+        let rv = match res {
+            Some((s, l)) => Some(contiguous(slice::<T>(s)?, l)?),
+            None => None,
+        };
+        let out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let vector = cols.is_multiple_of(pack::<T>())
+            && rows * cols < u32::MAX as usize
+            && aligned::<T>(y.1)
+            && aligned::<T>(bias.1)
+            && res.is_none_or(|(_, l)| aligned::<T>(l));
+        let (name, grid) = if vector {
+            let grid = (grid_flat(rows * cols / pack::<T>()), 1, 1);
+            (format!("{kernel}_v"), grid)
+        } else {
+            let grid = (
+                cols.div_ceil(ROW_BLOCK as usize).max(1) as u32,
+                rows.clamp(1, MAX_GRID) as u32,
+                1,
+            );
+            (kernel.to_string(), grid)
+        };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(&name), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, cols, rpg) = (rows as u32, cols as u32, rows_per_group as u32);
+        let mut b = func.builder();
+        b.arg(&yv);
+        b.arg(&bv);
+        if let Some(rv) = &rv {
+            b.arg(rv);
+        }
+        b.arg(&out);
+        b.arg(&rows);
+        b.arg(&cols);
+        b.arg(&rpg);
+        // SAFETY: the kernel reads rows × cols of y (and res) and groups × cols of bias, all
+        // checked by the caller, and writes the rows × cols it was given.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
+pub fn softmax_bias(
+    s: In,
+    bias: In,
+    rows: usize,
+    cols: usize,
+    bias_rows: usize,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = s.0.device().clone();
+    dispatch!(dev, s.0, |T| {
+        let sv = contiguous(slice::<T>(s.0)?, s.1)?;
+        let bv = contiguous(slice::<T>(bias.0)?, bias.1)?;
+        let out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let vector = cols.is_multiple_of(pack::<T>()) && aligned::<T>(s.1) && aligned::<T>(bias.1);
+        let name = if vector {
+            "softmax_bias_v"
+        } else {
+            "softmax_bias"
+        };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_rows(rows), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, cols, bias_rows) = (rows as u32, cols as u32, bias_rows as u32);
+        let mut b = func.builder();
+        b.arg(&sv);
+        b.arg(&bv);
+        b.arg(&out);
+        b.arg(&rows);
+        b.arg(&cols);
+        b.arg(&bias_rows);
+        b.arg(&scale);
+        // SAFETY: reads rows × cols scores and bias_rows × cols bias, writes rows × cols.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
+pub fn layer_norm(x: In, rows: usize, cols: usize, eps: f32) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        let xv = contiguous(slice::<T>(x.0)?, x.1)?;
+        let out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>("layer_norm"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_rows(rows), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, cols) = (rows as u32, cols as u32);
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&out);
+        b.arg(&rows);
+        b.arg(&cols);
+        b.arg(&eps);
+        // SAFETY: reads and writes rows × cols.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
+/// `dims` = [batch, tokens, heads, head_dim].
+pub fn split_qkv(qkv: In, bias: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, tokens, heads, hd] = dims;
+    let cols = 3 * heads * hd;
+    let dev = qkv.0.device().clone();
+    let (bias_start, bias_stride) = (bias.1.start_offset(), bias.1.stride()[0]);
+    dispatch!(dev, qkv.0, |T| {
+        let qv = contiguous(slice::<T>(qkv.0)?, qkv.1)?;
+        let bslice = slice::<T>(bias.0)?;
+        let bend = bias_start + (batch - 1) * bias_stride + cols;
+        if bend > bslice.len() {
+            candle_core::bail!("split_qkv: bias view runs past its storage");
+        }
+        let bv = bslice.slice(bias_start..bend);
+        let out = unsafe { dev.alloc::<T>(batch * tokens * cols)? };
+        let vector = hd % pack::<T>() == 0
+            && bias_stride % pack::<T>() == 0
+            && aligned::<T>(qkv.1)
+            && (bias_start * std::mem::size_of::<T>()).is_multiple_of(16);
+        let name = if vector { "split_qkv_v" } else { "split_qkv" };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((batch * tokens).clamp(1, MAX_GRID) as u32, 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b32, t32, h32, d32, s32) = (
+            batch as u32,
+            tokens as u32,
+            heads as u32,
+            hd as u32,
+            bias_stride as u32,
+        );
+        let mut b = func.builder();
+        b.arg(&qv);
+        b.arg(&bv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&t32);
+        b.arg(&h32);
+        b.arg(&d32);
+        b.arg(&s32);
+        // SAFETY: reads batch·tokens rows of qkv and batch strided bias rows (bounds checked
+        // above), writes 3 · batch · heads · tokens · hd.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
+/// `dims` = [batch, tokens, heads, head_dim].
+pub fn merge_heads(ctx: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, tokens, heads, hd] = dims;
+    let dev = ctx.0.device().clone();
+    dispatch!(dev, ctx.0, |T| {
+        let cv = contiguous(slice::<T>(ctx.0)?, ctx.1)?;
+        let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>("merge_heads"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((batch * tokens).clamp(1, MAX_GRID) as u32, 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b32, t32, h32, d32) = (batch as u32, tokens as u32, heads as u32, hd as u32);
+        let mut b = func.builder();
+        b.arg(&cv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&t32);
+        b.arg(&h32);
+        b.arg(&d32);
+        // SAFETY: reads and writes batch · tokens · heads · hd.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}

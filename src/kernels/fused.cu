@@ -1,0 +1,349 @@
+// Fused kernels for the DiffiT block (see src/kernels/mod.rs for what each computes and why).
+// Every kernel reads and writes the run dtype and computes in f32. Compiled to PTX by build.rs
+// with the same nvcc as candle's kernels; loaded at run time as a custom module.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float ld(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ float ld(const __half *p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void st(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+__device__ __forceinline__ void st(__half *p, size_t i, float v) { p[i] = __float2half(v); }
+
+// GELU, tanh approximation (what the network's MLP uses).
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float k0 = 0.7978845608028654f;
+    const float k1 = 0.044715f;
+    return 0.5f * x * (1.0f + tanhf(k0 * (x + k1 * x * x * x)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// 16 bytes of T: one 128-bit load or store (8 bf16/f16 or 4 f32). The vectorised kernels
+// (suffix _v) need every row length a multiple of PACK<T> and 16-byte aligned pointers; the
+// launcher checks and falls back to the scalar kernels otherwise.
+template <typename T>
+struct alignas(16) Pack {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> ldp(const T *p, size_t i) {
+    return *reinterpret_cast<const Pack<T> *>(p + i);
+}
+
+template <typename T>
+__device__ __forceinline__ void stp(T *p, size_t i, const Pack<T> &v) {
+    *reinterpret_cast<Pack<T> *>(p + i) = v;
+}
+
+__device__ __forceinline__ float f(float v) { return v; }
+__device__ __forceinline__ float f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T cast(float v);
+template <> __device__ __forceinline__ float cast<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 cast<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half cast<__half>(float v) { return __float2half(v); }
+
+// bias_act over packs: the flat tensor in 16-byte packs, grid-stride.
+template <typename T, bool GELU, bool RES>
+__device__ void bias_act_v(const T *y, const T *bias, const T *res, T *out, uint32_t rows,
+                           uint32_t cols, uint32_t rows_per_group) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t packs = rows * (cols / N);
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += gridDim.x * blockDim.x) {
+        const size_t i = (size_t)p * N;
+        const uint32_t r = (uint32_t)(i / cols);
+        const uint32_t c = (uint32_t)(i - (size_t)r * cols);
+        const Pack<T> a = ldp(y, i);
+        const Pack<T> b = ldp(bias, (size_t)(r / rows_per_group) * cols + c);
+        Pack<T> o;
+        if (RES) {
+            const Pack<T> q = ldp(res, i);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = f(a.v[k]) + f(b.v[k]);
+                if (GELU) v = gelu_tanh(v);
+                o.v[k] = cast<T>(v + f(q.v[k]));
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                float v = f(a.v[k]) + f(b.v[k]);
+                if (GELU) v = gelu_tanh(v);
+                o.v[k] = cast<T>(v);
+            }
+        }
+        stp(out, i, o);
+    }
+}
+
+// softmax_bias over packs; one warp per row.
+template <typename T>
+__device__ void softmax_bias_v(const T *s, const T *bias, T *out, uint32_t rows, uint32_t cols,
+                               uint32_t bias_rows, float scale) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t packs = cols / N;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *sr = s + (size_t)r * cols;
+        const T *br = bias + (size_t)(r % bias_rows) * cols;
+        float m = -INFINITY, l = 0.0f;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(sr, (size_t)p * N);
+            const Pack<T> b = ldp(br, (size_t)p * N);
+            float v[N];
+            float pm = m;
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                v[k] = f(a.v[k]) * scale + f(b.v[k]);
+                pm = fmaxf(pm, v[k]);
+            }
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < N; ++k) sum += __expf(v[k] - pm);
+            l = (m == -INFINITY ? 0.0f : l * __expf(m - pm)) + sum;
+            m = pm;
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(FULL_MASK, m, o);
+            const float l2 = __shfl_xor_sync(FULL_MASK, l, o);
+            const float nm = fmaxf(m, m2);
+            const float a = (m == -INFINITY) ? 0.0f : l * __expf(m - nm);
+            const float b = (m2 == -INFINITY) ? 0.0f : l2 * __expf(m2 - nm);
+            l = a + b;
+            m = nm;
+        }
+        const float inv = 1.0f / l;
+        T *orow = out + (size_t)r * cols;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(sr, (size_t)p * N);
+            const Pack<T> b = ldp(br, (size_t)p * N);
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) o.v[k] = cast<T>(__expf(f(a.v[k]) * scale + f(b.v[k]) - m) * inv);
+            stp(orow, (size_t)p * N, o);
+        }
+    }
+}
+
+// split_qkv over packs (head_dim a multiple of the pack); one block per token row.
+template <typename T>
+__device__ void split_qkv_v(const T *qkv, const T *bias, T *out, uint32_t batch, uint32_t tokens,
+                            uint32_t heads, uint32_t hd, uint32_t bias_stride) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t d = heads * hd;
+    const uint32_t cols = 3 * d;
+    for (uint32_t row = blockIdx.x; row < batch * tokens; row += gridDim.x) {
+        const uint32_t b = row / tokens;
+        const uint32_t n = row % tokens;
+        for (uint32_t c = threadIdx.x * N; c < cols; c += blockDim.x * N) {
+            const uint32_t s = c / d;
+            const uint32_t rem = c % d;
+            const uint32_t h = rem / hd;
+            const uint32_t e = rem % hd;
+            const Pack<T> a = ldp(qkv, (size_t)row * cols + c);
+            const Pack<T> bb = ldp(bias, (size_t)b * bias_stride + c);
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) o.v[k] = cast<T>(f(a.v[k]) + f(bb.v[k]));
+            stp(out, ((((size_t)s * batch + b) * heads + h) * tokens + n) * hd + e, o);
+        }
+    }
+}
+
+// out[r, c] = act(y[r, c] + bias[r / rows_per_group, c]) (+ res[r, c])
+// Grid: x over column tiles, y strides over rows.
+template <typename T, bool GELU, bool RES>
+__device__ void bias_act(const T *y, const T *bias, const T *res, T *out, uint32_t rows,
+                         uint32_t cols, uint32_t rows_per_group) {
+    for (uint32_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T *b = bias + (size_t)(r / rows_per_group) * cols;
+        const size_t base = (size_t)r * cols;
+        for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+            float v = ld(y, base + c) + ld(b, c);
+            if (GELU) v = gelu_tanh(v);
+            if (RES) v += ld(res, base + c);
+            st(out, base + c, v);
+        }
+    }
+}
+
+// out[r, :] = softmax(scale * s[r, :] + bias[r % bias_rows, :]); one warp per row, online
+// max/sum in one pass, then a second pass (served from cache) that writes.
+template <typename T>
+__device__ void softmax_bias(const T *s, const T *bias, T *out, uint32_t rows, uint32_t cols,
+                             uint32_t bias_rows, float scale) {
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *sr = s + (size_t)r * cols;
+        const T *br = bias + (size_t)(r % bias_rows) * cols;
+        float m = -INFINITY, l = 0.0f;
+        for (uint32_t c = lane; c < cols; c += 32) {
+            const float v = ld(sr, c) * scale + ld(br, c);
+            const float nm = fmaxf(m, v);
+            l = l * __expf(m - nm) + __expf(v - nm);
+            m = nm;
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(FULL_MASK, m, o);
+            const float l2 = __shfl_xor_sync(FULL_MASK, l, o);
+            const float nm = fmaxf(m, m2);
+            // A lane that saw no column (cols < 32) holds m = -inf, l = 0: it adds nothing.
+            const float a = (m == -INFINITY) ? 0.0f : l * __expf(m - nm);
+            const float b = (m2 == -INFINITY) ? 0.0f : l2 * __expf(m2 - nm);
+            l = a + b;
+            m = nm;
+        }
+        const float inv = 1.0f / l;
+        T *orow = out + (size_t)r * cols;
+        for (uint32_t c = lane; c < cols; c += 32) {
+            st(orow, c, __expf(ld(sr, c) * scale + ld(br, c) - m) * inv);
+        }
+    }
+}
+
+// LayerNorm over the last dimension without affine parameters; one warp per row, mean and
+// variance in two passes (the second from cache) as the reference computes them.
+template <typename T>
+__device__ void layer_norm(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *xr = x + (size_t)r * cols;
+        float sum = 0.0f;
+        for (uint32_t c = lane; c < cols; c += 32) sum += ld(xr, c);
+        const float mean = warp_sum(sum) / (float)cols;
+        float sq = 0.0f;
+        for (uint32_t c = lane; c < cols; c += 32) {
+            const float d = ld(xr, c) - mean;
+            sq += d * d;
+        }
+        const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+        T *orow = out + (size_t)r * cols;
+        for (uint32_t c = lane; c < cols; c += 32) st(orow, c, (ld(xr, c) - mean) * rstd);
+    }
+}
+
+// qkv: [batch·tokens, 3·heads·hd] (the qkv matmul without bias); bias: [batch, 3·heads·hd]
+// with row stride bias_stride; out: [3, batch, heads, tokens, hd] = q, k, v split into heads
+// with the per-sample bias added. One block per token row.
+template <typename T>
+__device__ void split_qkv(const T *qkv, const T *bias, T *out, uint32_t batch, uint32_t tokens,
+                          uint32_t heads, uint32_t hd, uint32_t bias_stride) {
+    const uint32_t d = heads * hd;
+    const uint32_t cols = 3 * d;
+    for (uint32_t row = blockIdx.x; row < batch * tokens; row += gridDim.x) {
+        const uint32_t b = row / tokens;
+        const uint32_t n = row % tokens;
+        for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x) {
+            const uint32_t s = c / d;
+            const uint32_t rem = c % d;
+            const uint32_t h = rem / hd;
+            const uint32_t e = rem % hd;
+            const float v = ld(qkv, (size_t)row * cols + c) + ld(bias, (size_t)b * bias_stride + c);
+            const size_t o = ((((size_t)s * batch + b) * heads + h) * tokens + n) * hd + e;
+            st(out, o, v);
+        }
+    }
+}
+
+// ctx: [batch, heads, tokens, hd] → out: [batch, tokens, heads·hd]. One block per token row.
+template <typename T>
+__device__ void merge_heads(const T *ctx, T *out, uint32_t batch, uint32_t tokens, uint32_t heads,
+                            uint32_t hd) {
+    const uint32_t d = heads * hd;
+    for (uint32_t row = blockIdx.x; row < batch * tokens; row += gridDim.x) {
+        const uint32_t b = row / tokens;
+        const uint32_t n = row % tokens;
+        for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+            const uint32_t h = c / hd;
+            const uint32_t e = c % hd;
+            out[(size_t)row * d + c] = ctx[(((size_t)b * heads + h) * tokens + n) * hd + e];
+        }
+    }
+}
+
+#define INSTANTIATE(T, SFX)                                                                        \
+    extern "C" __global__ void bias_add_##SFX(const T *y, const T *b, T *out, uint32_t rows,       \
+                                              uint32_t cols, uint32_t rpg) {                      \
+        bias_act<T, false, false>(y, b, nullptr, out, rows, cols, rpg);                            \
+    }                                                                                              \
+    extern "C" __global__ void bias_gelu_##SFX(const T *y, const T *b, T *out, uint32_t rows,      \
+                                               uint32_t cols, uint32_t rpg) {                     \
+        bias_act<T, true, false>(y, b, nullptr, out, rows, cols, rpg);                             \
+    }                                                                                              \
+    extern "C" __global__ void bias_add_res_##SFX(const T *y, const T *b, const T *res, T *out,    \
+                                                  uint32_t rows, uint32_t cols, uint32_t rpg) {   \
+        bias_act<T, false, true>(y, b, res, out, rows, cols, rpg);                                 \
+    }                                                                                              \
+    extern "C" __global__ void bias_gelu_res_##SFX(const T *y, const T *b, const T *res, T *out,   \
+                                                   uint32_t rows, uint32_t cols, uint32_t rpg) {  \
+        bias_act<T, true, true>(y, b, res, out, rows, cols, rpg);                                  \
+    }                                                                                              \
+    extern "C" __global__ void softmax_bias_##SFX(const T *s, const T *b, T *out, uint32_t rows,   \
+                                                  uint32_t cols, uint32_t bias_rows,              \
+                                                  float scale) {                                   \
+        softmax_bias<T>(s, b, out, rows, cols, bias_rows, scale);                                  \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_##SFX(const T *x, T *out, uint32_t rows, uint32_t cols,  \
+                                                float eps) {                                       \
+        layer_norm<T>(x, out, rows, cols, eps);                                                    \
+    }                                                                                              \
+    extern "C" __global__ void split_qkv_##SFX(const T *qkv, const T *b, T *out, uint32_t batch,   \
+                                               uint32_t tokens, uint32_t heads, uint32_t hd,       \
+                                               uint32_t bias_stride) {                             \
+        split_qkv<T>(qkv, b, out, batch, tokens, heads, hd, bias_stride);                          \
+    }                                                                                              \
+    extern "C" __global__ void merge_heads_##SFX(const T *ctx, T *out, uint32_t batch,             \
+                                                 uint32_t tokens, uint32_t heads, uint32_t hd) {   \
+        merge_heads<T>(ctx, out, batch, tokens, heads, hd);                                        \
+    }
+
+#define INSTANTIATE_V(T, SFX)                                                                      \
+    extern "C" __global__ void bias_add_v_##SFX(const T *y, const T *b, T *out, uint32_t rows,     \
+                                                uint32_t cols, uint32_t rpg) {                    \
+        bias_act_v<T, false, false>(y, b, nullptr, out, rows, cols, rpg);                          \
+    }                                                                                              \
+    extern "C" __global__ void bias_gelu_v_##SFX(const T *y, const T *b, T *out, uint32_t rows,    \
+                                                 uint32_t cols, uint32_t rpg) {                   \
+        bias_act_v<T, true, false>(y, b, nullptr, out, rows, cols, rpg);                           \
+    }                                                                                              \
+    extern "C" __global__ void bias_add_res_v_##SFX(const T *y, const T *b, const T *res, T *out,  \
+                                                    uint32_t rows, uint32_t cols, uint32_t rpg) { \
+        bias_act_v<T, false, true>(y, b, res, out, rows, cols, rpg);                               \
+    }                                                                                              \
+    extern "C" __global__ void bias_gelu_res_v_##SFX(const T *y, const T *b, const T *res, T *out, \
+                                                     uint32_t rows, uint32_t cols,                 \
+                                                     uint32_t rpg) {                               \
+        bias_act_v<T, true, true>(y, b, res, out, rows, cols, rpg);                                \
+    }                                                                                              \
+    extern "C" __global__ void softmax_bias_v_##SFX(const T *s, const T *b, T *out, uint32_t rows, \
+                                                    uint32_t cols, uint32_t bias_rows,            \
+                                                    float scale) {                                 \
+        softmax_bias_v<T>(s, b, out, rows, cols, bias_rows, scale);                                \
+    }                                                                                              \
+    extern "C" __global__ void split_qkv_v_##SFX(const T *qkv, const T *b, T *out, uint32_t batch, \
+                                                 uint32_t tokens, uint32_t heads, uint32_t hd,     \
+                                                 uint32_t bias_stride) {                           \
+        split_qkv_v<T>(qkv, b, out, batch, tokens, heads, hd, bias_stride);                        \
+    }
+
+INSTANTIATE_V(float, f32)
+INSTANTIATE_V(__nv_bfloat16, bf16)
+INSTANTIATE_V(__half, f16)
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)

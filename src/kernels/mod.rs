@@ -1,0 +1,465 @@
+//! Fused kernels for the DiffiT block: each replaces several candle passes (and the broadcasts
+//! candle's CUDA backend is slow at) with one pass over memory. Every op is a candle custom op
+//! with a CUDA kernel (src/kernels/fused.cu, with the `cuda` feature) and a CPU fallback that
+//! computes the same thing, so the fused model path runs, and is tested, on any device.
+//!
+//! All ops compute in f32 and store the run dtype (f32, bf16 or f16); inputs must be
+//! contiguous (the callers pass fresh matmul outputs).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod reference;
+
+type Result<T> = candle_core::Result<T>;
+
+/// What follows the bias add in [`bias_act`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// GELU with the tanh approximation.
+    GeluTanh,
+}
+
+/// `act(y + bias[row / rows_per_group]) (+ residual)` over the rows of `y` (all but its last
+/// dimension). `bias` is [groups, cols] with groups · rows_per_group = rows: one bias row for the
+/// whole tensor (a layer's bias) or one per sample.
+pub fn bias_act(
+    y: &Tensor,
+    bias: &Tensor,
+    rows_per_group: usize,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let cols = y.dim(candle_core::D::Minus1)?;
+    let rows = y.elem_count() / cols.max(1);
+    let (groups, bcols) = bias.dims2()?;
+    if bcols != cols || rows_per_group == 0 || groups * rows_per_group != rows {
+        candle_core::bail!(
+            "bias_act: bias {:?} does not fit {rows} rows of {cols} in groups of {rows_per_group}",
+            bias.dims()
+        );
+    }
+    let op = BiasAct {
+        rows_per_group,
+        act,
+    };
+    let (y, bias) = (y.contiguous()?, bias.contiguous()?);
+    match residual {
+        None => y.apply_op2_no_bwd(&bias, &op),
+        Some(res) => {
+            if res.dims() != y.dims() {
+                candle_core::bail!("bias_act: residual {:?} ≠ {:?}", res.dims(), y.dims());
+            }
+            y.apply_op3_no_bwd(&bias, &res.contiguous()?, &op)
+        }
+    }
+}
+
+/// `softmax(scale · scores + bias)` over the last dimension, where score row r takes bias row
+/// r mod bias.rows: for scores [B, heads, N, N] and the relative-position bias [heads·N, N] the
+/// bias is added per head without being broadcast in memory.
+pub fn softmax_bias(scores: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> {
+    let cols = scores.dim(candle_core::D::Minus1)?;
+    let rows = scores.elem_count() / cols.max(1);
+    let (bias_rows, bcols) = bias.dims2()?;
+    if bcols != cols || bias_rows == 0 || !rows.is_multiple_of(bias_rows) {
+        candle_core::bail!(
+            "softmax_bias: bias {:?} does not tile {rows} rows of {cols}",
+            bias.dims()
+        );
+    }
+    scores
+        .contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &SoftmaxBias { scale })
+}
+
+/// LayerNorm over the last dimension with no affine parameters.
+pub fn layer_norm(x: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&LayerNorm { eps })
+}
+
+/// Splits the qkv matmul output [B, N, 3·heads·hd] into q, k, v of [B, heads, N, hd] each,
+/// adding the per-sample bias [B, 3·heads·hd] (row stride free, so a column slice of a wider
+/// tensor works). Returns [3, B, heads, N, hd].
+pub fn split_qkv(qkv: &Tensor, sample_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = qkv.dims3()?;
+    if c % (3 * heads) != 0 {
+        candle_core::bail!("split_qkv: {c} columns are not 3 × {heads} heads");
+    }
+    if sample_bias.dims() != [b, c] || sample_bias.stride()[1] != 1 {
+        candle_core::bail!(
+            "split_qkv: sample bias {:?} (stride {:?}) is not [{b}, {c}] with unit column stride",
+            sample_bias.dims(),
+            sample_bias.stride()
+        );
+    }
+    let op = SplitQkv {
+        batch: b,
+        tokens: n,
+        heads,
+        head_dim: c / (3 * heads),
+    };
+    qkv.contiguous()?.apply_op2_no_bwd(sample_bias, &op)
+}
+
+/// [B, heads, N, hd] → [B, N, heads·hd].
+pub fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
+    ctx.contiguous()?.apply_op1_no_bwd(&MergeHeads)
+}
+
+struct BiasAct {
+    rows_per_group: usize,
+    act: Activation,
+}
+
+struct SoftmaxBias {
+    scale: f32,
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+struct SplitQkv {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+struct MergeHeads;
+
+fn gelu_tanh(x: f32) -> f32 {
+    const K0: f32 = 0.797_884_6;
+    const K1: f32 = 0.044_715;
+    0.5 * x * (1.0 + (K0 * (x + K1 * x * x * x)).tanh())
+}
+
+/// A contiguous CPU tensor's values as f32.
+fn cpu_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: input is not contiguous".into()))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!("fused op: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// f32 values back in `dtype`.
+fn cpu_store(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        other => candle_core::bail!("fused op: unsupported dtype {other:?}"),
+    })
+}
+
+/// The rows of `y` the bias-act ops iterate over, and the row length.
+fn rows_cols(l: &Layout) -> (usize, usize) {
+    let cols = *l.dims().last().unwrap_or(&1);
+    (l.shape().elem_count() / cols.max(1), cols)
+}
+
+impl BiasAct {
+    fn cpu(&self, y: Vec<f32>, bias: &[f32], res: Option<&[f32]>, cols: usize) -> Vec<f32> {
+        let mut out = y;
+        for (r, row) in out.chunks_mut(cols).enumerate() {
+            let b = &bias[(r / self.rows_per_group) * cols..][..cols];
+            for (c, v) in row.iter_mut().enumerate() {
+                let mut x = *v + b[c];
+                if self.act == Activation::GeluTanh {
+                    x = gelu_tanh(x);
+                }
+                if let Some(res) = res {
+                    x += res[r * cols + c];
+                }
+                *v = x;
+            }
+        }
+        out
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn kernel(&self, residual: bool) -> &'static str {
+        match (self.act, residual) {
+            (Activation::Identity, false) => "bias_add",
+            (Activation::GeluTanh, false) => "bias_gelu",
+            (Activation::Identity, true) => "bias_add_res",
+            (Activation::GeluTanh, true) => "bias_gelu_res",
+        }
+    }
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "diffit-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l1);
+        let out = self.cpu(cpu_f32(s1, l1)?, &cpu_f32(s2, l2)?, None, cols);
+        Ok((cpu_store(out, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l1);
+        let out = cuda::bias_act(
+            self.kernel(false),
+            (s1, l1),
+            (s2, l2),
+            None,
+            rows,
+            cols,
+            self.rows_per_group,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for BiasAct {
+    fn name(&self) -> &'static str {
+        "diffit-bias-act-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l1);
+        let res = cpu_f32(s3, l3)?;
+        let out = self.cpu(cpu_f32(s1, l1)?, &cpu_f32(s2, l2)?, Some(&res), cols);
+        Ok((cpu_store(out, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l1);
+        let out = cuda::bias_act(
+            self.kernel(true),
+            (s1, l1),
+            (s2, l2),
+            Some((s3, l3)),
+            rows,
+            cols,
+            self.rows_per_group,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for SoftmaxBias {
+    fn name(&self) -> &'static str {
+        "diffit-softmax-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l1);
+        let bias = cpu_f32(s2, l2)?;
+        let bias_rows = bias.len() / cols;
+        let mut out = cpu_f32(s1, l1)?;
+        for (r, row) in out.chunks_mut(cols).enumerate() {
+            let b = &bias[(r % bias_rows) * cols..][..cols];
+            let mut max = f32::NEG_INFINITY;
+            for (v, &bv) in row.iter_mut().zip(b) {
+                *v = *v * self.scale + bv;
+                max = max.max(*v);
+            }
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+        Ok((cpu_store(out, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l1);
+        let bias_rows = l2.shape().elem_count() / cols;
+        let out = cuda::softmax_bias((s1, l1), (s2, l2), rows, cols, bias_rows, self.scale)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "diffit-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l);
+        let mut out = cpu_f32(s, l)?;
+        for row in out.chunks_mut(cols) {
+            let mean = row.iter().sum::<f32>() / cols as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            row.iter_mut().for_each(|v| *v = (*v - mean) * rstd);
+        }
+        Ok((cpu_store(out, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l);
+        let out = cuda::layer_norm((s, l), rows, cols, self.eps)?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+impl SplitQkv {
+    fn out_shape(&self) -> Shape {
+        Shape::from((3, self.batch, self.heads, self.tokens, self.head_dim))
+    }
+}
+
+impl CustomOp2 for SplitQkv {
+    fn name(&self) -> &'static str {
+        "diffit-split-qkv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = cpu_f32(s1, l1)?;
+        let (heads, hd, tokens, batch) = (self.heads, self.head_dim, self.tokens, self.batch);
+        let d = heads * hd;
+        let cols = 3 * d;
+        // The bias may be a column slice: read it row by row through its layout.
+        let bias_all = cpu_f32_strided_rows(s2, l2, batch, cols)?;
+        let mut out = vec![0f32; qkv.len()];
+        for b in 0..batch {
+            let brow = &bias_all[b * cols..][..cols];
+            for n in 0..tokens {
+                let row = &qkv[(b * tokens + n) * cols..][..cols];
+                for (c, (&v, &bv)) in row.iter().zip(brow).enumerate() {
+                    let (s, h, e) = (c / d, (c % d) / hd, c % hd);
+                    out[(((s * batch + b) * heads + h) * tokens + n) * hd + e] = v + bv;
+                }
+            }
+        }
+        Ok((cpu_store(out, s1.dtype())?, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::split_qkv(
+            (s1, l1),
+            (s2, l2),
+            [self.batch, self.tokens, self.heads, self.head_dim],
+        )?;
+        Ok((out, self.out_shape()))
+    }
+}
+
+/// `rows` rows of `cols` values from a 2-D layout with unit column stride and any row stride.
+fn cpu_f32_strided_rows(s: &CpuStorage, l: &Layout, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let (start, stride) = (l.start_offset(), l.stride()[0]);
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let lo = start + r * stride;
+        match s {
+            CpuStorage::F32(v) => out.extend_from_slice(&v[lo..lo + cols]),
+            CpuStorage::BF16(v) => out.extend(v[lo..lo + cols].iter().map(|x| x.to_f32())),
+            CpuStorage::F16(v) => out.extend(v[lo..lo + cols].iter().map(|x| x.to_f32())),
+            other => candle_core::bail!("fused op: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+    Ok(out)
+}
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "diffit-merge-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (batch, heads, tokens, hd) = l.shape().dims4()?;
+        let ctx = cpu_f32(s, l)?;
+        let d = heads * hd;
+        let mut out = vec![0f32; ctx.len()];
+        for b in 0..batch {
+            for h in 0..heads {
+                for n in 0..tokens {
+                    let src = &ctx[((b * heads + h) * tokens + n) * hd..][..hd];
+                    out[(b * tokens + n) * d + h * hd..][..hd].copy_from_slice(src);
+                }
+            }
+        }
+        Ok((cpu_store(out, s.dtype())?, Shape::from((batch, tokens, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, heads, tokens, hd) = l.shape().dims4()?;
+        let out = cuda::merge_heads((s, l), [batch, tokens, heads, hd])?;
+        Ok((out, Shape::from((batch, tokens, heads * hd))))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,84 @@
+//! Each fused op against the unfused candle ops it replaces, on random inputs of several shapes
+//! (including sizes that are not multiples of a warp or a block). On the CPU this checks the
+//! fallbacks; `diffit-server bench kernels` runs the same comparisons on a GPU.
+
+use super::*;
+use crate::kernels::reference;
+use candle_core::Device;
+
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    reference::rel_err(a, b).unwrap()
+}
+
+#[test]
+fn every_fused_op_matches_its_unfused_version_on_the_cpu() {
+    let report = reference::check_all(&Device::Cpu, DType::F32).unwrap();
+    assert!(report.len() >= 15, "too few cases: {}", report.len());
+    for case in &report {
+        assert!(
+            case.rel_err <= 1e-5,
+            "{}: rel err {}",
+            case.name,
+            case.rel_err
+        );
+    }
+}
+
+#[test]
+fn bf16_fallbacks_round_once() {
+    let report = reference::check_all(&Device::Cpu, DType::BF16).unwrap();
+    for case in &report {
+        assert!(
+            case.rel_err <= 1e-2,
+            "{}: rel err {}",
+            case.name,
+            case.rel_err
+        );
+    }
+}
+
+#[test]
+fn bias_act_rejects_a_bias_that_does_not_fit() {
+    let dev = Device::Cpu;
+    let y = Tensor::zeros((6, 5), DType::F32, &dev).unwrap();
+    let b = Tensor::zeros((4, 5), DType::F32, &dev).unwrap();
+    let err = bias_act(&y, &b, 2, Activation::Identity, None).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+    let b = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+    assert!(bias_act(&y, &b, 2, Activation::Identity, None).is_err());
+}
+
+#[test]
+fn split_qkv_takes_a_column_slice_of_a_wider_bias() {
+    let dev = Device::Cpu;
+    let (b, n, heads, hd) = (3, 5, 2, 3);
+    let c = 3 * heads * hd;
+    let qkv = Tensor::randn(0f32, 1.0, (b, n, c), &dev).unwrap();
+    let wide = Tensor::randn(0f32, 1.0, (b, 4 * c), &dev).unwrap();
+    let slice = wide.narrow(1, 2 * c, c).unwrap();
+    let fused = split_qkv(&qkv, &slice, heads).unwrap();
+    let unfused = reference::split_qkv(&qkv, &slice.contiguous().unwrap(), heads).unwrap();
+    assert_eq!(fused.dims(), &[3, b, heads, n, hd]);
+    assert!(rel(&fused, &unfused) < 1e-7);
+}
+
+#[test]
+fn softmax_rows_sum_to_one_even_for_short_rows() {
+    let dev = Device::Cpu;
+    for cols in [1, 3, 31, 33] {
+        let s = Tensor::randn(0f32, 3.0, (4, 2, cols), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, (2, cols), &dev).unwrap();
+        let p = softmax_bias(&s, &bias, 0.5).unwrap();
+        let sums = p
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+            "{cols}: {sums:?}"
+        );
+    }
+}
