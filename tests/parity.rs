@@ -246,3 +246,36 @@ fn vae_decode_matches_reference() {
         "chunked decode equals whole-batch decode"
     );
 }
+
+/// The channels-last decoder through the fused kernels (the default on CUDA), run here through
+/// the kernels' CPU fallbacks.
+#[test]
+fn fused_channels_last_vae_decode_matches_reference() {
+    let g = golden("vae_tiny_golden.safetensors");
+    let file = WeightsFile::open(fixture("vae_tiny_model.safetensors")).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut vae = VaeDecoder::load(&file, None, dtype, &Device::Cpu).unwrap();
+        vae.set_fused(true).unwrap();
+        assert!(vae.is_fused());
+        let decoded = vae.decode(&g["z"]).unwrap();
+        assert_eq!(decoded.dims(), g["decoded"].dims());
+        let e = rel_err(&decoded, &g["decoded"]);
+        let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        assert!(e <= tol, "{dtype:?} fused decoded rel err {e}");
+        if dtype == DType::F32 {
+            let px = vae::to_pixels(&decoded).unwrap();
+            let want = g["pixels_u8"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
+            let worst = px
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(worst <= 1, "fused pixels differ by up to {worst}");
+        }
+    }
+}

@@ -270,3 +270,121 @@ pub fn merge_heads(ctx: In, dims: [usize; 4]) -> Result<CudaStorage> {
         out
     })
 }
+
+/// `dims` = input [batch, h, w, c].
+pub fn im2col3x3(x: In, dims: [usize; 4], up: usize) -> Result<CudaStorage> {
+    let [batch, h, w, c] = dims;
+    let total = batch * h * up * w * up * 9 * c;
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        let xv = contiguous(slice::<T>(x.0)?, x.1)?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let vector =
+            c.is_multiple_of(pack::<T>()) && aligned::<T>(x.1) && total < u32::MAX as usize;
+        let (name, items) = if vector {
+            ("im2col3x3_v", total / pack::<T>())
+        } else {
+            ("im2col3x3", total)
+        };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_flat(items), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b32, h32, w32, c32, up32) = (batch as u32, h as u32, w as u32, c as u32, up as u32);
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&h32);
+        b.arg(&w32);
+        b.arg(&c32);
+        b.arg(&up32);
+        // SAFETY: reads batch·h·w·c, writes total = batch·(h·up)·(w·up)·9·c.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
+/// Pixels each statistics block sums per thread.
+const GN_TILE: usize = 32;
+
+/// `dims` = [batch, hw, channels, groups].
+pub fn group_norm(
+    x: In,
+    gamma: In,
+    beta: In,
+    dims: [usize; 4],
+    eps: f32,
+    silu: bool,
+) -> Result<CudaStorage> {
+    let [batch, hw, c, groups] = dims;
+    let dev = x.0.device().clone();
+    let stream = dev.cuda_stream();
+    // Per-(sample, group) sums and centred sums of squares, in f32.
+    let sums = stream.alloc_zeros::<f32>(batch * groups).w()?;
+    let sq = stream.alloc_zeros::<f32>(batch * groups).w()?;
+    dispatch!(dev, x.0, |T| {
+        let xv = contiguous(slice::<T>(x.0)?, x.1)?;
+        let gv = contiguous(slice::<T>(gamma.0)?, gamma.1)?;
+        let bv = contiguous(slice::<T>(beta.0)?, beta.1)?;
+        let out = unsafe { dev.alloc::<T>(batch * hw * c)? };
+        let threads = c.next_multiple_of(32).min(512) as u32;
+        let stats_cfg = LaunchConfig {
+            grid_dim: (hw.div_ceil(GN_TILE).max(1) as u32, batch as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: (groups * std::mem::size_of::<f32>()) as u32,
+        };
+        let (hw32, c32, g32, tile32, b32) = (
+            hw as u32,
+            c as u32,
+            groups as u32,
+            GN_TILE as u32,
+            batch as u32,
+        );
+        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_sum"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&sums);
+        b.arg(&hw32);
+        b.arg(&c32);
+        b.arg(&g32);
+        b.arg(&tile32);
+        // SAFETY: reads batch·hw·c, adds into batch·groups sums.
+        unsafe { b.launch(stats_cfg) }.w()?;
+        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_sq"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&sums);
+        b.arg(&sq);
+        b.arg(&hw32);
+        b.arg(&c32);
+        b.arg(&g32);
+        b.arg(&tile32);
+        // SAFETY: as above.
+        unsafe { b.launch(stats_cfg) }.w()?;
+        let name = if silu { "gn_apply_silu" } else { "gn_apply" };
+        let f = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_flat(batch * hw * c), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&sums);
+        b.arg(&sq);
+        b.arg(&gv);
+        b.arg(&bv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&hw32);
+        b.arg(&c32);
+        b.arg(&g32);
+        b.arg(&eps);
+        // SAFETY: reads batch·hw·c and c-long gamma/beta, writes batch·hw·c.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}

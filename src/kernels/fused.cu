@@ -311,6 +311,123 @@ __device__ void merge_heads(const T *ctx, T *out, uint32_t batch, uint32_t token
         merge_heads<T>(ctx, out, batch, tokens, heads, hd);                                        \
     }
 
+// ---- VAE decoder, channels-last ([B, H, W, C]) ----
+
+// out: [B·Ho·Wo, 9·C] with Ho = Hi·up, Wo = Wi·up: column (ky·3 + kx)·C + c of row (b, y, x)
+// holds the nearest-upsampled input at (y + ky − 1, x + kx − 1), zero outside (padding 1), so
+// a 3×3 convolution is one matmul with the weight as [Cout, 3·3·C]. In packs of 16 bytes
+// (C a multiple of the pack); the launcher checks that the element count fits 32 bits.
+template <typename T>
+__device__ void im2col3x3_v(const T *x, T *out, uint32_t batch, uint32_t hi, uint32_t wi,
+                            uint32_t c, uint32_t up) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t ho = hi * up, wo = wi * up;
+    const uint32_t cp = c / N;             // packs per tap
+    const uint32_t row_packs = 9 * cp;     // packs per output row
+    const uint32_t total = batch * ho * wo * row_packs;
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < total; p += gridDim.x * blockDim.x) {
+        const uint32_t m = p / row_packs;
+        const uint32_t r = p - m * row_packs;
+        const uint32_t tap = r / cp;
+        const uint32_t ch = (r - tap * cp) * N;
+        const uint32_t xo = m % wo;
+        const uint32_t t = m / wo;
+        const uint32_t yo = t % ho;
+        const uint32_t b = t / ho;
+        const int yy = (int)yo + (int)(tap / 3) - 1;
+        const int xx = (int)xo + (int)(tap % 3) - 1;
+        Pack<T> v;
+        if (yy >= 0 && yy < (int)ho && xx >= 0 && xx < (int)wo) {
+            v = ldp(x, (((size_t)b * hi + yy / up) * wi + xx / up) * c + ch);
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; ++k) v.v[k] = cast<T>(0.0f);
+        }
+        stp(out, (size_t)p * N, v);
+    }
+}
+
+// The same one element at a time (any C).
+template <typename T>
+__device__ void im2col3x3(const T *x, T *out, uint32_t batch, uint32_t hi, uint32_t wi, uint32_t c,
+                          uint32_t up) {
+    const uint32_t ho = hi * up, wo = wi * up;
+    const size_t row = 9 * (size_t)c;
+    const size_t total = (size_t)batch * ho * wo * row;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t m = i / row;
+        const uint32_t r = (uint32_t)(i - m * row);
+        const uint32_t tap = r / c;
+        const uint32_t ch = r % c;
+        const uint32_t xo = (uint32_t)(m % wo);
+        const size_t t = m / wo;
+        const uint32_t yo = (uint32_t)(t % ho);
+        const uint32_t b = (uint32_t)(t / ho);
+        const int yy = (int)yo + (int)(tap / 3) - 1;
+        const int xx = (int)xo + (int)(tap % 3) - 1;
+        float v = 0.0f;
+        if (yy >= 0 && yy < (int)ho && xx >= 0 && xx < (int)wo)
+            v = ld(x, (((size_t)b * hi + yy / up) * wi + xx / up) * c + ch);
+        st(out, i, v);
+    }
+}
+
+// GroupNorm statistics over x [B, HW, C] (channels-last): blockIdx.y = sample, blockIdx.x = a
+// tile of pixels; each thread owns channels and sums its tile, the block reduces per group in
+// shared memory and adds to acc[b·G + g]. CENTERED = false sums x; true sums (x − mean)² with
+// the mean from the first pass (two passes, as exact as the reference's).
+template <typename T, bool CENTERED>
+__device__ void gn_stats(const T *x, const float *sums, float *acc, uint32_t hw, uint32_t c,
+                         uint32_t groups, uint32_t tile) {
+    extern __shared__ float sh[];
+    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) sh[i] = 0.0f;
+    __syncthreads();
+    const uint32_t b = blockIdx.y;
+    const uint32_t p0 = blockIdx.x * tile;
+    const uint32_t p1 = min(p0 + tile, hw);
+    const uint32_t cg = c / groups;
+    const float count = (float)hw * (float)cg;
+    for (uint32_t ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        const uint32_t g = ch / cg;
+        const float mean = CENTERED ? sums[b * groups + g] / count : 0.0f;
+        float a = 0.0f;
+        for (uint32_t p = p0; p < p1; ++p) {
+            float v = ld(x, ((size_t)b * hw + p) * c + ch);
+            if (CENTERED) {
+                v -= mean;
+                v *= v;
+            }
+            a += v;
+        }
+        atomicAdd(&sh[g], a);
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) atomicAdd(&acc[b * groups + i], sh[i]);
+}
+
+// out = (x − mean)·rstd·gamma[c] + beta[c], then SiLU if asked; grid-stride over elements.
+template <typename T, bool SILU>
+__device__ void gn_apply(const T *x, const float *sums, const float *sq, const T *gamma,
+                         const T *beta, T *out, uint32_t batch, uint32_t hw, uint32_t c,
+                         uint32_t groups, float eps) {
+    const uint32_t cg = c / groups;
+    const float count = (float)hw * (float)cg;
+    const size_t total = (size_t)batch * hw * c;
+    const size_t per_sample = (size_t)hw * c;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t ch = (uint32_t)(i % c);
+        const uint32_t b = (uint32_t)(i / per_sample);
+        const uint32_t k = b * groups + ch / cg;
+        const float mean = sums[k] / count;
+        const float rstd = rsqrtf(sq[k] / count + eps);
+        float v = (ld(x, i) - mean) * rstd * ld(gamma, ch) + ld(beta, ch);
+        if (SILU) v = v / (1.0f + __expf(-v));
+        st(out, i, v);
+    }
+}
+
 #define INSTANTIATE_V(T, SFX)                                                                      \
     extern "C" __global__ void bias_add_v_##SFX(const T *y, const T *b, T *out, uint32_t rows,     \
                                                 uint32_t cols, uint32_t rpg) {                    \
@@ -343,6 +460,40 @@ __device__ void merge_heads(const T *ctx, T *out, uint32_t batch, uint32_t token
 INSTANTIATE_V(float, f32)
 INSTANTIATE_V(__nv_bfloat16, bf16)
 INSTANTIATE_V(__half, f16)
+
+#define INSTANTIATE_VAE(T, SFX)                                                                    \
+    extern "C" __global__ void im2col3x3_v_##SFX(const T *x, T *out, uint32_t batch, uint32_t hi,  \
+                                                 uint32_t wi, uint32_t c, uint32_t up) {           \
+        im2col3x3_v<T>(x, out, batch, hi, wi, c, up);                                              \
+    }                                                                                              \
+    extern "C" __global__ void im2col3x3_##SFX(const T *x, T *out, uint32_t batch, uint32_t hi,    \
+                                               uint32_t wi, uint32_t c, uint32_t up) {             \
+        im2col3x3<T>(x, out, batch, hi, wi, c, up);                                                \
+    }                                                                                              \
+    extern "C" __global__ void gn_sum_##SFX(const T *x, float *acc, uint32_t hw, uint32_t c,       \
+                                            uint32_t groups, uint32_t tile) {                      \
+        gn_stats<T, false>(x, nullptr, acc, hw, c, groups, tile);                                  \
+    }                                                                                              \
+    extern "C" __global__ void gn_sq_##SFX(const T *x, const float *sums, float *acc, uint32_t hw, \
+                                           uint32_t c, uint32_t groups, uint32_t tile) {           \
+        gn_stats<T, true>(x, sums, acc, hw, c, groups, tile);                                      \
+    }                                                                                              \
+    extern "C" __global__ void gn_apply_##SFX(const T *x, const float *sums, const float *sq,      \
+                                              const T *gamma, const T *beta, T *out,               \
+                                              uint32_t batch, uint32_t hw, uint32_t c,             \
+                                              uint32_t groups, float eps) {                        \
+        gn_apply<T, false>(x, sums, sq, gamma, beta, out, batch, hw, c, groups, eps);              \
+    }                                                                                              \
+    extern "C" __global__ void gn_apply_silu_##SFX(const T *x, const float *sums, const float *sq, \
+                                                   const T *gamma, const T *beta, T *out,          \
+                                                   uint32_t batch, uint32_t hw, uint32_t c,        \
+                                                   uint32_t groups, float eps) {                   \
+        gn_apply<T, true>(x, sums, sq, gamma, beta, out, batch, hw, c, groups, eps);               \
+    }
+
+INSTANTIATE_VAE(float, f32)
+INSTANTIATE_VAE(__nv_bfloat16, bf16)
+INSTANTIATE_VAE(__half, f16)
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

@@ -110,6 +110,181 @@ pub fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
     ctx.contiguous()?.apply_op1_no_bwd(&MergeHeads)
 }
 
+/// The columns of a 3×3, padding-1 convolution over channels-last `x` [B, H, W, C], after a
+/// nearest upsampling by `up` (1 or 2): [B·H·up·W·up, 9·C], column (ky·3 + kx)·C + c. With the
+/// weight as [Cout, 3·3·C] (`[Cout, C, 3, 3]` permuted to (ky, kx, c)) the convolution is one
+/// matmul whose output is already channels-last.
+pub fn im2col3x3(x: &Tensor, up: usize) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    if !(up == 1 || up == 2) {
+        candle_core::bail!("im2col3x3: upsampling factor {up} is not 1 or 2");
+    }
+    let op = Im2col {
+        dims: [b, h, w, c],
+        up,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// GroupNorm with affine parameters over channels-last `x` [B, spatial…, C] (statistics per
+/// sample and group of C / groups channels), then SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    let b = x.dim(0)?;
+    if x.rank() < 2 || groups == 0 || c % groups != 0 {
+        candle_core::bail!("group_norm: {groups} groups do not divide {c} channels");
+    }
+    if gamma.dims() != [c] || beta.dims() != [c] {
+        candle_core::bail!(
+            "group_norm: gamma {:?} / beta {:?} are not [{c}]",
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    let op = GroupNormOp {
+        batch: b,
+        hw: x.elem_count() / (b * c).max(1),
+        channels: c,
+        groups,
+        eps,
+        silu,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
+}
+
+struct Im2col {
+    /// Input [B, H, W, C].
+    dims: [usize; 4],
+    up: usize,
+}
+
+struct GroupNormOp {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    batch: usize,
+    hw: usize,
+    channels: usize,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl Im2col {
+    fn out_shape(&self) -> Shape {
+        let [b, h, w, c] = self.dims;
+        Shape::from((b * h * self.up * w * self.up, 9 * c))
+    }
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "diffit-im2col3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        let [b, h, w, c] = self.dims;
+        let (ho, wo) = (h * self.up, w * self.up);
+        let mut out = vec![0f32; b * ho * wo * 9 * c];
+        for (m, row) in out.chunks_mut(9 * c).enumerate() {
+            let (bi, yo, xo) = (m / (ho * wo), (m / wo) % ho, m % wo);
+            for tap in 0..9 {
+                let yy = yo as isize + (tap / 3) as isize - 1;
+                let xx = xo as isize + (tap % 3) as isize - 1;
+                if yy < 0 || xx < 0 || yy >= ho as isize || xx >= wo as isize {
+                    continue;
+                }
+                let (ys, xs) = (yy as usize / self.up, xx as usize / self.up);
+                let src = &x[((bi * h + ys) * w + xs) * c..][..c];
+                row[tap * c..][..c].copy_from_slice(src);
+            }
+        }
+        Ok((cpu_store(out, s.dtype())?, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::im2col3x3((s, l), self.dims, self.up)?;
+        Ok((out, self.out_shape()))
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "diffit-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let mut x = cpu_f32(s1, l1)?;
+        let (gamma, beta) = (cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (c, cg) = (self.channels, self.channels / self.groups);
+        let count = (self.hw * cg) as f64;
+        for sample in x.chunks_mut(self.hw * c) {
+            for g in 0..self.groups {
+                let chans = g * cg..(g + 1) * cg;
+                let vals = || {
+                    sample
+                        .chunks(c)
+                        .flat_map(|px| px[chans.clone()].iter().map(|&v| v as f64))
+                };
+                let mean = vals().sum::<f64>() / count;
+                let var = vals().map(|v| (v - mean) * (v - mean)).sum::<f64>() / count;
+                let rstd = 1.0 / (var + self.eps as f64).sqrt();
+                for px in sample.chunks_mut(c) {
+                    for ch in chans.clone() {
+                        let mut v = ((px[ch] as f64 - mean) * rstd) as f32 * gamma[ch] + beta[ch];
+                        if self.silu {
+                            v /= 1.0 + (-v).exp();
+                        }
+                        px[ch] = v;
+                    }
+                }
+            }
+        }
+        Ok((cpu_store(x, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::group_norm(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            [self.batch, self.hw, self.channels, self.groups],
+            self.eps,
+            self.silu,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 struct BiasAct {
     rows_per_group: usize,
     act: Activation,

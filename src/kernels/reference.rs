@@ -71,6 +71,48 @@ pub fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
     ctx.transpose(1, 2)?.contiguous()?.reshape((b, n, h * hd))
 }
 
+/// A 3×3, padding-1 convolution (after a nearest upsampling by `up`) of channels-last `x`
+/// through candle's conv2d: [B, H·up, W·up, Cout].
+pub fn conv3x3_nhwc(x: &Tensor, weight: &Tensor, up: usize) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let mut nchw = x.permute((0, 3, 1, 2))?.contiguous()?;
+    if up > 1 {
+        nchw = nchw.upsample_nearest2d(h * up, w * up)?;
+    }
+    nchw.conv2d(weight, 1, 1, 1, 1)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()
+}
+
+/// The same through `im2col3x3` and one matmul (what the fused VAE path does).
+pub fn conv3x3_nhwc_im2col(x: &Tensor, weight: &Tensor, up: usize) -> Result<Tensor> {
+    let (b, h, w, _) = x.dims4()?;
+    let (o, i, kh, kw) = weight.dims4()?;
+    let wm = weight.permute((0, 2, 3, 1))?.reshape((o, kh * kw * i))?;
+    super::im2col3x3(x, up)?
+        .matmul(&wm.t()?)?
+        .reshape((b, h * up, w * up, o))
+}
+
+/// GroupNorm (+ SiLU) of channels-last `x` through candle_nn's GroupNorm on NCHW.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    use candle_core::Module;
+    let c = x.dim(3)?;
+    let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, eps as f64)?;
+    let mut y = gn.forward(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
+    if silu {
+        y = y.silu()?;
+    }
+    y.permute((0, 2, 3, 1))?.contiguous()
+}
+
 /// One fused-versus-unfused comparison.
 #[derive(Debug, Clone)]
 pub struct CaseReport {
@@ -152,6 +194,38 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             super::merge_heads(&x)?,
             merge_heads(&xf)?,
         )?;
+    }
+    for (b, h, w, c, up) in [
+        (1, 3, 3, 1, 1),
+        (2, 5, 4, 3, 2),
+        (2, 8, 8, 16, 1),
+        (1, 6, 7, 32, 2),
+    ] {
+        let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
+        let (k, kf) = rnd(&[5, c, 3, 3], 0.3)?;
+        push(
+            format!("conv3x3 via im2col3x3 [{b},{h},{w},{c}] up {up}"),
+            conv3x3_nhwc_im2col(&x, &k, up)?,
+            conv3x3_nhwc(&xf, &kf, up)?,
+        )?;
+    }
+    for (b, h, w, c, groups) in [
+        (1, 1, 1, 2, 1),
+        (2, 5, 5, 8, 4),
+        (2, 16, 16, 64, 32),
+        (3, 7, 9, 96, 32),
+    ] {
+        let (x, xf) = rnd(&[b, h, w, c], 2.0)?;
+        let (x, xf) = ((x + 1.5)?, (xf + 1.5)?);
+        let (g, gf) = rnd(&[c], 1.0)?;
+        let (be, bef) = rnd(&[c], 1.0)?;
+        for silu in [false, true] {
+            push(
+                format!("group_norm [{b},{h},{w},{c}] groups {groups} silu {silu}"),
+                super::group_norm(&x, &g, &be, groups, 1e-6, silu)?,
+                group_norm(&xf, &gf, &bef, groups, 1e-6, silu)?,
+            )?;
+        }
     }
     Ok(out)
 }

@@ -2,6 +2,7 @@
 
 pub mod diffit;
 pub mod vae;
+mod vae_nhwc;
 pub mod weights;
 
 pub use diffit::{DiffiT, DiffitConfig};

@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 use super::weights::{WeightsError, WeightsFile};
 
-const NORM_EPS: f64 = 1e-6;
+pub(super) const NORM_EPS: f64 = 1e-6;
 const DEFAULT_NORM_GROUPS: usize = 32;
 const DEFAULT_SCALING_FACTOR: f64 = 0.18215;
 
@@ -173,12 +173,40 @@ fn normalize_key(name: &str, t: Tensor) -> candle_core::Result<(String, Tensor)>
     Ok((name, t))
 }
 
-struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+/// GroupNorm whose parameters stay reachable (the channels-last path reads them).
+pub(super) struct Norm {
+    gn: candle_nn::GroupNorm,
+    pub(super) weight: Tensor,
+    pub(super) bias: Tensor,
+    pub(super) groups: usize,
+}
+
+impl Norm {
+    fn new(vb: VarBuilder, groups: usize, ch: usize) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(ch, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(ch, "bias", candle_nn::Init::Const(0.0))?;
+        let gn = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), ch, groups, NORM_EPS)?;
+        Ok(Self {
+            gn,
+            weight,
+            bias,
+            groups,
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.gn.forward(x)
+    }
+}
+
+pub(super) struct ResnetBlock {
+    pub(super) norm1: Norm,
+    pub(super) conv1: Conv2d,
+    pub(super) norm2: Norm,
+    pub(super) conv2: Conv2d,
+    pub(super) shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
@@ -188,9 +216,9 @@ impl ResnetBlock {
             ..Default::default()
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, cin, NORM_EPS, vb.pp("norm1"))?,
+            norm1: Norm::new(vb.pp("norm1"), groups, cin)?,
             conv1: candle_nn::conv2d(cin, cout, 3, pad1, vb.pp("conv1"))?,
-            norm2: candle_nn::group_norm(groups, cout, NORM_EPS, vb.pp("norm2"))?,
+            norm2: Norm::new(vb.pp("norm2"), groups, cout)?,
             conv2: candle_nn::conv2d(cout, cout, 3, pad1, vb.pp("conv2"))?,
             shortcut: if cin != cout {
                 Some(candle_nn::conv2d(
@@ -220,18 +248,18 @@ impl Module for ResnetBlock {
 }
 
 /// Single-head spatial self-attention of the mid block.
-struct AttentionBlock {
-    norm: GroupNorm,
-    q: candle_nn::Linear,
-    k: candle_nn::Linear,
-    v: candle_nn::Linear,
-    out: candle_nn::Linear,
+pub(super) struct AttentionBlock {
+    pub(super) norm: Norm,
+    pub(super) q: candle_nn::Linear,
+    pub(super) k: candle_nn::Linear,
+    pub(super) v: candle_nn::Linear,
+    pub(super) out: candle_nn::Linear,
 }
 
 impl AttentionBlock {
     fn new(vb: VarBuilder, ch: usize, groups: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            norm: candle_nn::group_norm(groups, ch, NORM_EPS, vb.pp("group_norm"))?,
+            norm: Norm::new(vb.pp("group_norm"), groups, ch)?,
             q: candle_nn::linear(ch, ch, vb.pp("to_q"))?,
             k: candle_nn::linear(ch, ch, vb.pp("to_k"))?,
             v: candle_nn::linear(ch, ch, vb.pp("to_v"))?,
@@ -263,22 +291,24 @@ impl Module for AttentionBlock {
     }
 }
 
-struct UpBlock {
-    resnets: Vec<ResnetBlock>,
-    upsample: Option<Conv2d>,
+pub(super) struct UpBlock {
+    pub(super) resnets: Vec<ResnetBlock>,
+    pub(super) upsample: Option<Conv2d>,
 }
 
 pub struct VaeDecoder {
     config: VaeConfig,
     dtype: DType,
     device: Device,
-    post_quant_conv: Option<Conv2d>,
-    conv_in: Conv2d,
-    mid: Vec<ResnetBlock>,
-    mid_attn: Option<AttentionBlock>,
-    up: Vec<UpBlock>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(super) post_quant_conv: Option<Conv2d>,
+    pub(super) conv_in: Conv2d,
+    pub(super) mid: Vec<ResnetBlock>,
+    pub(super) mid_attn: Option<AttentionBlock>,
+    pub(super) up: Vec<UpBlock>,
+    pub(super) norm_out: Norm,
+    pub(super) conv_out: Conv2d,
+    /// The channels-last decoder through the fused kernels (`set_fused`).
+    nhwc: Option<super::vae_nhwc::NhwcDecoder>,
 }
 
 impl VaeDecoder {
@@ -380,7 +410,7 @@ impl VaeDecoder {
         }
         let bottom = *chans.last().expect("at least one level");
         Ok(Self {
-            norm_out: candle_nn::group_norm(groups, bottom, NORM_EPS, d.pp("conv_norm_out"))?,
+            norm_out: Norm::new(d.pp("conv_norm_out"), groups, bottom)?,
             conv_out: candle_nn::conv2d(bottom, config.out_channels, 3, pad1, d.pp("conv_out"))?,
             post_quant_conv,
             conv_in,
@@ -390,7 +420,35 @@ impl VaeDecoder {
             config,
             dtype,
             device: device.clone(),
+            nhwc: None,
         })
+        .and_then(|mut d| {
+            let fused = match std::env::var("DIFFIT_FUSED").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => !device.is_cpu(),
+            };
+            d.set_fused(fused)?;
+            Ok(d)
+        })
+    }
+
+    /// Decodes channels-last through the fused kernels (`crate::kernels`: 3×3 convolutions as
+    /// im2col + one matmul with the nearest upsampling folded into the im2col, GroupNorm + SiLU
+    /// in one op, biases and residual adds in the matmul's output pass) instead of candle's
+    /// NCHW conv2d and GroupNorm. The default on CUDA (`DIFFIT_FUSED=0` turns it off); on the
+    /// CPU the kernels' fallbacks compute the same.
+    pub fn set_fused(&mut self, on: bool) -> candle_core::Result<()> {
+        self.nhwc = if on {
+            Some(super::vae_nhwc::NhwcDecoder::new(self)?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.nhwc.is_some()
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -405,6 +463,9 @@ impl VaeDecoder {
     /// roughly [-1, 1], [B, out_channels, h·f, w·f].
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let z = (z.to_dtype(DType::F32)? / self.config.scaling_factor)?.to_dtype(self.dtype)?;
+        if let Some(nhwc) = &self.nhwc {
+            return nhwc.decode(&z);
+        }
         let mut x = match &self.post_quant_conv {
             Some(c) => c.forward(&z)?,
             None => z,
