@@ -2,6 +2,9 @@
 //! picks the kernel for the dtype and returns the output storage.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{
+    Activation as LtActivation, CudaBlasLT, Matmul, MatmulConfig,
+};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{kernel_name, CudaStorageSlice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result};
@@ -145,10 +148,11 @@ pub fn softmax_bias(
         let bv = contiguous(slice::<T>(bias.0)?, bias.1)?;
         let out = unsafe { dev.alloc::<T>(rows * cols)? };
         let vector = cols.is_multiple_of(pack::<T>()) && aligned::<T>(s.1) && aligned::<T>(bias.1);
-        let name = if vector {
-            "softmax_bias_v"
-        } else {
-            "softmax_bias"
+        // Rows of up to 4 packs per lane stay in registers (the kernel's MAXP).
+        let name = match vector {
+            true if cols <= 32 * 4 * pack::<T>() => "softmax_bias_r",
+            true => "softmax_bias_v",
+            false => "softmax_bias",
         };
         let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
         let cfg = LaunchConfig {
@@ -176,7 +180,9 @@ pub fn layer_norm(x: In, rows: usize, cols: usize, eps: f32) -> Result<CudaStora
     dispatch!(dev, x.0, |T| {
         let xv = contiguous(slice::<T>(x.0)?, x.1)?;
         let out = unsafe { dev.alloc::<T>(rows * cols)? };
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>("layer_norm"), MODULE, PTX)?;
+        let vector = cols.is_multiple_of(pack::<T>()) && aligned::<T>(x.1);
+        let name = if vector { "layer_norm_v" } else { "layer_norm" };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (grid_rows(rows), 1, 1),
             block_dim: (ROW_BLOCK, 1, 1),
@@ -210,8 +216,8 @@ pub fn split_qkv(qkv: In, bias: In, dims: [usize; 4]) -> Result<CudaStorage> {
         }
         let bv = bslice.slice(bias_start..bend);
         let out = unsafe { dev.alloc::<T>(batch * tokens * cols)? };
-        let vector = hd % pack::<T>() == 0
-            && bias_stride % pack::<T>() == 0
+        let vector = hd.is_multiple_of(pack::<T>())
+            && bias_stride.is_multiple_of(pack::<T>())
             && aligned::<T>(qkv.1)
             && (bias_start * std::mem::size_of::<T>()).is_multiple_of(16);
         let name = if vector { "split_qkv_v" } else { "split_qkv" };
@@ -251,7 +257,13 @@ pub fn merge_heads(ctx: In, dims: [usize; 4]) -> Result<CudaStorage> {
     dispatch!(dev, ctx.0, |T| {
         let cv = contiguous(slice::<T>(ctx.0)?, ctx.1)?;
         let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>("merge_heads"), MODULE, PTX)?;
+        let vector = hd.is_multiple_of(pack::<T>()) && aligned::<T>(ctx.1);
+        let name = if vector {
+            "merge_heads_v"
+        } else {
+            "merge_heads"
+        };
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: ((batch * tokens).clamp(1, MAX_GRID) as u32, 1, 1),
             block_dim: (ROW_BLOCK, 1, 1),
@@ -386,5 +398,102 @@ pub fn group_norm(
         // SAFETY: reads batch·hw·c and c-long gamma/beta, writes batch·hw·c.
         unsafe { b.launch(cfg) }.w()?;
         out
+    })
+}
+
+/// One cuBLASLt handle (with its 32 MiB workspace) per device, on the device's stream.
+fn cublaslt(dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static HANDLES: OnceLock<Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaBlasLT>>>> =
+        OnceLock::new();
+    let mut map = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = map.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(candle_core::Error::wrap)?);
+    map.insert(dev.id(), h.clone());
+    Ok(h)
+}
+
+/// y [m, n] = gelu_tanh(x [m, k] · w [n, k]ᵀ + b [n]) through cuBLASLt's GELU_BIAS epilogue.
+/// Row-major y is column-major yᵀ [n, m] = w · xᵀ: A = w (stored as column-major [k, n],
+/// transposed), B = x (column-major [k, m]).
+pub fn linear_bias_gelu(x: In, w: In, b: In, dims: [usize; 3]) -> Result<CudaStorage> {
+    let [m, n, k] = dims;
+    let dev = x.0.device().clone();
+    let lt = cublaslt(&dev)?;
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let slice = match &x.0.slice {
+        CudaStorageSlice::BF16(_) => {
+            type T = half::bf16;
+            let (xv, wv, bv) = (
+                contiguous(slice::<T>(x.0)?, x.1)?,
+                contiguous(slice::<T>(w.0)?, w.1)?,
+                contiguous(slice::<T>(b.0)?, b.1)?,
+            );
+            let mut out = unsafe { dev.alloc::<T>(m * n)? };
+            // SAFETY: the layouts above describe exactly the m·k, n·k and n elements the views
+            // hold; out holds m·n.
+            unsafe {
+                lt.matmul(
+                    cfg,
+                    &wv,
+                    &xv,
+                    &mut out,
+                    Some(&bv),
+                    Some(&LtActivation::Gelu),
+                )
+            }
+            .map_err(candle_core::Error::wrap)?;
+            CudaStorageSlice::BF16(out)
+        }
+        CudaStorageSlice::F16(_) => {
+            type T = half::f16;
+            let (xv, wv, bv) = (
+                contiguous(slice::<T>(x.0)?, x.1)?,
+                contiguous(slice::<T>(w.0)?, w.1)?,
+                contiguous(slice::<T>(b.0)?, b.1)?,
+            );
+            let mut out = unsafe { dev.alloc::<T>(m * n)? };
+            // SAFETY: as above.
+            unsafe {
+                lt.matmul(
+                    cfg,
+                    &wv,
+                    &xv,
+                    &mut out,
+                    Some(&bv),
+                    Some(&LtActivation::Gelu),
+                )
+            }
+            .map_err(candle_core::Error::wrap)?;
+            CudaStorageSlice::F16(out)
+        }
+        _ => candle_core::bail!("linear_bias_gelu: cuBLASLt path is for bf16/f16"),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: dev.clone(),
     })
 }

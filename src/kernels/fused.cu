@@ -311,6 +311,114 @@ __device__ void merge_heads(const T *ctx, T *out, uint32_t batch, uint32_t token
         merge_heads<T>(ctx, out, batch, tokens, heads, hd);                                        \
     }
 
+// softmax_bias with the row held in registers (at most MAXP packs per lane), so scores are
+// read from memory once.
+template <typename T, int MAXP>
+__device__ void softmax_bias_r(const T *s, const T *bias, T *out, uint32_t rows, uint32_t cols,
+                               uint32_t bias_rows, float scale) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t packs = cols / N;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *sr = s + (size_t)r * cols;
+        const T *br = bias + (size_t)(r % bias_rows) * cols;
+        float v[MAXP][N];
+        float m = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < MAXP; ++j) {
+            const uint32_t p = lane + 32 * j;
+            if (p < packs) {
+                const Pack<T> a = ldp(sr, (size_t)p * N);
+                const Pack<T> b = ldp(br, (size_t)p * N);
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    v[j][k] = f(a.v[k]) * scale + f(b.v[k]);
+                    m = fmaxf(m, v[j][k]);
+                }
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, o));
+        float l = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAXP; ++j) {
+            if (lane + 32 * j < packs) {
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    v[j][k] = __expf(v[j][k] - m);
+                    l += v[j][k];
+                }
+            }
+        }
+        const float inv = 1.0f / warp_sum(l);
+        T *orow = out + (size_t)r * cols;
+#pragma unroll
+        for (int j = 0; j < MAXP; ++j) {
+            const uint32_t p = lane + 32 * j;
+            if (p < packs) {
+                Pack<T> o;
+#pragma unroll
+                for (int k = 0; k < N; ++k) o.v[k] = cast<T>(v[j][k] * inv);
+                stp(orow, (size_t)p * N, o);
+            }
+        }
+    }
+}
+
+// merge_heads over packs (head_dim a multiple of the pack); one block per token row.
+template <typename T>
+__device__ void merge_heads_v(const T *ctx, T *out, uint32_t batch, uint32_t tokens,
+                              uint32_t heads, uint32_t hd) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t d = heads * hd;
+    for (uint32_t row = blockIdx.x; row < batch * tokens; row += gridDim.x) {
+        const uint32_t b = row / tokens;
+        const uint32_t n = row % tokens;
+        for (uint32_t c = threadIdx.x * N; c < d; c += blockDim.x * N) {
+            const uint32_t h = c / hd;
+            const uint32_t e = c % hd;
+            stp(out, (size_t)row * d + c, ldp(ctx, (((size_t)b * heads + h) * tokens + n) * hd + e));
+        }
+    }
+}
+
+// layer_norm over packs; one warp per row.
+template <typename T>
+__device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t packs = cols / N;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *xr = x + (size_t)r * cols;
+        float sum = 0.0f;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(xr, (size_t)p * N);
+#pragma unroll
+            for (int k = 0; k < N; ++k) sum += f(a.v[k]);
+        }
+        const float mean = warp_sum(sum) / (float)cols;
+        float sq = 0.0f;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(xr, (size_t)p * N);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                const float d = f(a.v[k]) - mean;
+                sq += d * d;
+            }
+        }
+        const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+        T *orow = out + (size_t)r * cols;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(xr, (size_t)p * N);
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) o.v[k] = cast<T>((f(a.v[k]) - mean) * rstd);
+            stp(orow, (size_t)p * N, o);
+        }
+    }
+}
+
 // ---- VAE decoder, channels-last ([B, H, W, C]) ----
 
 // out: [B·Ho·Wo, 9·C] with Ho = Hi·up, Wo = Wi·up: column (ky·3 + kx)·C + c of row (b, y, x)
@@ -494,6 +602,25 @@ INSTANTIATE_V(__half, f16)
 INSTANTIATE_VAE(float, f32)
 INSTANTIATE_VAE(__nv_bfloat16, bf16)
 INSTANTIATE_VAE(__half, f16)
+
+#define INSTANTIATE_R(T, SFX)                                                                      \
+    extern "C" __global__ void softmax_bias_r_##SFX(const T *s, const T *b, T *out, uint32_t rows, \
+                                                    uint32_t cols, uint32_t bias_rows,            \
+                                                    float scale) {                                 \
+        softmax_bias_r<T, 4>(s, b, out, rows, cols, bias_rows, scale);                             \
+    }                                                                                              \
+    extern "C" __global__ void merge_heads_v_##SFX(const T *ctx, T *out, uint32_t batch,           \
+                                                   uint32_t tokens, uint32_t heads, uint32_t hd) { \
+        merge_heads_v<T>(ctx, out, batch, tokens, heads, hd);                                      \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_v_##SFX(const T *x, T *out, uint32_t rows,               \
+                                                  uint32_t cols, float eps) {                      \
+        layer_norm_v<T>(x, out, rows, cols, eps);                                                  \
+    }
+
+INSTANTIATE_R(float, f32)
+INSTANTIATE_R(__nv_bfloat16, bf16)
+INSTANTIATE_R(__half, f16)
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

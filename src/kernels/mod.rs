@@ -160,6 +160,84 @@ pub fn group_norm(
         .apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
 }
 
+/// `gelu_tanh(x·Wᵀ + b)` for x [.., K], weight [N, K], bias [N]. On CUDA in bf16/f16 the bias
+/// and GELU run in the matmul's epilogue (cuBLASLt `GELU_BIAS`), so the [rows, N] output is
+/// written once; elsewhere (the CPU, f32 — where cuBLASLt would compute in TF32 — or with
+/// `DIFFIT_LT_EPILOGUE=0`) it is the matmul followed by `bias_act`.
+pub fn linear_bias_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let (n, wk) = weight.dims2()?;
+    if wk != k || bias.dims() != [n] {
+        candle_core::bail!(
+            "linear_bias_gelu: x {:?}, weight {:?}, bias {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let rows = x.elem_count() / k.max(1);
+    *dims.last_mut().expect("rank ≥ 1") = n;
+    let x2 = x.reshape((rows, k))?;
+    if use_lt_epilogue(x) {
+        return x2
+            .contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LinearGelu)?
+            .reshape(dims);
+    }
+    bias_act(
+        &x2.matmul(&weight.t()?)?,
+        &bias.unsqueeze(0)?,
+        rows,
+        Activation::GeluTanh,
+        None,
+    )?
+    .reshape(dims)
+}
+
+fn use_lt_epilogue(x: &Tensor) -> bool {
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && std::env::var("DIFFIT_LT_EPILOGUE").as_deref() != Ok("0")
+}
+
+/// The cuBLASLt matmul with a GELU_BIAS epilogue (CUDA only; see `linear_bias_gelu`).
+struct LinearGelu;
+
+impl CustomOp3 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "diffit-linear-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("linear_bias_gelu routes the CPU through matmul + bias_act")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let out = cuda::linear_bias_gelu((s1, l1), (s2, l2), (s3, l3), [m, n, k])?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
 struct Im2col {
     /// Input [B, H, W, C].
     dims: [usize; 4],

@@ -160,7 +160,24 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             )?;
         }
     }
-    for (batch, heads, n) in [(1, 1, 1), (2, 3, 17), (3, 2, 33), (2, 4, 256)] {
+    for (rows, k, n) in [(7, 5, 9), (130, 72, 100), (300, 1152, 4608)] {
+        let (x, xf) = rnd(&[rows, k], 1.0)?;
+        let (w, wf) = rnd(&[n, k], 0.05)?;
+        let (b, bf) = rnd(&[n], 1.0)?;
+        let unfused = bias_act(
+            &xf.matmul(&wf.t()?)?,
+            &bf.unsqueeze(0)?,
+            rows,
+            Activation::GeluTanh,
+            None,
+        )?;
+        push(
+            format!("linear + bias + GELU [{rows},{k}]x[{n},{k}]"),
+            super::linear_bias_gelu(&x, &w, &b)?,
+            unfused,
+        )?;
+    }
+    for (batch, heads, n) in [(1, 1, 1), (2, 3, 17), (3, 2, 33), (2, 4, 256), (1, 2, 1040)] {
         let (s, sf) = rnd(&[batch, heads, n, n], 3.0)?;
         let (b, bf) = rnd(&[heads * n, n], 1.0)?;
         push(

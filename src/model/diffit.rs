@@ -846,12 +846,10 @@ impl DiffiT {
             if tracing {
                 record(&format!("blocks.{i}.attn"), &(&h - &before)?);
             }
-            let hidden = kernels::bias_act(
-                &mlp.fc1.forward_no_bias(&kernels::layer_norm(&h, LN_EPS)?)?,
-                &bias_or_zeros(&mlp.fc1)?.unsqueeze(0)?,
-                rows,
-                Activation::GeluTanh,
-                None,
+            let hidden = kernels::linear_bias_gelu(
+                &kernels::layer_norm(&h, LN_EPS)?,
+                &mlp.fc1.weight,
+                &bias_or_zeros(&mlp.fc1)?,
             )?;
             let before = h.clone();
             h = kernels::bias_act(
