@@ -63,7 +63,8 @@ REJECTION_REASONS = {"queue_full", "deadline", "disconnected", "unauthorized", "
 # Labels Prometheus / the operator add to every scraped series.
 TARGET_LABELS = {"namespace", "pod", "service", "job", "instance", "container", "endpoint", "le"}
 # Settings the server reads from the environment; a ConfigMap key outside them is a typo. When the sources are
-# there, the DIFFIT_* names are read from them (clap `env = "…"` attributes) instead of this list.
+# there, the DIFFIT_* names are read from them (clap `env = "…"` attributes, and the kernel toggles such as
+# DIFFIT_FUSED that the model reads with `std::env::var("…")`) instead of this list.
 SETTINGS = {
     "DIFFIT_HOST", "DIFFIT_PORT", "DIFFIT_MODEL", "DIFFIT_VAE", "DIFFIT_VAE_CONFIG", "DIFFIT_DEVICE",
     "DIFFIT_DTYPE", "DIFFIT_MAX_BATCH", "DIFFIT_MAX_QUEUE", "DIFFIT_API_KEYS", "DIFFIT_LOG_FORMAT",
@@ -77,7 +78,10 @@ def rust_sources() -> str:
 
 
 def server_settings() -> set[str]:
-    found = set(re.findall(r'env\s*=\s*"(DIFFIT_[A-Z0-9_]+)"', rust_sources()))
+    src = rust_sources()
+    found = set(re.findall(r'env\s*=\s*"(DIFFIT_[A-Z0-9_]+)"', src))
+    if found:
+        found |= set(re.findall(r'env::var(?:_os)?\(\s*"(DIFFIT_[A-Z0-9_]+)"', src))
     return (found or SETTINGS) | OTHER_ENV
 HEALTH_ROUTES = "/healthz|/readyz|/metrics"
 
