@@ -302,6 +302,19 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
     time("fused: merge heads [128,16,256,72]", &|| {
         kernels::merge_heads(&ctx)
     })?;
+    time(
+        "fused: attention from qkv (flash) [128,256,3456] -> [128,256,1152]",
+        &|| kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true),
+    )?;
+    time(
+        "same, unfused: split + QK^T + softmax + AV + merge",
+        &|| {
+            let split = kernels::split_qkv(&qkv, &sample_bias2, h)?;
+            let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
+            let p = kernels::softmax_bias(&q.matmul(&k.t()?)?, &attn_bias_rows, 0.118)?;
+            kernels::merge_heads(&p.matmul(&v)?)
+        },
+    )?;
     time("fused: layer_norm [32768,1152]", &|| {
         kernels::layer_norm(&x, 1e-6)
     })?;

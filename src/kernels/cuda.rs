@@ -497,3 +497,82 @@ pub fn linear_bias_gelu(x: In, w: In, b: In, dims: [usize; 3]) -> Result<CudaSto
         device: dev.clone(),
     })
 }
+
+/// Query rows per CTA and threads per CTA of the fused attention kernel (fused.cu).
+const ATT_BQ: usize = 64;
+const ATT_BK: usize = 64;
+const ATT_THREADS: u32 = 128;
+
+/// `dims` = [batch, tokens, heads, head_dim]; output [batch·tokens, heads·head_dim].
+pub fn attention(
+    qkv: In,
+    sbias: In,
+    abias: In,
+    dims: [usize; 4],
+    scale: f32,
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+    let [batch, tokens, heads, hd] = dims;
+    let hdp = [32, 64, 80, 128]
+        .into_iter()
+        .find(|&p| p >= hd)
+        .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
+    // Q, K, V tiles (T), scores (f32, rows padded by 4), row max and sum (f32); the output is
+    // staged over the K/V/score tiles at the end, so they must hold BQ·HDP floats.
+    let smem = |elem: usize| {
+        let ld = hdp + 8;
+        let tiles = (ATT_BQ + 2 * ATT_BK) * ld * elem + ATT_BQ * (ATT_BK + 4) * 4;
+        let staged = ATT_BQ * ld * elem + ATT_BQ * hdp * 4;
+        // + row max and sum (f32) and the head's q/k/v bias (T).
+        tiles.max(staged) + 2 * ATT_BQ * 4 + 3 * hdp * elem
+    };
+    let dev = qkv.0.device().clone();
+    let (sb_start, sb_stride) = (sbias.1.start_offset(), sbias.1.stride()[0]);
+    let d3 = 3 * heads * hd;
+    dispatch!(dev, qkv.0, |T| {
+        let qv = contiguous(slice::<T>(qkv.0)?, qkv.1)?;
+        let sbs = slice::<T>(sbias.0)?;
+        let sb_end = sb_start + (batch - 1) * sb_stride + d3;
+        if sb_end > sbs.len() {
+            candle_core::bail!("attention: sample bias view runs past its storage");
+        }
+        let sbv = sbs.slice(sb_start..sb_end);
+        let av = contiguous(slice::<T>(abias.0)?, abias.1)?;
+        let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
+        let name = format!("attention_{hdp}");
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(&name), MODULE, PTX)?;
+        let bytes = smem(std::mem::size_of::<T>());
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+        let cfg = LaunchConfig {
+            grid_dim: (tokens.div_ceil(ATT_BQ) as u32, heads as u32, batch as u32),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: bytes as u32,
+        };
+        let (b32, t32, h32, d32, s32) = (
+            batch as u32,
+            tokens as u32,
+            heads as u32,
+            hd as u32,
+            sb_stride as u32,
+        );
+        let mut b = func.builder();
+        b.arg(&qv);
+        b.arg(&sbv);
+        b.arg(&av);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&t32);
+        b.arg(&h32);
+        b.arg(&d32);
+        b.arg(&s32);
+        b.arg(&scale);
+        // SAFETY: reads batch·tokens rows of 3·heads·hd (qkv), batch strided bias rows (bounds
+        // checked above) and the [heads·tokens, tokens] table; writes batch·tokens·heads·hd.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}

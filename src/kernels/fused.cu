@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <mma.h>
 
 #define FULL_MASK 0xffffffffu
 
@@ -419,6 +420,232 @@ __device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, f
     }
 }
 
+// ---- Fused attention (tensor cores through WMMA) ----
+//
+// One CTA of 4 warps (16 query rows each) takes BQ = 64 query rows of one (sample, head); keys
+// stream through shared memory in blocks of BK = 64. q, k and v are read straight from the qkv
+// matmul output [B·N, 3·D] with the per-sample bias added on load (no head split pass), the
+// relative-position bias is read from its [H·N, N] table, scores live in shared memory only,
+// and the output is written merged, [B·N, D]. Two passes over the keys: the first finds each
+// row's maximum, the second accumulates exp(s − max)·V in tensor-core fragments, so the
+// output never needs rescaling. In the softmax steps two lanes share a row (32 keys each).
+// The head dim is zero-padded to HDP (a multiple of 16). Needs hd a multiple of 8 and
+// 16-byte aligned rows (the launcher checks; otherwise the unfused ops run).
+
+template <typename T> struct WmmaType;
+template <> struct WmmaType<__nv_bfloat16> { using type = __nv_bfloat16; };
+template <> struct WmmaType<__half> { using type = __half; };
+
+constexpr int ATT_BQ = 64;
+constexpr int ATT_BK = 64;
+constexpr int ATT_SLD = ATT_BK + 4;  // score row stride (floats): fewer bank conflicts
+
+// Rows [r0, r0 + ROWS) of q (s = 0), k (1) or v (2) of head h into dst [ROWS][LD] (LD = HDP + 8
+// elements: padded against shared-memory bank conflicts), per-sample bias added, zero beyond
+// the sequence and beyond hd. Every load is issued before the first store (one memory latency
+// per tile, not one per pack).
+template <typename T, int HDP, int ROWS, int THREADS>
+__device__ __forceinline__ void attention_load_tile(T *dst, const T *qkv, const T *sbs, uint32_t b,
+                                                    uint32_t h, uint32_t s, uint32_t r0,
+                                                    uint32_t tokens, uint32_t d, uint32_t hd) {
+    constexpr int N8 = Pack<T>::N;
+    constexpr int LD = HDP + 8;
+    constexpr int PPR = HDP / N8;
+    constexpr int TOTAL = ROWS * PPR;
+    constexpr int ITER = (TOTAL + THREADS - 1) / THREADS;
+    const uint32_t row_len = 3 * d;
+    Pack<T> a[ITER];
+    bool ok[ITER];
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+        const uint32_t i = threadIdx.x + it * THREADS;
+        const uint32_t r = i / PPR;
+        const uint32_t e = (i % PPR) * N8;
+        ok[it] = i < TOTAL && r0 + r < tokens && e < hd;
+        if (ok[it]) {
+            const size_t col = (size_t)s * d + h * hd + e;
+            a[it] = ldp(qkv, ((size_t)b * tokens + r0 + r) * row_len + col);
+        }
+    }
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+        const uint32_t i = threadIdx.x + it * THREADS;
+        if (i < TOTAL) {
+            const uint32_t r = i / PPR;
+            const uint32_t e = (i % PPR) * N8;
+            const Pack<T> bias = ldp(sbs, (size_t)s * HDP + e);
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N8; ++k) o.v[k] = cast<T>(ok[it] ? f(a[it].v[k]) + f(bias.v[k]) : 0.0f);
+            stp(dst, (size_t)r * LD + e, o);
+        }
+    }
+}
+
+template <typename T, int HDP>
+__device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T *out, uint32_t batch,
+                                uint32_t tokens, uint32_t heads, uint32_t hd, uint32_t sb_stride,
+                                float scale) {
+    using namespace nvcuda;
+    using W = typename WmmaType<T>::type;
+    constexpr int N8 = 8;  // elements per 16-byte pack
+    extern __shared__ __align__(32) unsigned char smem[];
+    constexpr int LD = HDP + 8;                                 // tile row stride
+    T *qs = reinterpret_cast<T *>(smem);                        // [BQ][LD]
+    T *ks = qs + ATT_BQ * LD;                                   // [BK][LD]
+    T *vs = ks + ATT_BK * LD;                                   // [BK][LD]
+    float *ss = reinterpret_cast<float *>(vs + ATT_BK * LD);    // [BQ][SLD] scores, then P
+    float *row_m = ss + ATT_BQ * ATT_SLD;                       // [BQ]
+    float *row_l = row_m + ATT_BQ;                              // [BQ]
+    T *sbs = reinterpret_cast<T *>(row_l + ATT_BQ);             // [3][HDP] this head's q/k/v bias
+    float *os = reinterpret_cast<float *>(ks);                  // [BQ][HDP] at the end
+
+    const uint32_t b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * ATT_BQ;
+    const uint32_t d = heads * hd;
+    const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const uint32_t nthreads = blockDim.x;
+    const T *sb = sbias + (size_t)b * sb_stride;
+
+    auto load_q = [&]() {
+        attention_load_tile<T, HDP, ATT_BQ, 128>(qs, qkv, sbs, b, h, 0, q0, tokens, d, hd);
+    };
+    auto load_k = [&](uint32_t kb) {
+        attention_load_tile<T, HDP, ATT_BK, 128>(ks, qkv, sbs, b, h, 1, kb, tokens, d, hd);
+    };
+    auto load_v = [&](uint32_t kb) {
+        attention_load_tile<T, HDP, ATT_BK, 128>(vs, qkv, sbs, b, h, 2, kb, tokens, d, hd);
+    };
+
+    const uint32_t wr = warp * 16;  // this warp's first query row in the tile
+    // S = Q · Kᵀ for the warp's 16 rows of the current key block, into ss.
+    auto scores = [&]() {
+        for (int j = 0; j < ATT_BK / 16; ++j) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < HDP / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> fb;
+                wmma::load_matrix_sync(fa, reinterpret_cast<const W *>(qs + wr * LD + kk * 16), LD);
+                wmma::load_matrix_sync(fb, reinterpret_cast<const W *>(ks + j * 16 * LD + kk * 16), LD);
+                wmma::mma_sync(acc, fa, fb, acc);
+            }
+            wmma::store_matrix_sync(ss + wr * ATT_SLD + j * 16, acc, ATT_SLD, wmma::mem_row_major);
+        }
+        __syncwarp();
+    };
+    // This lane's row (two lanes per row) and its 32 keys of the block.
+    const uint32_t my_row = wr + lane / 2;
+    const uint32_t half = lane % 2;
+    const uint32_t q = q0 + my_row;
+    const T *brow = abias + ((size_t)h * tokens + (q < tokens ? q : 0)) * tokens;
+    // The bias row is read in 16-byte packs where the block is whole and aligned (scalar
+    // 2-byte loads from 16 rows per warp instruction wasted most of each memory sector).
+    const bool bias_packs = tokens % N8 == 0;
+    auto logits = [&](uint32_t kb, float v[32]) {
+        const float4 *srow = reinterpret_cast<const float4 *>(ss + my_row * ATT_SLD + half * 32);
+#pragma unroll
+        for (int c = 0; c < 32; c += 4) {
+            const float4 x = srow[c / 4];
+            v[c] = x.x * scale;
+            v[c + 1] = x.y * scale;
+            v[c + 2] = x.z * scale;
+            v[c + 3] = x.w * scale;
+        }
+        const uint32_t k0 = kb + half * 32;
+        if (bias_packs && k0 + 32 <= tokens) {
+#pragma unroll
+            for (int c = 0; c < 32; c += N8) {
+                const Pack<T> bp = ldp(brow, k0 + c);
+#pragma unroll
+                for (int k = 0; k < N8; ++k) v[c + k] += f(bp.v[k]);
+            }
+        } else {
+#pragma unroll
+            for (int c = 0; c < 32; ++c) v[c] = k0 + c < tokens ? v[c] + ld(brow, k0 + c) : -INFINITY;
+        }
+    };
+
+    // The per-sample bias of this head's q, k and v columns, once per CTA.
+    for (uint32_t i = tid; i < 3 * HDP; i += nthreads) {
+        const uint32_t sidx = i / HDP, e = i % HDP;
+        sbs[i] = e < hd ? sb[(size_t)sidx * d + h * hd + e] : cast<T>(0.0f);
+    }
+    __syncthreads();
+    load_q();
+    __syncthreads();
+
+    // Pass 1: each row's maximum logit.
+    float m = -INFINITY;
+    for (uint32_t kb = 0; kb < tokens; kb += ATT_BK) {
+        load_k(kb);
+        __syncthreads();
+        scores();
+        float v[32];
+        logits(kb, v);
+#pragma unroll
+        for (int c = 0; c < 32; ++c) m = fmaxf(m, v[c]);
+        __syncthreads();
+    }
+    m = fmaxf(m, __shfl_xor_sync(FULL_MASK, m, 1));
+
+    // Pass 2: O = Σ exp(logit − max) · V, l = Σ exp(logit − max).
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[HDP / 16];
+#pragma unroll
+    for (int e = 0; e < HDP / 16; ++e) wmma::fill_fragment(o[e], 0.0f);
+    float l = 0.0f;
+    for (uint32_t kb = 0; kb < tokens; kb += ATT_BK) {
+        load_k(kb);
+        load_v(kb);
+        __syncthreads();
+        scores();
+        float v[32];
+        logits(kb, v);
+#pragma unroll
+        for (int c = 0; c < 32; ++c) {
+            v[c] = __expf(v[c] - m);
+            l += v[c];
+        }
+        __syncwarp();
+        // P over the row's scores (T, row stride 2·SLD elements).
+        T *prow = reinterpret_cast<T *>(ss + my_row * ATT_SLD) + half * 32;
+#pragma unroll
+        for (int c = 0; c < 32; c += N8) {
+            Pack<T> pk;
+#pragma unroll
+            for (int k = 0; k < N8; ++k) pk.v[k] = cast<T>(v[c + k]);
+            stp(prow, c, pk);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int kk = 0; kk < ATT_BK / 16; ++kk) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> fa;
+            wmma::load_matrix_sync(
+                fa, reinterpret_cast<const W *>(reinterpret_cast<const T *>(ss + wr * ATT_SLD) + kk * 16),
+                2 * ATT_SLD);
+#pragma unroll
+            for (int e = 0; e < HDP / 16; ++e) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, reinterpret_cast<const W *>(vs + kk * 16 * LD + e * 16), LD);
+                wmma::mma_sync(o[e], fa, fb, o[e]);
+            }
+        }
+        __syncthreads();
+    }
+    l += __shfl_xor_sync(FULL_MASK, l, 1);
+    if (half == 0) row_l[my_row] = l;
+    // Stage O through shared memory (over the K/V/S tiles, no longer needed), then write.
+#pragma unroll
+    for (int e = 0; e < HDP / 16; ++e)
+        wmma::store_matrix_sync(os + wr * HDP + e * 16, o[e], HDP, wmma::mem_row_major);
+    __syncthreads();
+    for (uint32_t i = tid; i < ATT_BQ * hd; i += nthreads) {
+        const uint32_t r = i / hd, e = i % hd;
+        const uint32_t qq = q0 + r;
+        if (qq < tokens) st(out, ((size_t)b * tokens + qq) * d + h * hd + e, os[r * HDP + e] / row_l[r]);
+    }
+}
+
 // ---- VAE decoder, channels-last ([B, H, W, C]) ----
 
 // out: [B·Ho·Wo, 9·C] with Ho = Hi·up, Wo = Wi·up: column (ky·3 + kx)·C + c of row (b, y, x)
@@ -621,6 +848,22 @@ INSTANTIATE_VAE(__half, f16)
 INSTANTIATE_R(float, f32)
 INSTANTIATE_R(__nv_bfloat16, bf16)
 INSTANTIATE_R(__half, f16)
+
+#define INSTANTIATE_ATT(T, SFX, HDP)                                                               \
+    extern "C" __global__ void __launch_bounds__(128, 3) attention_##HDP##_##SFX(                                            \
+        const T *qkv, const T *sb, const T *ab, T *out, uint32_t batch, uint32_t tokens,            \
+        uint32_t heads, uint32_t hd, uint32_t sb_stride, float scale) {                            \
+        attention_fused<T, HDP>(qkv, sb, ab, out, batch, tokens, heads, hd, sb_stride, scale);     \
+    }
+
+INSTANTIATE_ATT(__nv_bfloat16, bf16, 32)
+INSTANTIATE_ATT(__nv_bfloat16, bf16, 64)
+INSTANTIATE_ATT(__nv_bfloat16, bf16, 80)
+INSTANTIATE_ATT(__nv_bfloat16, bf16, 128)
+INSTANTIATE_ATT(__half, f16, 32)
+INSTANTIATE_ATT(__half, f16, 64)
+INSTANTIATE_ATT(__half, f16, 80)
+INSTANTIATE_ATT(__half, f16, 128)
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

@@ -105,6 +105,108 @@ pub fn split_qkv(qkv: &Tensor, sample_bias: &Tensor, heads: usize) -> Result<Ten
     qkv.contiguous()?.apply_op2_no_bwd(sample_bias, &op)
 }
 
+/// Self-attention of one DiffiT block from the qkv matmul output: q, k, v are the column
+/// thirds of `qkv` [B, N, 3·D] plus the per-sample bias [B, 3·D] (any row stride), split into
+/// `heads`; scores are `scale · q·kᵀ + attn_bias` ([heads·N, N] table, row h·N + i); returns
+/// softmax(scores)·v merged back to [B, N, D]. With `flash`, on CUDA in bf16/f16 (head dim a
+/// multiple of 8, at most 128) this is one fused kernel: no head split, no scores in memory,
+/// no merge pass. Otherwise it is `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`:
+/// on an H100 that is still faster at B ≥ 16 (77.6 against 83.6 ms a B = 64 step;
+/// docs/perf.md), so the model takes the fused kernel only when `flash_attention_enabled`.
+pub fn attention(
+    qkv: &Tensor,
+    sample_bias: &Tensor,
+    attn_bias: &Tensor,
+    heads: usize,
+    scale: f32,
+    flash: bool,
+) -> Result<Tensor> {
+    let (b, n, c) = qkv.dims3()?;
+    let hd = c / (3 * heads).max(1);
+    if attn_bias.dims() != [heads * n, n] {
+        candle_core::bail!(
+            "attention: bias {:?} is not [{}, {n}]",
+            attn_bias.dims(),
+            heads * n
+        );
+    }
+    if flash
+        && flash_attention_fits(qkv, sample_bias, hd)
+        && attn_bias.layout().start_offset().is_multiple_of(8)
+    {
+        let op = FlashAttention {
+            dims: [b, n, heads, hd],
+            scale,
+        };
+        return qkv
+            .contiguous()?
+            .apply_op3_no_bwd(sample_bias, &attn_bias.contiguous()?, &op);
+    }
+    let split = split_qkv(qkv, sample_bias, heads)?;
+    let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
+    let probs = softmax_bias(&q.matmul(&k.t()?)?, attn_bias, scale)?;
+    merge_heads(&probs.matmul(&v)?)
+}
+
+/// Whether the fused attention kernel takes these inputs (see `attention`).
+fn flash_attention_fits(qkv: &Tensor, sample_bias: &Tensor, hd: usize) -> bool {
+    let strides_ok = sample_bias.rank() == 2
+        && sample_bias.stride()[1] == 1
+        && sample_bias.stride()[0].is_multiple_of(8)
+        && sample_bias.layout().start_offset().is_multiple_of(8)
+        && qkv.layout().start_offset().is_multiple_of(8);
+    qkv.device().is_cuda()
+        && matches!(qkv.dtype(), DType::BF16 | DType::F16)
+        && hd.is_multiple_of(8)
+        && (8..=128).contains(&hd)
+        && strides_ok
+}
+
+/// Whether the model runs attention through the fused kernel (`DIFFIT_FLASH_ATTENTION=1`).
+pub fn flash_attention_enabled() -> bool {
+    std::env::var("DIFFIT_FLASH_ATTENTION").as_deref() == Ok("1")
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashAttention {
+    /// [batch, tokens, heads, head_dim]
+    dims: [usize; 4],
+    scale: f32,
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "diffit-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention routes the CPU through the unfused ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let [b, n, h, hd] = self.dims;
+        let out = cuda::attention((s1, l1), (s2, l2), (s3, l3), self.dims, self.scale)?;
+        Ok((out, Shape::from((b, n, h * hd))))
+    }
+}
+
 /// [B, heads, N, hd] → [B, N, heads·hd].
 pub fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
     ctx.contiguous()?.apply_op1_no_bwd(&MergeHeads)

@@ -160,6 +160,34 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             )?;
         }
     }
+    for (b, n, heads, hd) in [
+        (2, 256, 4, 72),
+        (1, 100, 3, 64),
+        (2, 17, 2, 16),
+        (1, 70, 1, 128),
+        (1, 5, 2, 8),
+    ] {
+        let c = 3 * heads * hd;
+        let (q, qf) = rnd(&[b, n, c], 1.0)?;
+        // The per-sample bias as a column slice of a wider tensor, as the model passes it.
+        let (wide, widef) = rnd(&[b, 3 * c], 1.0)?;
+        let (sb, sbf) = (wide.narrow(1, c, c)?, widef.narrow(1, c, c)?);
+        let (ab, abf) = rnd(&[heads * n, n], 1.0)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let unfused = {
+            let split = split_qkv(&qf, &sbf.contiguous()?, heads)?;
+            let (qq, kk, vv) = (split.get(0)?, split.get(1)?, split.get(2)?);
+            let probs = softmax_bias(&qq.matmul(&kk.t()?)?.contiguous()?, &abf, scale)?;
+            merge_heads(&probs.matmul(&vv)?)?
+        };
+        for flash in [false, true] {
+            push(
+                format!("attention [{b},{n},{c}] heads {heads} hd {hd} flash {flash}"),
+                super::attention(&q, &sb, &ab, heads, scale, flash)?,
+                unfused.clone(),
+            )?;
+        }
+    }
     for (rows, k, n) in [(7, 5, 9), (130, 72, 100), (300, 1152, 4608)] {
         let (x, xf) = rnd(&[rows, k], 1.0)?;
         let (w, wf) = rnd(&[n, k], 0.05)?;

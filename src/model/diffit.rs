@@ -487,6 +487,8 @@ struct FusedParts {
     /// Each block's relative-position bias as [heads·N, N] rows (softmax row r takes row
     /// r mod heads·N).
     attn_bias: Vec<Tensor>,
+    /// Attention through the one-kernel path (`kernels::flash_attention_enabled`).
+    flash: bool,
 }
 
 /// Called with (name, activation) at each point the reference fixtures record.
@@ -656,6 +658,7 @@ impl DiffiT {
         self.fused = Some(FusedParts {
             cond: Linear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?)),
             attn_bias,
+            flash: kernels::flash_attention_enabled(),
         });
         Ok(())
     }
@@ -831,10 +834,14 @@ impl DiffiT {
         for (i, block) in self.blocks.iter().enumerate() {
             let (a, mlp) = (&block.attn, &block.mlp);
             let qkv = a.qkv.forward_no_bias(&kernels::layer_norm(&h, LN_EPS)?)?;
-            let qkv = kernels::split_qkv(&qkv, &cond.narrow(1, i * 3 * d, 3 * d)?, heads)?;
-            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-            let probs = kernels::softmax_bias(&q.matmul(&k.t()?)?, &fused.attn_bias[i], scale)?;
-            let ctx = kernels::merge_heads(&probs.matmul(&v)?)?;
+            let ctx = kernels::attention(
+                &qkv,
+                &cond.narrow(1, i * 3 * d, 3 * d)?,
+                &fused.attn_bias[i],
+                heads,
+                scale,
+                fused.flash,
+            )?;
             let before = h.clone();
             h = kernels::bias_act(
                 &a.proj.forward_no_bias(&ctx)?,
