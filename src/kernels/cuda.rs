@@ -376,10 +376,25 @@ pub fn group_norm(
         b.arg(&tile32);
         // SAFETY: as above.
         unsafe { b.launch(stats_cfg) }.w()?;
-        let name = if silu { "gn_apply_silu" } else { "gn_apply" };
+        let vector = c.is_multiple_of(pack::<T>())
+            && batch * hw * c < u32::MAX as usize
+            && aligned::<T>(x.1)
+            && aligned::<T>(gamma.1)
+            && aligned::<T>(beta.1);
+        let name = match (silu, vector) {
+            (true, true) => "gn_apply_silu_v",
+            (false, true) => "gn_apply_v",
+            (true, false) => "gn_apply_silu",
+            (false, false) => "gn_apply",
+        };
+        let items = if vector {
+            batch * hw * c / pack::<T>()
+        } else {
+            batch * hw * c
+        };
         let f = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
         let cfg = LaunchConfig {
-            grid_dim: (grid_flat(batch * hw * c), 1, 1),
+            grid_dim: (grid_flat(items), 1, 1),
             block_dim: (ROW_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -419,10 +434,11 @@ fn cublaslt(dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>>
     Ok(h)
 }
 
-/// y [m, n] = gelu_tanh(x [m, k] · w [n, k]ᵀ + b [n]) through cuBLASLt's GELU_BIAS epilogue.
+/// y [m, n] = act(x [m, k] · w [n, k]ᵀ + b [n]) through cuBLASLt's BIAS or GELU_BIAS epilogue.
 /// Row-major y is column-major yᵀ [n, m] = w · xᵀ: A = w (stored as column-major [k, n],
 /// transposed), B = x (column-major [k, m]).
-pub fn linear_bias_gelu(x: In, w: In, b: In, dims: [usize; 3]) -> Result<CudaStorage> {
+pub fn linear_bias_act(x: In, w: In, b: In, dims: [usize; 3], gelu: bool) -> Result<CudaStorage> {
+    let act = gelu.then_some(LtActivation::Gelu);
     let [m, n, k] = dims;
     let dev = x.0.device().clone();
     let lt = cublaslt(&dev)?;
@@ -455,17 +471,8 @@ pub fn linear_bias_gelu(x: In, w: In, b: In, dims: [usize; 3]) -> Result<CudaSto
             let mut out = unsafe { dev.alloc::<T>(m * n)? };
             // SAFETY: the layouts above describe exactly the m·k, n·k and n elements the views
             // hold; out holds m·n.
-            unsafe {
-                lt.matmul(
-                    cfg,
-                    &wv,
-                    &xv,
-                    &mut out,
-                    Some(&bv),
-                    Some(&LtActivation::Gelu),
-                )
-            }
-            .map_err(candle_core::Error::wrap)?;
+            unsafe { lt.matmul(cfg, &wv, &xv, &mut out, Some(&bv), act.as_ref()) }
+                .map_err(candle_core::Error::wrap)?;
             CudaStorageSlice::BF16(out)
         }
         CudaStorageSlice::F16(_) => {
@@ -477,20 +484,11 @@ pub fn linear_bias_gelu(x: In, w: In, b: In, dims: [usize; 3]) -> Result<CudaSto
             );
             let mut out = unsafe { dev.alloc::<T>(m * n)? };
             // SAFETY: as above.
-            unsafe {
-                lt.matmul(
-                    cfg,
-                    &wv,
-                    &xv,
-                    &mut out,
-                    Some(&bv),
-                    Some(&LtActivation::Gelu),
-                )
-            }
-            .map_err(candle_core::Error::wrap)?;
+            unsafe { lt.matmul(cfg, &wv, &xv, &mut out, Some(&bv), act.as_ref()) }
+                .map_err(candle_core::Error::wrap)?;
             CudaStorageSlice::F16(out)
         }
-        _ => candle_core::bail!("linear_bias_gelu: cuBLASLt path is for bf16/f16"),
+        _ => candle_core::bail!("linear_bias_act: cuBLASLt path is for bf16/f16"),
     };
     Ok(CudaStorage {
         slice,

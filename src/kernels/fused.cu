@@ -420,6 +420,39 @@ __device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, f
     }
 }
 
+// gn_apply over 16-byte packs with 32-bit indices (C a multiple of the pack; the launcher
+// checks the element count fits): the scalar version's 64-bit divisions per element made it
+// as slow as the im2col pass.
+template <typename T, bool SILU>
+__device__ void gn_apply_v(const T *x, const float *sums, const float *sq, const T *gamma,
+                           const T *beta, T *out, uint32_t batch, uint32_t hw, uint32_t c,
+                           uint32_t groups, float eps) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t cg = c / groups;
+    const float count = (float)hw * (float)cg;
+    const uint32_t per_sample = hw * c;
+    const uint32_t packs = batch * (per_sample / N);
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += gridDim.x * blockDim.x) {
+        const uint32_t i = p * N;
+        const uint32_t b = i / per_sample;
+        const uint32_t ch0 = i % c;
+        const Pack<T> a = ldp(x, i);
+        const Pack<T> gm = ldp(gamma, ch0);
+        const Pack<T> bt = ldp(beta, ch0);
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const uint32_t g = b * groups + (ch0 + k) / cg;
+            const float mean = sums[g] / count;
+            const float rstd = rsqrtf(sq[g] / count + eps);
+            float v = (f(a.v[k]) - mean) * rstd * f(gm.v[k]) + f(bt.v[k]);
+            if (SILU) v = v / (1.0f + __expf(-v));
+            o.v[k] = cast<T>(v);
+        }
+        stp(out, i, o);
+    }
+}
+
 // ---- Fused attention (tensor cores through WMMA) ----
 //
 // One CTA of 4 warps (16 query rows each) takes BQ = 64 query rows of one (sample, head); keys
@@ -864,6 +897,25 @@ INSTANTIATE_ATT(__half, f16, 32)
 INSTANTIATE_ATT(__half, f16, 64)
 INSTANTIATE_ATT(__half, f16, 80)
 INSTANTIATE_ATT(__half, f16, 128)
+
+#define INSTANTIATE_GNV(T, SFX)                                                                    \
+    extern "C" __global__ void gn_apply_v_##SFX(const T *x, const float *sums, const float *sq,    \
+                                                const T *gamma, const T *beta, T *out,             \
+                                                uint32_t batch, uint32_t hw, uint32_t c,           \
+                                                uint32_t groups, float eps) {                      \
+        gn_apply_v<T, false>(x, sums, sq, gamma, beta, out, batch, hw, c, groups, eps);            \
+    }                                                                                              \
+    extern "C" __global__ void gn_apply_silu_v_##SFX(const T *x, const float *sums,                \
+                                                     const float *sq, const T *gamma,              \
+                                                     const T *beta, T *out, uint32_t batch,        \
+                                                     uint32_t hw, uint32_t c, uint32_t groups,     \
+                                                     float eps) {                                  \
+        gn_apply_v<T, true>(x, sums, sq, gamma, beta, out, batch, hw, c, groups, eps);             \
+    }
+
+INSTANTIATE_GNV(float, f32)
+INSTANTIATE_GNV(__nv_bfloat16, bf16)
+INSTANTIATE_GNV(__half, f16)
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

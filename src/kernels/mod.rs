@@ -262,17 +262,22 @@ pub fn group_norm(
         .apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
 }
 
-/// `gelu_tanh(x·Wᵀ + b)` for x [.., K], weight [N, K], bias [N]. On CUDA in bf16/f16 the bias
-/// and GELU run in the matmul's epilogue (cuBLASLt `GELU_BIAS`), so the [rows, N] output is
-/// written once; elsewhere (the CPU, f32 — where cuBLASLt would compute in TF32 — or with
-/// `DIFFIT_LT_EPILOGUE=0`) it is the matmul followed by `bias_act`.
-pub fn linear_bias_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// `act(x·Wᵀ + b)` for x [.., K], weight [N, K], bias [N]. On CUDA in bf16/f16 the bias and
+/// the activation run in the matmul's epilogue (cuBLASLt `BIAS` / `GELU_BIAS`), so the
+/// [rows, N] output is written once; elsewhere (the CPU, f32 — where cuBLASLt would compute
+/// in TF32 — or with `DIFFIT_LT_EPILOGUE=0`) it is the matmul followed by `bias_act`.
+pub fn linear_bias_act(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let (n, wk) = weight.dims2()?;
     if wk != k || bias.dims() != [n] {
         candle_core::bail!(
-            "linear_bias_gelu: x {:?}, weight {:?}, bias {:?} do not fit",
+            "linear_bias_act: x {:?}, weight {:?}, bias {:?} do not fit",
             x.dims(),
             weight.dims(),
             bias.dims()
@@ -284,14 +289,14 @@ pub fn linear_bias_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
     if use_lt_epilogue(x) {
         return x2
             .contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LinearGelu)?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LinearAct(act))?
             .reshape(dims);
     }
     bias_act(
         &x2.matmul(&weight.t()?)?,
         &bias.unsqueeze(0)?,
         rows,
-        Activation::GeluTanh,
+        act,
         None,
     )?
     .reshape(dims)
@@ -303,12 +308,13 @@ fn use_lt_epilogue(x: &Tensor) -> bool {
         && std::env::var("DIFFIT_LT_EPILOGUE").as_deref() != Ok("0")
 }
 
-/// The cuBLASLt matmul with a GELU_BIAS epilogue (CUDA only; see `linear_bias_gelu`).
-struct LinearGelu;
+/// The cuBLASLt matmul with a BIAS or GELU_BIAS epilogue (CUDA only; see `linear_bias_act`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct LinearAct(Activation);
 
-impl CustomOp3 for LinearGelu {
+impl CustomOp3 for LinearAct {
     fn name(&self) -> &'static str {
-        "diffit-linear-bias-gelu"
+        "diffit-linear-bias-act"
     }
 
     fn cpu_fwd(
@@ -320,7 +326,7 @@ impl CustomOp3 for LinearGelu {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("linear_bias_gelu routes the CPU through matmul + bias_act")
+        candle_core::bail!("linear_bias_act routes the CPU through matmul + bias_act")
     }
 
     #[cfg(feature = "cuda")]
@@ -335,7 +341,8 @@ impl CustomOp3 for LinearGelu {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let n = l2.shape().dims2()?.0;
-        let out = cuda::linear_bias_gelu((s1, l1), (s2, l2), (s3, l3), [m, n, k])?;
+        let gelu = self.0 == Activation::GeluTanh;
+        let out = cuda::linear_bias_act((s1, l1), (s2, l2), (s3, l3), [m, n, k], gelu)?;
         Ok((out, Shape::from((m, n))))
     }
 }

@@ -192,18 +192,14 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         let (x, xf) = rnd(&[rows, k], 1.0)?;
         let (w, wf) = rnd(&[n, k], 0.05)?;
         let (b, bf) = rnd(&[n], 1.0)?;
-        let unfused = bias_act(
-            &xf.matmul(&wf.t()?)?,
-            &bf.unsqueeze(0)?,
-            rows,
-            Activation::GeluTanh,
-            None,
-        )?;
-        push(
-            format!("linear + bias + GELU [{rows},{k}]x[{n},{k}]"),
-            super::linear_bias_gelu(&x, &w, &b)?,
-            unfused,
-        )?;
+        for act in [Activation::Identity, Activation::GeluTanh] {
+            let unfused = bias_act(&xf.matmul(&wf.t()?)?, &bf.unsqueeze(0)?, rows, act, None)?;
+            push(
+                format!("linear + bias + {act:?} [{rows},{k}]x[{n},{k}]"),
+                super::linear_bias_act(&x, &w, &b, act)?,
+                unfused,
+            )?;
+        }
     }
     for (batch, heads, n) in [(1, 1, 1), (2, 3, 17), (3, 2, 33), (2, 4, 256), (1, 2, 1040)] {
         let (s, sf) = rnd(&[batch, heads, n, n], 3.0)?;

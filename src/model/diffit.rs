@@ -853,10 +853,11 @@ impl DiffiT {
             if tracing {
                 record(&format!("blocks.{i}.attn"), &(&h - &before)?);
             }
-            let hidden = kernels::linear_bias_gelu(
+            let hidden = kernels::linear_bias_act(
                 &kernels::layer_norm(&h, LN_EPS)?,
                 &mlp.fc1.weight,
                 &bias_or_zeros(&mlp.fc1)?,
+                Activation::GeluTanh,
             )?;
             let before = h.clone();
             h = kernels::bias_act(

@@ -67,12 +67,25 @@ impl ConvMat {
             _ if up == 1 => x.reshape((b * h * w, c))?,
             _ => candle_core::bail!("channels-last VAE: a 1×1 convolution does not upsample"),
         };
-        let y = cols.matmul(&self.weight.t()?)?;
         let cout = self.weight.dim(0)?;
         let rows = b * ho * wo;
-        let res = residual.map(|r| r.reshape((rows, cout))).transpose()?;
-        kernels::bias_act(&y, &self.bias, rows, Activation::Identity, res.as_ref())?
-            .reshape((b, ho, wo, cout))
+        let y = match residual {
+            // Bias in the matmul's epilogue where the output needs nothing else.
+            None => kernels::linear_bias_act(
+                &cols,
+                &self.weight,
+                &self.bias.squeeze(0)?,
+                Activation::Identity,
+            )?,
+            Some(r) => kernels::bias_act(
+                &cols.matmul(&self.weight.t()?)?,
+                &self.bias,
+                rows,
+                Activation::Identity,
+                Some(&r.reshape((rows, cout))?),
+            )?,
+        };
+        y.reshape((b, ho, wo, cout))
     }
 
     fn in_channels(&self) -> usize {
@@ -158,13 +171,21 @@ impl LinearMat {
 
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        kernels::bias_act(
-            &x.matmul(&self.weight.t()?)?,
-            &self.bias,
-            rows,
-            Activation::Identity,
-            residual,
-        )
+        match residual {
+            None => kernels::linear_bias_act(
+                x,
+                &self.weight,
+                &self.bias.squeeze(0)?,
+                Activation::Identity,
+            ),
+            Some(r) => kernels::bias_act(
+                &x.matmul(&self.weight.t()?)?,
+                &self.bias,
+                rows,
+                Activation::Identity,
+                Some(r),
+            ),
+        }
     }
 }
 
