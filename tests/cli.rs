@@ -273,3 +273,44 @@ fn bench_serve_refuses_bad_settings() {
         assert!(err.contains(words), "{flag} {value}: {err}");
     }
 }
+
+/// `bench kernels` compares every fused op with its unfused candle version (here the CPU
+/// fallbacks; on a GPU the CUDA kernels) and prints one table row per case.
+#[test]
+fn bench_kernels_checks_every_fused_op_and_refuses_a_bad_dtype() {
+    let out = bin()
+        .args([
+            "bench", "kernels", "--device", "cpu", "--dtypes", "f32,bf16",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for op in [
+        "bias_act",
+        "softmax_bias",
+        "layer_norm",
+        "split_qkv",
+        "merge_heads",
+        "attention",
+        "linear + bias",
+        "conv3x3 via im2col3x3",
+        "group_norm",
+    ] {
+        assert!(stdout.contains(op), "no {op} case in:\n{stdout}");
+    }
+    let rows = stdout.lines().filter(|l| l.ends_with("| yes |")).count();
+    assert!(rows >= 100, "{rows} passing rows");
+    assert!(!stdout.contains("| NO |"), "{stdout}");
+
+    let bad = bin()
+        .args(["bench", "kernels", "--device", "cpu", "--dtypes", "f8"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("f8"));
+}
