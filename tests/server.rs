@@ -569,3 +569,34 @@ async fn same_request_same_pixels_alone_and_amid_concurrent_traffic() {
         "requests really shared batches (mean batch {hist})"
     );
 }
+
+/// `--request-level-batching` (the baseline of `bench batching`) admits only into an empty
+/// batch, but then takes as many queued requests as fit: requests that queued behind a running
+/// batch start together.
+#[tokio::test]
+async fn request_level_batching_still_batches_queued_requests() {
+    let s = TestServer::start(&["--request-level-batching", "--max-batch", "4"]).await;
+    let mut handles = Vec::new();
+    for i in 0..5 {
+        let c = s.client.clone();
+        let url = s.url("/generate");
+        handles.push(tokio::spawn(async move {
+            // The first request runs alone; the next four queue behind it.
+            tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 })).await;
+            let body = json!({"class_label": i, "steps": 30, "seed": i});
+            c.post(url).json(&body).send().await.unwrap().status()
+        }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    let batches = s.metric_total("diffit_batch_size_count").await;
+    let images = s.metric_total("diffit_batch_size_sum").await;
+    // Every step is observed once: with the four queued requests sharing a batch the mean
+    // batch is near (30·1 + 30·4) / 60 = 2.5; run one at a time it would be 1.
+    assert!(
+        images / batches > 1.5,
+        "mean batch {} over {batches} steps",
+        images / batches
+    );
+}

@@ -165,19 +165,16 @@ impl Scheduler {
         }
     }
 
-    /// Free batch slots.
-    fn room(&self) -> usize {
-        if self.config.request_level && !self.active.is_empty() {
-            return 0;
-        }
-        self.config.max_batch.saturating_sub(self.active.len())
-    }
-
     /// Takes work from the shared queue into free slots; blocks only while this engine has
-    /// nothing to do. False once the queue is closed and empty.
+    /// nothing to do. False once the queue is closed and empty. Request-level batching admits
+    /// only into an empty batch, but then fills it as far as the queue allows.
     fn fill(&mut self) -> bool {
+        let admitting = !self.config.request_level || self.active.is_empty();
         loop {
-            let room = self.room();
+            let room = match admitting {
+                true => self.config.max_batch.saturating_sub(self.active.len()),
+                false => 0,
+            };
             if room == 0 {
                 return true;
             }
