@@ -574,3 +574,79 @@ pub fn attention(
         out
     })
 }
+
+/// `dims` = low-resolution input [batch, h, w, c]; vectorised only.
+pub fn im2col_up2_phases(x: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, h, w, c] = dims;
+    let total = 4 * batch * h * w * 4 * c;
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        if !c.is_multiple_of(pack::<T>()) || !aligned::<T>(x.1) || total >= u32::MAX as usize {
+            candle_core::bail!(
+                "im2col_up2_phases: needs C a multiple of {} and a 32-bit size",
+                pack::<T>()
+            );
+        }
+        let xv = contiguous(slice::<T>(x.0)?, x.1)?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let f =
+            dev.get_or_load_custom_func(&kernel_name::<T>("im2col_up2_phases_v"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_flat(total / pack::<T>()), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b32, h32, w32, c32) = (batch as u32, h as u32, w as u32, c as u32);
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&h32);
+        b.arg(&w32);
+        b.arg(&c32);
+        // SAFETY: reads batch·h·w·c, writes total = 16·batch·h·w·c.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
+/// `dims` = low-resolution [batch, h, w, c]; y is [4, batch·h·w, c]; vectorised only.
+pub fn pixel_shuffle_bias(y: In, bias: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, h, w, c] = dims;
+    let total = 4 * batch * h * w * c;
+    let dev = y.0.device().clone();
+    dispatch!(dev, y.0, |T| {
+        if !c.is_multiple_of(pack::<T>())
+            || !aligned::<T>(y.1)
+            || !aligned::<T>(bias.1)
+            || total >= u32::MAX as usize
+        {
+            candle_core::bail!(
+                "pixel_shuffle_bias: needs C a multiple of {} and a 32-bit size",
+                pack::<T>()
+            );
+        }
+        let yv = contiguous(slice::<T>(y.0)?, y.1)?;
+        let bv = contiguous(slice::<T>(bias.0)?, bias.1)?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let f =
+            dev.get_or_load_custom_func(&kernel_name::<T>("pixel_shuffle_bias_v"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_flat(total / pack::<T>()), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (b32, h32, w32, c32) = (batch as u32, h as u32, w as u32, c as u32);
+        let mut b = f.builder();
+        b.arg(&yv);
+        b.arg(&bv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&h32);
+        b.arg(&w32);
+        b.arg(&c32);
+        // SAFETY: reads 4·batch·h·w·c and c bias values, writes the same count.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}

@@ -453,6 +453,71 @@ __device__ void gn_apply_v(const T *x, const float *sums, const float *sq, const
     }
 }
 
+// Nearest ×2 upsampling + 3×3 convolution as four 2×2 convolutions of the low-resolution input
+// (one per output phase py, px): out [4, B·H·W, 4·C], phase (py·2 + px), row (b, y, x), column
+// (dy·2 + dx)·C + c = x[b, y + py + dy − 1, x + px + dx − 1, c], zero outside. With the phase
+// weights (3×3 taps summed into 2×2, built at load) this is 2.25× fewer FLOPs and im2col bytes
+// than the 3×3 convolution over the upsampled image.
+template <typename T>
+__device__ void im2col_up2_phases_v(const T *x, T *out, uint32_t batch, uint32_t h, uint32_t w,
+                                    uint32_t c) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t cp = c / N;
+    const uint32_t row_packs = 4 * cp;
+    const uint32_t m_total = batch * h * w;
+    const uint32_t phase_packs = m_total * row_packs;
+    const uint32_t total = 4 * phase_packs;
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < total; p += gridDim.x * blockDim.x) {
+        const uint32_t phase = p / phase_packs;
+        const uint32_t rem = p - phase * phase_packs;
+        const uint32_t m = rem / row_packs;
+        const uint32_t r = rem - m * row_packs;
+        const uint32_t tap = r / cp;
+        const uint32_t ch = (r - tap * cp) * N;
+        const uint32_t xo = m % w;
+        const uint32_t t = m / w;
+        const uint32_t yo = t % h;
+        const uint32_t b = t / h;
+        const int yy = (int)yo + (int)(phase / 2) + (int)(tap / 2) - 1;
+        const int xx = (int)xo + (int)(phase % 2) + (int)(tap % 2) - 1;
+        Pack<T> v;
+        if (yy >= 0 && yy < (int)h && xx >= 0 && xx < (int)w) {
+            v = ldp(x, (((size_t)b * h + yy) * w + xx) * c + ch);
+        } else {
+#pragma unroll
+            for (int k = 0; k < N; ++k) v.v[k] = cast<T>(0.0f);
+        }
+        stp(out, (size_t)p * N, v);
+    }
+}
+
+// y: [4, B·H·W, C] (the phase GEMM outputs) → out [B, 2H, 2W, C] with the bias added.
+template <typename T>
+__device__ void pixel_shuffle_bias_v(const T *y, const T *bias, T *out, uint32_t batch, uint32_t h,
+                                     uint32_t w, uint32_t c) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t cp = c / N;
+    const uint32_t wo = 2 * w, ho = 2 * h;
+    const uint32_t total = batch * ho * wo * cp;
+    const uint32_t m_total = batch * h * w;
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < total; p += gridDim.x * blockDim.x) {
+        const uint32_t q = p / cp;
+        const uint32_t co = (p - q * cp) * N;
+        const uint32_t X = q % wo;
+        const uint32_t t = q / wo;
+        const uint32_t Y = t % ho;
+        const uint32_t b = t / ho;
+        const uint32_t phase = (Y % 2) * 2 + (X % 2);
+        const uint32_t m = (b * h + Y / 2) * w + X / 2;
+        const Pack<T> a = ldp(y, ((size_t)phase * m_total + m) * c + co);
+        const Pack<T> bb = ldp(bias, co);
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; ++k) o.v[k] = cast<T>(f(a.v[k]) + f(bb.v[k]));
+        stp(out, (size_t)p * N, o);
+    }
+}
+
 // ---- Fused attention (tensor cores through WMMA) ----
 //
 // One CTA of 4 warps (16 query rows each) takes BQ = 64 query rows of one (sample, head); keys
@@ -916,6 +981,21 @@ INSTANTIATE_ATT(__half, f16, 128)
 INSTANTIATE_GNV(float, f32)
 INSTANTIATE_GNV(__nv_bfloat16, bf16)
 INSTANTIATE_GNV(__half, f16)
+
+#define INSTANTIATE_UP(T, SFX)                                                                     \
+    extern "C" __global__ void im2col_up2_phases_v_##SFX(const T *x, T *out, uint32_t batch,       \
+                                                         uint32_t h, uint32_t w, uint32_t c) {     \
+        im2col_up2_phases_v<T>(x, out, batch, h, w, c);                                            \
+    }                                                                                              \
+    extern "C" __global__ void pixel_shuffle_bias_v_##SFX(const T *y, const T *b, T *out,          \
+                                                          uint32_t batch, uint32_t h, uint32_t w,  \
+                                                          uint32_t c) {                            \
+        pixel_shuffle_bias_v<T>(y, b, out, batch, h, w, c);                                        \
+    }
+
+INSTANTIATE_UP(float, f32)
+INSTANTIATE_UP(__nv_bfloat16, bf16)
+INSTANTIATE_UP(__half, f16)
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

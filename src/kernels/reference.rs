@@ -250,6 +250,19 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             conv3x3_nhwc(&xf, &kf, up)?,
         )?;
     }
+    for (b, h, w, c) in [(1, 1, 1, 8), (2, 5, 4, 8), (1, 6, 7, 32), (2, 3, 9, 16)] {
+        let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
+        // Output channels a multiple of the 16-byte pack, as the CUDA pixel shuffle needs.
+        let (k, kf) = rnd(&[16, c, 3, 3], 0.3)?;
+        let (bias, biasf) = rnd(&[16], 1.0)?;
+        let phases = super::up2_phase_weights(&k)?;
+        let y = super::im2col_up2_phases(&x)?.matmul(&phases.transpose(1, 2)?)?;
+        push(
+            format!("upsample ×2 + conv3x3 as 4 phase convs [{b},{h},{w},{c}]"),
+            super::pixel_shuffle_bias(&y, &bias, b, h, w)?,
+            conv3x3_nhwc(&xf, &kf, 2)?.broadcast_add(&biasf)?,
+        )?;
+    }
     for (b, h, w, c, groups) in [
         (1, 1, 1, 2, 1),
         (2, 5, 5, 8, 4),

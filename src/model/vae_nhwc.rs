@@ -24,6 +24,9 @@ struct ConvMat {
     weight: Tensor,
     bias: Tensor,
     kernel: usize,
+    /// For a convolution after nearest ×2 upsampling: the 2×2 phase weights [4, Cout, 4·Cin]
+    /// (`kernels::up2_phase_weights`), where the input channels fit the phase kernels.
+    phases: Option<Tensor>,
 }
 
 impl ConvMat {
@@ -55,12 +58,29 @@ impl ConvMat {
                 .contiguous()?,
             bias,
             kernel: kh,
+            phases: None,
         })
+    }
+
+    /// A 3×3 convolution that follows a nearest ×2 upsampling: it runs as four 2×2 phase
+    /// convolutions of the low-resolution input (2.25× fewer FLOPs and im2col bytes) when the
+    /// input and output channels are multiples of 8 (the kernels' 16-byte packs).
+    fn new_after_upsampling(conv: &Conv2d) -> Result<Self> {
+        let mut c = Self::new(conv)?;
+        let out_channels = c.weight.dim(0)?;
+        if c.kernel == 3 && c.in_channels().is_multiple_of(8) && out_channels.is_multiple_of(8) {
+            c.phases = Some(kernels::up2_phase_weights(conv.weight())?.contiguous()?);
+        }
+        Ok(c)
     }
 
     /// x [B, H, W, Cin] → [B, H·up, W·up, Cout], plus `residual` (same shape as the output).
     fn forward(&self, x: &Tensor, up: usize, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
+        if let (2, None, Some(phases)) = (up, residual, &self.phases) {
+            let y = kernels::im2col_up2_phases(x)?.matmul(&phases.transpose(1, 2)?)?;
+            return kernels::pixel_shuffle_bias(&y, &self.bias.squeeze(0)?, b, h, w);
+        }
         let (ho, wo) = (h * up, w * up);
         let cols = match self.kernel {
             3 => kernels::im2col3x3(x, up)?,
@@ -247,7 +267,10 @@ impl NhwcDecoder {
                             .iter()
                             .map(Resnet::new)
                             .collect::<Result<Vec<_>>>()?,
-                        u.upsample.as_ref().map(ConvMat::new).transpose()?,
+                        u.upsample
+                            .as_ref()
+                            .map(ConvMat::new_after_upsampling)
+                            .transpose()?,
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
