@@ -334,7 +334,7 @@ pub fn group_norm(
     let [batch, hw, c, groups] = dims;
     let dev = x.0.device().clone();
     let stream = dev.cuda_stream();
-    // Per-(sample, group) sums and centred sums of squares, in f32.
+    // Per-(sample, group) shifted moments, then (in place) mean and 1/std, in f32.
     let sums = stream.alloc_zeros::<f32>(batch * groups).w()?;
     let sq = stream.alloc_zeros::<f32>(batch * groups).w()?;
     dispatch!(dev, x.0, |T| {
@@ -346,7 +346,7 @@ pub fn group_norm(
         let stats_cfg = LaunchConfig {
             grid_dim: (hw.div_ceil(GN_TILE).max(1) as u32, batch as u32, 1),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: (groups * std::mem::size_of::<f32>()) as u32,
+            shared_mem_bytes: (2 * groups * std::mem::size_of::<f32>()) as u32,
         };
         let (hw32, c32, g32, tile32, b32) = (
             hw as u32,
@@ -355,17 +355,7 @@ pub fn group_norm(
             GN_TILE as u32,
             batch as u32,
         );
-        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_sum"), MODULE, PTX)?;
-        let mut b = f.builder();
-        b.arg(&xv);
-        b.arg(&sums);
-        b.arg(&hw32);
-        b.arg(&c32);
-        b.arg(&g32);
-        b.arg(&tile32);
-        // SAFETY: reads batch·hw·c, adds into batch·groups sums.
-        unsafe { b.launch(stats_cfg) }.w()?;
-        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_sq"), MODULE, PTX)?;
+        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_moments"), MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&xv);
         b.arg(&sums);
@@ -374,8 +364,25 @@ pub fn group_norm(
         b.arg(&c32);
         b.arg(&g32);
         b.arg(&tile32);
-        // SAFETY: as above.
+        // SAFETY: reads batch·hw·c, adds into the batch·groups sums.
         unsafe { b.launch(stats_cfg) }.w()?;
+        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_finalize"), MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xv);
+        b.arg(&sums);
+        b.arg(&sq);
+        b.arg(&b32);
+        b.arg(&hw32);
+        b.arg(&c32);
+        b.arg(&g32);
+        b.arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_flat(batch * groups), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads one value of x per (sample, group), rewrites sums and sq in place.
+        unsafe { b.launch(cfg) }.w()?;
         let vector = c.is_multiple_of(pack::<T>())
             && batch * hw * c < u32::MAX as usize
             && aligned::<T>(x.1)

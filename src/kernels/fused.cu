@@ -424,12 +424,11 @@ __device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, f
 // checks the element count fits): the scalar version's 64-bit divisions per element made it
 // as slow as the im2col pass.
 template <typename T, bool SILU>
-__device__ void gn_apply_v(const T *x, const float *sums, const float *sq, const T *gamma,
+__device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, const T *gamma,
                            const T *beta, T *out, uint32_t batch, uint32_t hw, uint32_t c,
                            uint32_t groups, float eps) {
     constexpr int N = Pack<T>::N;
     const uint32_t cg = c / groups;
-    const float count = (float)hw * (float)cg;
     const uint32_t per_sample = hw * c;
     const uint32_t packs = batch * (per_sample / N);
     for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += gridDim.x * blockDim.x) {
@@ -439,19 +438,25 @@ __device__ void gn_apply_v(const T *x, const float *sums, const float *sq, const
         const Pack<T> a = ldp(x, i);
         const Pack<T> gm = ldp(gamma, ch0);
         const Pack<T> bt = ldp(beta, ch0);
+        // Walk the pack's channels through their groups without a division per element.
+        uint32_t g = ch0 / cg;
+        uint32_t in_group = ch0 - g * cg;
+        g += b * groups;
         Pack<T> o;
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-            const uint32_t g = b * groups + (ch0 + k) / cg;
-            const float mean = sums[g] / count;
-            const float rstd = rsqrtf(sq[g] / count + eps);
-            float v = (f(a.v[k]) - mean) * rstd * f(gm.v[k]) + f(bt.v[k]);
-            if (SILU) v = v / (1.0f + __expf(-v));
+            float v = (f(a.v[k]) - mean[g]) * rstd[g] * f(gm.v[k]) + f(bt.v[k]);
+            if (SILU) v = __fdividef(v, 1.0f + __expf(-v));
             o.v[k] = cast<T>(v);
+            if (++in_group == cg) {
+                in_group = 0;
+                ++g;
+            }
         }
         stp(out, i, o);
     }
 }
+
 
 // Nearest ×2 upsampling + 3×3 convolution as four 2×2 convolutions of the low-resolution input
 // (one per output phase py, px): out [4, B·H·W, 4·C], phase (py·2 + px), row (b, y, x), column
@@ -806,37 +811,56 @@ __device__ void im2col3x3(const T *x, T *out, uint32_t batch, uint32_t hi, uint3
     }
 }
 
-// GroupNorm statistics over x [B, HW, C] (channels-last): blockIdx.y = sample, blockIdx.x = a
-// tile of pixels; each thread owns channels and sums its tile, the block reduces per group in
-// shared memory and adds to acc[b·G + g]. CENTERED = false sums x; true sums (x − mean)² with
-// the mean from the first pass (two passes, as exact as the reference's).
-template <typename T, bool CENTERED>
-__device__ void gn_stats(const T *x, const float *sums, float *acc, uint32_t hw, uint32_t c,
-                         uint32_t groups, uint32_t tile) {
-    extern __shared__ float sh[];
-    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) sh[i] = 0.0f;
+// GroupNorm statistics over x [B, HW, C] (channels-last) in one pass: blockIdx.y = sample,
+// blockIdx.x = a tile of pixels; each thread owns channels and sums (x − x0) and (x − x0)² over
+// its tile, the block reduces per group in shared memory and adds to s1/s2[b·G + g]. x0 is the
+// group's first value (pixel 0, first channel): shifting by it keeps E[(x−x0)²] − E[x−x0]² from
+// cancelling when the mean is large against the spread.
+template <typename T>
+__device__ void gn_moments(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
+                           uint32_t groups, uint32_t tile) {
+    extern __shared__ float sh[];  // [2·groups]
+    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
     __syncthreads();
     const uint32_t b = blockIdx.y;
     const uint32_t p0 = blockIdx.x * tile;
     const uint32_t p1 = min(p0 + tile, hw);
     const uint32_t cg = c / groups;
-    const float count = (float)hw * (float)cg;
     for (uint32_t ch = threadIdx.x; ch < c; ch += blockDim.x) {
         const uint32_t g = ch / cg;
-        const float mean = CENTERED ? sums[b * groups + g] / count : 0.0f;
-        float a = 0.0f;
+        const float x0 = ld(x, (size_t)b * hw * c + g * cg);
+        float a = 0.0f, q = 0.0f;
         for (uint32_t p = p0; p < p1; ++p) {
-            float v = ld(x, ((size_t)b * hw + p) * c + ch);
-            if (CENTERED) {
-                v -= mean;
-                v *= v;
-            }
+            const float v = ld(x, ((size_t)b * hw + p) * c + ch) - x0;
             a += v;
+            q += v * v;
         }
         atomicAdd(&sh[g], a);
+        atomicAdd(&sh[groups + g], q);
     }
     __syncthreads();
-    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) atomicAdd(&acc[b * groups + i], sh[i]);
+    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
+        atomicAdd(&s1[b * groups + i], sh[i]);
+        atomicAdd(&s2[b * groups + i], sh[groups + i]);
+    }
+}
+
+// Shifted moments → mean and 1/std per (sample, group), in place (s1 ← mean, s2 ← 1/std), so
+// the apply passes do no division or square root per element.
+template <typename T>
+__device__ void gn_finalize(const T *x, float *s1, float *s2, uint32_t batch, uint32_t hw,
+                            uint32_t c, uint32_t groups, float eps) {
+    const uint32_t cg = c / groups;
+    const float count = (float)hw * (float)cg;
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < batch * groups;
+         i += gridDim.x * blockDim.x) {
+        const uint32_t b = i / groups, g = i % groups;
+        const float x0 = ld(x, (size_t)b * hw * c + g * cg);
+        const float m1 = s1[i] / count;
+        const float var = fmaxf(s2[i] / count - m1 * m1, 0.0f);
+        s1[i] = x0 + m1;
+        s2[i] = rsqrtf(var + eps);
+    }
 }
 
 // out = (x − mean)·rstd·gamma[c] + beta[c], then SiLU if asked; grid-stride over elements.
@@ -845,7 +869,6 @@ __device__ void gn_apply(const T *x, const float *sums, const float *sq, const T
                          const T *beta, T *out, uint32_t batch, uint32_t hw, uint32_t c,
                          uint32_t groups, float eps) {
     const uint32_t cg = c / groups;
-    const float count = (float)hw * (float)cg;
     const size_t total = (size_t)batch * hw * c;
     const size_t per_sample = (size_t)hw * c;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
@@ -853,8 +876,8 @@ __device__ void gn_apply(const T *x, const float *sums, const float *sq, const T
         const uint32_t ch = (uint32_t)(i % c);
         const uint32_t b = (uint32_t)(i / per_sample);
         const uint32_t k = b * groups + ch / cg;
-        const float mean = sums[k] / count;
-        const float rstd = rsqrtf(sq[k] / count + eps);
+        const float mean = sums[k];  // finalised by gn_finalize
+        const float rstd = sq[k];
         float v = (ld(x, i) - mean) * rstd * ld(gamma, ch) + ld(beta, ch);
         if (SILU) v = v / (1.0f + __expf(-v));
         st(out, i, v);
@@ -903,13 +926,14 @@ INSTANTIATE_V(__half, f16)
                                                uint32_t wi, uint32_t c, uint32_t up) {             \
         im2col3x3<T>(x, out, batch, hi, wi, c, up);                                                \
     }                                                                                              \
-    extern "C" __global__ void gn_sum_##SFX(const T *x, float *acc, uint32_t hw, uint32_t c,       \
-                                            uint32_t groups, uint32_t tile) {                      \
-        gn_stats<T, false>(x, nullptr, acc, hw, c, groups, tile);                                  \
+    extern "C" __global__ void gn_moments_##SFX(const T *x, float *s1, float *s2, uint32_t hw,     \
+                                                uint32_t c, uint32_t groups, uint32_t tile) {      \
+        gn_moments<T>(x, s1, s2, hw, c, groups, tile);                                             \
     }                                                                                              \
-    extern "C" __global__ void gn_sq_##SFX(const T *x, const float *sums, float *acc, uint32_t hw, \
-                                           uint32_t c, uint32_t groups, uint32_t tile) {           \
-        gn_stats<T, true>(x, sums, acc, hw, c, groups, tile);                                      \
+    extern "C" __global__ void gn_finalize_##SFX(const T *x, float *s1, float *s2, uint32_t batch, \
+                                                 uint32_t hw, uint32_t c, uint32_t groups,         \
+                                                 float eps) {                                      \
+        gn_finalize<T>(x, s1, s2, batch, hw, c, groups, eps);                                      \
     }                                                                                              \
     extern "C" __global__ void gn_apply_##SFX(const T *x, const float *sums, const float *sq,      \
                                               const T *gamma, const T *beta, T *out,               \
@@ -996,6 +1020,7 @@ INSTANTIATE_GNV(__half, f16)
 INSTANTIATE_UP(float, f32)
 INSTANTIATE_UP(__nv_bfloat16, bf16)
 INSTANTIATE_UP(__half, f16)
+
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
