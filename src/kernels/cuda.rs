@@ -657,3 +657,170 @@ pub fn pixel_shuffle_bias(y: In, bias: In, dims: [usize; 4]) -> Result<CudaStora
         out
     })
 }
+
+/// Owns a cuBLASLt descriptor and destroys it on every path out.
+struct LtHandle<T: Copy>(T, unsafe fn(T) -> std::result::Result<(), CublasErr>);
+
+type CublasErr = candle_core::cuda_backend::cudarc::cublaslt::result::CublasError;
+
+impl<T: Copy> Drop for LtHandle<T> {
+    fn drop(&mut self) {
+        // SAFETY: created by the matching create function and destroyed only here.
+        let _ = unsafe { (self.1)(self.0) };
+    }
+}
+
+/// A 32 MiB cuBLASLt workspace per device (cudarc keeps its own private to its matmul).
+fn lt_workspace(dev: &candle_core::CudaDevice) -> Result<std::sync::Arc<CudaSlice<u8>>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static SPACES: OnceLock<
+        Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaSlice<u8>>>>,
+    > = OnceLock::new();
+    let mut map = SPACES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(w) = map.get(&dev.id()) {
+        return Ok(w.clone());
+    }
+    let w = Arc::new(dev.cuda_stream().alloc_zeros::<u8>(LT_WORKSPACE).w()?);
+    map.insert(dev.id(), w.clone());
+    Ok(w)
+}
+
+const LT_WORKSPACE: usize = 32 << 20;
+
+/// D [m, n] = x [m, k] · w [n, k]ᵀ + b [n] + res [m, n] in one cuBLASLt call (C = res with
+/// beta = 1, the BIAS epilogue, D a new buffer): the bias and the residual add cost no pass of
+/// their own. bf16/f16 only. Column-major view as in `linear_bias_act`.
+pub fn linear_bias_residual(x: In, w: In, b: In, res: In, dims: [usize; 3]) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys, MatmulShared};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let [m, n, k] = dims;
+    let dev = x.0.device().clone();
+    let handle = cublaslt(&dev)?;
+    let ws = lt_workspace(&dev)?;
+    let stream = dev.cuda_stream();
+    let wrap = candle_core::Error::wrap;
+    macro_rules! run {
+        ($t:ty, $dt:expr, $variant:ident) => {{
+            let (xv, wv, bv, rv) = (
+                contiguous(slice::<$t>(x.0)?, x.1)?,
+                contiguous(slice::<$t>(w.0)?, w.1)?,
+                contiguous(slice::<$t>(b.0)?, b.1)?,
+                contiguous(slice::<$t>(res.0)?, res.1)?,
+            );
+            let mut out = unsafe { dev.alloc::<$t>(m * n)? };
+            let layout = |rows: usize, cols: usize, ld: usize| {
+                lt::create_matrix_layout($dt, rows as u64, cols as u64, ld as i64)
+                    .map(|l| LtHandle(l, lt::destroy_matrix_layout))
+                    .map_err(wrap)
+            };
+            // A = w stored column-major [k, n], used transposed; B = x column-major [k, m];
+            // C = res and D = out column-major [n, m].
+            let (a_l, b_l, c_l) = (layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?);
+            let desc = lt::create_matmul_desc(
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType_t::CUDA_R_32F,
+            )
+            .map(|d| LtHandle(d, lt::destroy_matmul_desc))
+            .map_err(wrap)?;
+            let (bias_ptr, _bias_sync) = bv.device_ptr(&stream);
+            let transpose: i32 = 1;
+            let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            // SAFETY: attribute values of the documented types, live for the calls.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                    (&transpose) as *const i32 as *const _,
+                    std::mem::size_of::<i32>(),
+                )
+                .map_err(wrap)?;
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    (&epilogue) as *const _ as *const _,
+                    std::mem::size_of::<sys::cublasLtEpilogue_t>(),
+                )
+                .map_err(wrap)?;
+                lt::set_matmul_desc_attribute(
+                    desc.0,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&bias_ptr) as *const _ as *const _,
+                    std::mem::size_of_val(&bias_ptr),
+                )
+                .map_err(wrap)?;
+            }
+            let pref = lt::create_matmul_pref()
+                .map(|p| LtHandle(p, lt::destroy_matmul_pref))
+                .map_err(wrap)?;
+            let ws_size = LT_WORKSPACE;
+            // SAFETY: as above.
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref.0,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&ws_size) as *const usize as *const _,
+                    std::mem::size_of::<usize>(),
+                )
+                .map_err(wrap)?;
+            }
+            // SAFETY: the descriptors are live; the layouts describe exactly the views' sizes.
+            let heuristic = unsafe {
+                lt::get_matmul_algo_heuristic(*handle.handle(), desc.0, a_l.0, b_l.0, c_l.0, c_l.0, pref.0)
+            }
+            .map_err(wrap)?;
+            let (alpha, beta) = (1f32, 1f32);
+            {
+                let (a_ptr, _a) = wv.device_ptr(&stream);
+                let (b_ptr, _b) = xv.device_ptr(&stream);
+                let (c_ptr, _c) = rv.device_ptr(&stream);
+                let (ws_ptr, _w) = ws.device_ptr(&stream);
+                let (d_ptr, _d) = out.device_ptr_mut(&stream);
+                // SAFETY: every pointer is a live allocation of the size its layout states, on
+                // this stream; the workspace is LT_WORKSPACE bytes.
+                unsafe {
+                    lt::matmul(
+                        *handle.handle(),
+                        desc.0,
+                        (&alpha) as *const f32 as *const _,
+                        (&beta) as *const f32 as *const _,
+                        a_ptr as *const _,
+                        a_l.0,
+                        b_ptr as *const _,
+                        b_l.0,
+                        c_ptr as *const _,
+                        c_l.0,
+                        d_ptr as *mut _,
+                        c_l.0,
+                        (&heuristic.algo) as *const _,
+                        ws_ptr as *mut _,
+                        ws_size,
+                        stream.cu_stream() as *mut _,
+                    )
+                }
+                .map_err(wrap)?;
+            }
+            CudaStorageSlice::$variant(out)
+        }};
+    }
+    let slice = match &x.0.slice {
+        CudaStorageSlice::BF16(_) => run!(half::bf16, sys_dt_bf16(), BF16),
+        CudaStorageSlice::F16(_) => run!(half::f16, sys_dt_f16(), F16),
+        _ => candle_core::bail!("linear_bias_residual: cuBLASLt path is for bf16/f16"),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: dev.clone(),
+    })
+}
+
+fn sys_dt_bf16() -> candle_core::cuda_backend::cudarc::cublaslt::sys::cudaDataType {
+    candle_core::cuda_backend::cudarc::cublaslt::sys::cudaDataType_t::CUDA_R_16BF
+}
+
+fn sys_dt_f16() -> candle_core::cuda_backend::cudarc::cublaslt::sys::cudaDataType {
+    candle_core::cuda_backend::cudarc::cublaslt::sys::cudaDataType_t::CUDA_R_16F
+}

@@ -302,6 +302,96 @@ pub fn linear_bias_act(
     .reshape(dims)
 }
 
+/// `x·Wᵀ + b + residual` for x [.., K], weight [N, K], bias [N], residual [.., N]. On CUDA in
+/// bf16/f16 one cuBLASLt call (C = residual with beta = 1, the `BIAS` epilogue) writes the result,
+/// so neither the bias nor the residual add costs a pass; elsewhere the matmul and `bias_act`.
+pub fn linear_bias_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    let (n, wk) = weight.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = n;
+    if wk != k || bias.dims() != [n] || residual.dims() != dims.as_slice() {
+        candle_core::bail!(
+            "linear_bias_residual: x {:?}, weight {:?}, bias {:?}, residual {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.dims(),
+            residual.dims()
+        );
+    }
+    let x2 = x.reshape((rows, k))?;
+    let r2 = residual.reshape((rows, n))?;
+    if use_lt_epilogue(x) {
+        let op = LinearResidual {
+            bias: bias.contiguous()?,
+        };
+        return x2
+            .contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &r2.contiguous()?, &op)?
+            .reshape(dims);
+    }
+    bias_act(
+        &x2.matmul(&weight.t()?)?,
+        &bias.unsqueeze(0)?,
+        rows,
+        Activation::Identity,
+        Some(&r2),
+    )?
+    .reshape(dims)
+}
+
+/// The cuBLASLt matmul + bias + residual (CUDA only; see `linear_bias_residual`). Custom ops
+/// take three tensors, so the bias rides along in the op.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct LinearResidual {
+    bias: Tensor,
+}
+
+impl CustomOp3 for LinearResidual {
+    fn name(&self) -> &'static str {
+        "diffit-linear-bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("linear_bias_residual routes the CPU through matmul + bias_act")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let (bias, bias_l) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cuda(bias) = &*bias else {
+            candle_core::bail!("linear_bias_residual: bias is not on the GPU");
+        };
+        let out =
+            cuda::linear_bias_residual((s1, l1), (s2, l2), (bias, bias_l), (s3, l3), [m, n, k])?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
 fn use_lt_epilogue(x: &Tensor) -> bool {
     x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16)

@@ -201,6 +201,24 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             )?;
         }
     }
+    for (rows, k, n) in [(7, 5, 9), (130, 72, 104), (300, 1152, 1152)] {
+        let (x, xf) = rnd(&[rows, k], 1.0)?;
+        let (w, wf) = rnd(&[n, k], 0.05)?;
+        let (b, bf) = rnd(&[n], 1.0)?;
+        let (r, rf) = rnd(&[rows, n], 1.0)?;
+        let unfused = bias_act(
+            &xf.matmul(&wf.t()?)?,
+            &bf.unsqueeze(0)?,
+            rows,
+            Activation::Identity,
+            Some(&rf),
+        )?;
+        push(
+            format!("linear + bias + residual [{rows},{k}]x[{n},{k}]"),
+            super::linear_bias_residual(&x, &w, &b, &r)?,
+            unfused,
+        )?;
+    }
     for (batch, heads, n) in [(1, 1, 1), (2, 3, 17), (3, 2, 33), (2, 4, 256), (1, 2, 1040)] {
         let (s, sf) = rnd(&[batch, heads, n, n], 3.0)?;
         let (b, bf) = rnd(&[heads * n, n], 1.0)?;

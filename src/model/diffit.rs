@@ -825,8 +825,7 @@ impl DiffiT {
         tracing: bool,
         record: &mut dyn FnMut(&str, &Tensor),
     ) -> candle_core::Result<Tensor> {
-        let (b, n, d) = h.dims3()?;
-        let rows = b * n;
+        let d = h.dim(2)?;
         let heads = self.config.num_heads;
         let scale = 1.0 / ((d / heads) as f32).sqrt();
         // Every block's per-sample qkv bias (time/class projection + qkv bias) at once.
@@ -843,13 +842,7 @@ impl DiffiT {
                 fused.flash,
             )?;
             let before = h.clone();
-            h = kernels::bias_act(
-                &a.proj.forward_no_bias(&ctx)?,
-                &bias_or_zeros(&a.proj)?.unsqueeze(0)?,
-                rows,
-                Activation::Identity,
-                Some(&h),
-            )?;
+            h = kernels::linear_bias_residual(&ctx, &a.proj.weight, &bias_or_zeros(&a.proj)?, &h)?;
             if tracing {
                 record(&format!("blocks.{i}.attn"), &(&h - &before)?);
             }
@@ -860,12 +853,11 @@ impl DiffiT {
                 Activation::GeluTanh,
             )?;
             let before = h.clone();
-            h = kernels::bias_act(
-                &mlp.fc2.forward_no_bias(&hidden)?,
-                &bias_or_zeros(&mlp.fc2)?.unsqueeze(0)?,
-                rows,
-                Activation::Identity,
-                Some(&h),
+            h = kernels::linear_bias_residual(
+                &hidden,
+                &mlp.fc2.weight,
+                &bias_or_zeros(&mlp.fc2)?,
+                &h,
             )?;
             if tracing {
                 record(&format!("blocks.{i}.mlp"), &(&h - &before)?);

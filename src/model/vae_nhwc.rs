@@ -97,12 +97,11 @@ impl ConvMat {
                 &self.bias.squeeze(0)?,
                 Activation::Identity,
             )?,
-            Some(r) => kernels::bias_act(
-                &cols.matmul(&self.weight.t()?)?,
-                &self.bias,
-                rows,
-                Activation::Identity,
-                Some(&r.reshape((rows, cout))?),
+            Some(r) => kernels::linear_bias_residual(
+                &cols,
+                &self.weight,
+                &self.bias.squeeze(0)?,
+                &r.reshape((rows, cout))?,
             )?,
         };
         y.reshape((b, ho, wo, cout))
@@ -190,7 +189,6 @@ impl LinearMat {
     }
 
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let rows = x.dim(0)?;
         match residual {
             None => kernels::linear_bias_act(
                 x,
@@ -198,13 +196,7 @@ impl LinearMat {
                 &self.bias.squeeze(0)?,
                 Activation::Identity,
             ),
-            Some(r) => kernels::bias_act(
-                &x.matmul(&self.weight.t()?)?,
-                &self.bias,
-                rows,
-                Activation::Identity,
-                Some(r),
-            ),
+            Some(r) => kernels::linear_bias_residual(x, &self.weight, &self.bias.squeeze(0)?, r),
         }
     }
 }
