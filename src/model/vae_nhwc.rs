@@ -1,7 +1,7 @@
 //! The VAE decoder channels-last ([B, H, W, C]) through the fused kernels. Every activation is
 //! a [pixels, channels] matrix, so a 3×3 convolution is `im2col3x3` + one cuBLAS matmul whose
-//! output is already in layout, a bias is a row broadcast folded into the pass that also adds
-//! the residual, and GroupNorm + SiLU is one op. candle's NCHW conv2d (im2col of its own plus
+//! output is already in layout, the bias (and a residual) go into that matmul, and GroupNorm +
+//! SiLU is one op. candle's NCHW conv2d (im2col of its own plus
 //! layout copies) and its GroupNorm (a chain of broadcast ops) made the decoder >10× slower
 //! than diffusers on an H100 (docs/perf.md).
 
@@ -19,10 +19,10 @@ const MAX_IM2COL_ELEMS: usize = 1 << 31;
 /// Most images decoded at once.
 const MAX_CHUNK: usize = 8;
 
-/// A convolution as a matmul: weight [Cout, k·k·Cin] in (ky, kx, c) order, bias [1, Cout].
+/// A convolution as a matmul over its im2col columns: weight [Cout, k·k·Cin] in (ky, kx, c)
+/// order, bias [Cout].
 struct ConvMat {
-    weight: Tensor,
-    bias: Tensor,
+    mat: LinearMat,
     kernel: usize,
     /// For a convolution after nearest ×2 upsampling: the 2×2 phase weights [4, Cout, 4·Cin]
     /// (`kernels::up2_phase_weights`), where the input channels fit the phase kernels.
@@ -47,16 +47,12 @@ impl ConvMat {
                 cfg.stride
             );
         }
-        let bias = match conv.bias() {
-            Some(b) => b.unsqueeze(0)?,
-            None => Tensor::zeros((1, o), w.dtype(), w.device())?,
-        };
+        let weight = w
+            .permute((0, 2, 3, 1))?
+            .reshape((o, kh * kw * i))?
+            .contiguous()?;
         Ok(Self {
-            weight: w
-                .permute((0, 2, 3, 1))?
-                .reshape((o, kh * kw * i))?
-                .contiguous()?,
-            bias,
+            mat: LinearMat::new(weight, conv.bias())?,
             kernel: kh,
             phases: None,
         })
@@ -67,7 +63,7 @@ impl ConvMat {
     /// input and output channels are multiples of 8 (the kernels' 16-byte packs).
     fn new_after_upsampling(conv: &Conv2d) -> Result<Self> {
         let mut c = Self::new(conv)?;
-        let out_channels = c.weight.dim(0)?;
+        let out_channels = c.out_channels();
         if c.kernel == 3 && c.in_channels().is_multiple_of(8) && out_channels.is_multiple_of(8) {
             c.phases = Some(kernels::up2_phase_weights(conv.weight())?.contiguous()?);
         }
@@ -79,7 +75,7 @@ impl ConvMat {
         let (b, h, w, c) = x.dims4()?;
         if let (2, None, Some(phases)) = (up, residual, &self.phases) {
             let y = kernels::im2col_up2_phases(x)?.matmul(&phases.transpose(1, 2)?)?;
-            return kernels::pixel_shuffle_bias(&y, &self.bias.squeeze(0)?, b, h, w);
+            return kernels::pixel_shuffle_bias(&y, &self.mat.bias, b, h, w);
         }
         let (ho, wo) = (h * up, w * up);
         let cols = match self.kernel {
@@ -87,28 +83,21 @@ impl ConvMat {
             _ if up == 1 => x.reshape((b * h * w, c))?,
             _ => candle_core::bail!("channels-last VAE: a 1×1 convolution does not upsample"),
         };
-        let cout = self.weight.dim(0)?;
-        let rows = b * ho * wo;
-        let y = match residual {
-            // Bias in the matmul's epilogue where the output needs nothing else.
-            None => kernels::linear_bias_act(
-                &cols,
-                &self.weight,
-                &self.bias.squeeze(0)?,
-                Activation::Identity,
-            )?,
-            Some(r) => kernels::linear_bias_residual(
-                &cols,
-                &self.weight,
-                &self.bias.squeeze(0)?,
-                &r.reshape((rows, cout))?,
-            )?,
-        };
-        y.reshape((b, ho, wo, cout))
+        let cout = self.out_channels();
+        let res = residual
+            .map(|r| r.reshape((b * ho * wo, cout)))
+            .transpose()?;
+        self.mat
+            .forward(&cols, res.as_ref())?
+            .reshape((b, ho, wo, cout))
     }
 
     fn in_channels(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0) / (self.kernel * self.kernel)
+        self.mat.weight.dim(1).unwrap_or(0) / (self.kernel * self.kernel)
+    }
+
+    fn out_channels(&self) -> usize {
+        self.mat.weight.dim(0).unwrap_or(0)
     }
 }
 
@@ -169,34 +158,30 @@ impl Resnet {
     }
 }
 
-/// A linear layer on [rows, C] with its bias as a [1, Cout] row.
+/// A linear layer on [rows, K]: weight [Cout, K], bias [Cout] (zeros for a layer without one).
 struct LinearMat {
     weight: Tensor,
     bias: Tensor,
 }
 
 impl LinearMat {
-    fn new(l: &candle_nn::Linear) -> Result<Self> {
-        let w = l.weight();
-        let bias = match l.bias() {
-            Some(b) => b.unsqueeze(0)?,
-            None => Tensor::zeros((1, w.dim(0)?), w.dtype(), w.device())?,
+    fn new(weight: Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let bias = match bias {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
         };
-        Ok(Self {
-            weight: w.clone(),
-            bias,
-        })
+        Ok(Self { weight, bias })
     }
 
+    fn from_linear(l: &candle_nn::Linear) -> Result<Self> {
+        Self::new(l.weight().clone(), l.bias())
+    }
+
+    /// x·Wᵀ + b (+ residual): the bias (and residual) inside the matmul on the GPU.
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         match residual {
-            None => kernels::linear_bias_act(
-                x,
-                &self.weight,
-                &self.bias.squeeze(0)?,
-                Activation::Identity,
-            ),
-            Some(r) => kernels::linear_bias_residual(x, &self.weight, &self.bias.squeeze(0)?, r),
+            None => kernels::linear_bias_act(x, &self.weight, &self.bias, Activation::Identity),
+            Some(r) => kernels::linear_bias_residual(x, &self.weight, &self.bias, r),
         }
     }
 }
@@ -213,10 +198,10 @@ impl Attention {
     fn new(a: &AttentionBlock) -> Result<Self> {
         Ok(Self {
             norm: GroupNormMat::new(&a.norm),
-            q: LinearMat::new(&a.q)?,
-            k: LinearMat::new(&a.k)?,
-            v: LinearMat::new(&a.v)?,
-            out: LinearMat::new(&a.out)?,
+            q: LinearMat::from_linear(&a.q)?,
+            k: LinearMat::from_linear(&a.k)?,
+            v: LinearMat::from_linear(&a.v)?,
+            out: LinearMat::from_linear(&a.out)?,
         })
     }
 
