@@ -393,9 +393,11 @@ impl CustomOp3 for LinearResidual {
 }
 
 fn use_lt_epilogue(x: &Tensor) -> bool {
+    // Read once: this runs for three matmuls of every block of every step.
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16)
-        && std::env::var("DIFFIT_LT_EPILOGUE").as_deref() != Ok("0")
+        && *ENABLED.get_or_init(|| std::env::var("DIFFIT_LT_EPILOGUE").as_deref() != Ok("0"))
 }
 
 /// The cuBLASLt matmul with a BIAS or GELU_BIAS epilogue (CUDA only; see `linear_bias_act`).
