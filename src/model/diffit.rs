@@ -636,10 +636,11 @@ impl DiffiT {
         Ok(())
     }
 
-    /// Runs the blocks through the fused kernels (`crate::kernels`: one pass each for the
-    /// per-sample qkv bias and head split, bias + scale + softmax, head merge, bias + GELU,
-    /// bias + residual, LayerNorm) instead of plain candle ops. The default on CUDA
-    /// (`DIFFIT_FUSED=0` turns it off); on the CPU the kernels' fallbacks compute the same.
+    /// Runs the blocks through the fused kernels (`crate::kernels`: LayerNorm, attention from
+    /// the qkv matmul with the per-sample bias and the relative-position bias added in its own
+    /// passes, fc1 + bias + GELU and proj / fc2 + bias + residual in the matmuls) instead of
+    /// plain candle ops. The default on CUDA (`DIFFIT_FUSED=0` turns it off); on the CPU the
+    /// kernels' fallbacks compute the same.
     pub fn set_fused(&mut self, on: bool) -> candle_core::Result<()> {
         if !on {
             self.fused = None;
@@ -785,23 +786,19 @@ impl DiffiT {
 
         if let Some(fused) = &self.fused {
             h = self.blocks_fused(fused, h, &c, tracing, &mut record)?;
-        }
-        for (i, block) in self
-            .blocks
-            .iter()
-            .enumerate()
-            .filter(|_| self.fused.is_none())
-        {
-            let attn = self.attention(block, &h, &c)?;
-            record(&format!("blocks.{i}.attn"), &attn);
-            h = (h + attn)?;
-            let mlp = block
-                .mlp
-                .fc2
-                .forward(&block.mlp.fc1.forward(&self.layer_norm(&h)?)?.gelu()?)?;
-            record(&format!("blocks.{i}.mlp"), &mlp);
-            h = (h + mlp)?;
-            record(&format!("blocks.{i}"), &h);
+        } else {
+            for (i, block) in self.blocks.iter().enumerate() {
+                let attn = self.attention(block, &h, &c)?;
+                record(&format!("blocks.{i}.attn"), &attn);
+                h = (h + attn)?;
+                let mlp = block
+                    .mlp
+                    .fc2
+                    .forward(&block.mlp.fc1.forward(&self.layer_norm(&h)?)?.gelu()?)?;
+                record(&format!("blocks.{i}.mlp"), &mlp);
+                h = (h + mlp)?;
+                record(&format!("blocks.{i}"), &h);
+            }
         }
 
         let out = self
