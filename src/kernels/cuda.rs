@@ -181,7 +181,12 @@ pub fn layer_norm(x: In, rows: usize, cols: usize, eps: f32) -> Result<CudaStora
         let xv = contiguous(slice::<T>(x.0)?, x.1)?;
         let out = unsafe { dev.alloc::<T>(rows * cols)? };
         let vector = cols.is_multiple_of(pack::<T>()) && aligned::<T>(x.1);
-        let name = if vector { "layer_norm_v" } else { "layer_norm" };
+        // fused.cu LN_PACKS: the register-resident kernel holds up to 8 packs a lane.
+        let name = match vector {
+            true if cols <= 32 * 8 * pack::<T>() => "layer_norm_r",
+            true => "layer_norm_v",
+            false => "layer_norm",
+        };
         let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (grid_rows(rows), 1, 1),
@@ -503,10 +508,48 @@ pub fn linear_bias_act(x: In, w: In, b: In, dims: [usize; 3], gelu: bool) -> Res
     })
 }
 
-/// Query rows per CTA and threads per CTA of the fused attention kernel (fused.cu).
-const ATT_BQ: usize = 64;
-const ATT_BK: usize = 64;
+/// Threads of the fused attention kernel (fused.cu, ATT_WARPS).
 const ATT_THREADS: u32 = 128;
+
+/// How the fused attention kernel tiles one (sample, head) (fused.cu, INSTANTIATE_ATT2).
+struct AttTiling {
+    /// Kernel name suffix.
+    name: &'static str,
+    /// Query rows a CTA.
+    bq: usize,
+    /// Key rows a block.
+    bk: usize,
+    /// Key blocks in flight.
+    stages: usize,
+}
+
+impl AttTiling {
+    /// For a padded head dim: 32 query rows a warp up to 80 (each K/V fragment feeds two
+    /// m-tiles), 16 at 128, where 32 would not fit the registers.
+    fn for_head_dim(hdp: usize) -> Self {
+        if hdp <= 80 {
+            Self {
+                name: "b",
+                bq: 128,
+                bk: 32,
+                stages: 4,
+            }
+        } else {
+            Self {
+                name: "a",
+                bq: 64,
+                bk: 64,
+                stages: 2,
+            }
+        }
+    }
+
+    /// Dynamic shared memory: the Q tile and `stages` × (K and V blocks, the bias tile).
+    fn smem_bytes(&self, hdp: usize, elem: usize) -> usize {
+        let ld = hdp + 8;
+        (self.bq * ld + self.stages * (2 * self.bk * ld + self.bq * (self.bk + 8))) * elem
+    }
+}
 
 /// `dims` = [batch, tokens, heads, head_dim]; output [batch·tokens, heads·head_dim].
 pub fn attention(
@@ -522,15 +565,7 @@ pub fn attention(
         .into_iter()
         .find(|&p| p >= hd)
         .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
-    // Q, K, V tiles (T), scores (f32, rows padded by 4), row max and sum (f32); the output is
-    // staged over the K/V/score tiles at the end, so they must hold BQ·HDP floats.
-    let smem = |elem: usize| {
-        let ld = hdp + 8;
-        let tiles = (ATT_BQ + 2 * ATT_BK) * ld * elem + ATT_BQ * (ATT_BK + 4) * 4;
-        let staged = ATT_BQ * ld * elem + ATT_BQ * hdp * 4;
-        // + row max and sum (f32) and the head's q/k/v bias (T).
-        tiles.max(staged) + 2 * ATT_BQ * 4 + 3 * hdp * elem
-    };
+    let tiling = AttTiling::for_head_dim(hdp);
     let dev = qkv.0.device().clone();
     let (sb_start, sb_stride) = (sbias.1.start_offset(), sbias.1.stride()[0]);
     let d3 = 3 * heads * hd;
@@ -544,16 +579,20 @@ pub fn attention(
         let sbv = sbs.slice(sb_start..sb_end);
         let av = contiguous(slice::<T>(abias.0)?, abias.1)?;
         let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
-        let name = format!("attention_{hdp}");
+        let name = format!("attention_{hdp}{}", tiling.name);
         let func = dev.get_or_load_custom_func(&kernel_name::<T>(&name), MODULE, PTX)?;
-        let bytes = smem(std::mem::size_of::<T>());
+        let bytes = tiling.smem_bytes(hdp, std::mem::size_of::<T>());
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
         )
         .w()?;
         let cfg = LaunchConfig {
-            grid_dim: (tokens.div_ceil(ATT_BQ) as u32, heads as u32, batch as u32),
+            grid_dim: (
+                tokens.div_ceil(tiling.bq) as u32,
+                heads as u32,
+                batch as u32,
+            ),
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: bytes as u32,
         };

@@ -109,10 +109,10 @@ pub fn split_qkv(qkv: &Tensor, sample_bias: &Tensor, heads: usize) -> Result<Ten
 /// thirds of `qkv` [B, N, 3·D] plus the per-sample bias [B, 3·D] (any row stride), split into
 /// `heads`; scores are `scale · q·kᵀ + attn_bias` ([heads·N, N] table, row h·N + i); returns
 /// softmax(scores)·v merged back to [B, N, D]. With `flash`, on CUDA in bf16/f16 (head dim a
-/// multiple of 8, at most 128) this is one fused kernel: no head split, no scores in memory,
-/// no merge pass. Otherwise it is `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`:
-/// on an H100 that is still faster at B ≥ 16 (77.6 against 83.6 ms a B = 64 step;
-/// docs/perf.md), so the model takes the fused kernel only when `flash_attention_enabled`.
+/// multiple of 8, at most 128) this is one flash-attention kernel (mma.sync tensor cores,
+/// online softmax in registers): no head split, no scores in memory, no merge pass — 0.34
+/// against 0.78 ms a block at B = 64 on an H100 (docs/perf.md v0.12). Otherwise it is
+/// `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`.
 pub fn attention(
     qkv: &Tensor,
     sample_bias: &Tensor,
@@ -162,9 +162,10 @@ fn flash_attention_fits(qkv: &Tensor, sample_bias: &Tensor, hd: usize) -> bool {
         && strides_ok
 }
 
-/// Whether the model runs attention through the fused kernel (`DIFFIT_FLASH_ATTENTION=1`).
+/// Whether the model runs attention through the fused kernel (default; `DIFFIT_FLASH_ATTENTION=0`
+/// takes the unfused ops).
 pub fn flash_attention_enabled() -> bool {
-    std::env::var("DIFFIT_FLASH_ATTENTION").as_deref() == Ok("1")
+    std::env::var("DIFFIT_FLASH_ATTENTION").as_deref() != Ok("0")
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

@@ -241,7 +241,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             softmax_bias(&sf, &bf, 0.3)?,
         )?;
     }
-    for (rows, cols) in [(1, 1), (5, 31), (40, 1152), (9, 1000)] {
+    for (rows, cols) in [(1, 1), (5, 31), (40, 1152), (9, 1000), (3, 4608)] {
         let (x, xf) = rnd(&[rows, cols], 2.0)?;
         // An offset mean, as activations have: a one-pass variance would lose precision.
         let (x, xf) = ((x + 3.0)?, (xf + 3.0)?);
