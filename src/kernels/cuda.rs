@@ -324,6 +324,54 @@ pub fn im2col3x3(x: In, dims: [usize; 4], up: usize) -> Result<CudaStorage> {
     })
 }
 
+/// `dims` = [batch, h, w, c] of the input; weight [cout, 9·c], bias [cout], cout ≤ 4.
+pub fn conv3x3_small(x: In, w: In, bias: In, dims: [usize; 4], cout: usize) -> Result<CudaStorage> {
+    let [batch, h, wd, c] = dims;
+    let pixels = batch * h * wd;
+    // fused.cu: the weights as [9·c] float4 in shared memory, within the default 48 KiB.
+    let smem = 9 * c * 16;
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        if cout == 0
+            || cout > 4
+            || !c.is_multiple_of(pack::<T>())
+            || !aligned::<T>(x.1)
+            || smem > 48 * 1024
+            || pixels * c >= u32::MAX as usize
+        {
+            candle_core::bail!(
+                "conv3x3_small: needs 1..=4 outputs, C a multiple of {} and at most 341",
+                pack::<T>()
+            );
+        }
+        let xv = contiguous(slice::<T>(x.0)?, x.1)?;
+        let wv = contiguous(slice::<T>(w.0)?, w.1)?;
+        let bv = contiguous(slice::<T>(bias.0)?, bias.1)?;
+        let out = unsafe { dev.alloc::<T>(pixels * cout)? };
+        let func =
+            dev.get_or_load_custom_func(&kernel_name::<T>("conv3x3_cout4_v"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_flat(pixels), 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (b32, h32, w32, c32, o32) = (batch as u32, h as u32, wd as u32, c as u32, cout as u32);
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&wv);
+        b.arg(&bv);
+        b.arg(&out);
+        b.arg(&b32);
+        b.arg(&h32);
+        b.arg(&w32);
+        b.arg(&c32);
+        b.arg(&o32);
+        // SAFETY: reads batch·h·w·c, cout·9·c weights and cout biases; writes pixels·cout.
+        unsafe { b.launch(cfg) }.w()?;
+        out
+    })
+}
+
 /// Pixels each statistics block sums per thread.
 const GN_TILE: usize = 32;
 

@@ -952,6 +952,53 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
 
 // ---- VAE decoder, channels-last ([B, H, W, C]) ----
 
+// A 3×3 convolution (padding 1) with at most 4 output channels, straight from the
+// channels-last input: out[p, co] = bias[co] + Σ_{tap, c} x[p + tap, c] · w[co, tap·C + c].
+// The VAE's conv_out (128 → 3 channels at full resolution) as im2col + matmul wrote and read
+// nine copies of its input and ran cuBLAS's slow unaligned path (N = 3): 1.5 ms a chunk of 8
+// on an H100. One thread a pixel; the weights sit in shared memory as [9·C] float4 (one
+// broadcast load feeds all four outputs). C a multiple of the pack; 9·C·16 bytes of shared memory.
+template <typename T>
+__device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, uint32_t batch,
+                                uint32_t h, uint32_t wd, uint32_t c, uint32_t cout) {
+    constexpr int N = Pack<T>::N;
+    extern __shared__ float4 wsm[];
+    const uint32_t k = 9 * c;
+    for (uint32_t i = threadIdx.x; i < k; i += blockDim.x) {
+        float4 v;
+        v.x = cout > 0 ? ld(w, i) : 0.0f;
+        v.y = cout > 1 ? ld(w, (size_t)k + i) : 0.0f;
+        v.z = cout > 2 ? ld(w, 2 * (size_t)k + i) : 0.0f;
+        v.w = cout > 3 ? ld(w, 3 * (size_t)k + i) : 0.0f;
+        wsm[i] = v;
+    }
+    __syncthreads();
+    const uint32_t pixels = batch * h * wd;
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += gridDim.x * blockDim.x) {
+        const uint32_t xo = p % wd, yo = (p / wd) % h, b = p / (wd * h);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int tap = 0; tap < 9; ++tap) {
+            const int yy = (int)yo + tap / 3 - 1, xx = (int)xo + tap % 3 - 1;
+            if (yy < 0 || xx < 0 || yy >= (int)h || xx >= (int)wd) continue;
+            const T *src = x + (((size_t)b * h + yy) * wd + xx) * c;
+            const float4 *wt = wsm + tap * c;
+            for (uint32_t q = 0; q < c; q += N) {
+                const Pack<T> a = ldp(src, q);
+#pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    const float v = f(a.v[e]);
+                    const float4 ww = wt[q + e];
+                    acc[0] += v * ww.x;
+                    acc[1] += v * ww.y;
+                    acc[2] += v * ww.z;
+                    acc[3] += v * ww.w;
+                }
+            }
+        }
+        for (uint32_t co = 0; co < cout; ++co) st(out, (size_t)p * cout + co, acc[co] + ld(bias, co));
+    }
+}
+
 // out: [B·Ho·Wo, 9·C] with Ho = Hi·up, Wo = Wi·up: column (ky·3 + kx)·C + c of row (b, y, x)
 // holds the nearest-upsampled input at (y + ky − 1, x + kx − 1), zero outside (padding 1), so
 // a 3×3 convolution is one matmul with the weight as [Cout, 3·3·C]. In packs of 16 bytes
@@ -1119,6 +1166,11 @@ INSTANTIATE_V(__nv_bfloat16, bf16)
 INSTANTIATE_V(__half, f16)
 
 #define INSTANTIATE_VAE(T, SFX)                                                                    \
+    extern "C" __global__ void conv3x3_cout4_v_##SFX(const T *x, const T *w, const T *b, T *out,   \
+                                                     uint32_t batch, uint32_t h, uint32_t wd,      \
+                                                     uint32_t c, uint32_t cout) {                  \
+        conv3x3_cout4_v<T>(x, w, b, out, batch, h, wd, c, cout);                                   \
+    }                                                                                              \
     extern "C" __global__ void im2col3x3_v_##SFX(const T *x, T *out, uint32_t batch, uint32_t hi,  \
                                                  uint32_t wi, uint32_t c, uint32_t up) {           \
         im2col3x3_v<T>(x, out, batch, hi, wi, c, up);                                              \

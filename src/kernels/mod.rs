@@ -229,6 +229,34 @@ pub fn im2col3x3(x: &Tensor, up: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
+/// A 3×3 convolution (padding 1) of channels-last `x` [B, H, W, C] with at most 4 output
+/// channels: weight [Cout, 3·3·C] in (ky, kx, c) order, bias [Cout]; returns [B, H, W, Cout].
+/// One direct kernel on CUDA (no im2col: for the VAE's 128 → 3 output convolution that was
+/// nine copies of a full-resolution activation and cuBLAS's unaligned N = 3 path); needs C a
+/// multiple of 8 and at most 336 there (`conv3x3_small_fits`).
+pub fn conv3x3_small(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (cout, k) = weight.dims2()?;
+    if k != 9 * c || bias.dims() != [cout] || !(1..=4).contains(&cout) {
+        candle_core::bail!(
+            "conv3x3_small: weight {:?} / bias {:?} do not fit {c} channels to 1..=4",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let op = Conv3x3Small {
+        dims: [b, h, w, c],
+        cout,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+}
+
+/// Whether `conv3x3_small` takes a convolution of `c` input and `cout` output channels.
+pub fn conv3x3_small_fits(c: usize, cout: usize) -> bool {
+    (1..=4).contains(&cout) && c.is_multiple_of(8) && c <= 336
+}
+
 /// GroupNorm with affine parameters over channels-last `x` [B, spatial…, C] (statistics per
 /// sample and group of C / groups channels), then SiLU when `silu`.
 pub fn group_norm(
@@ -601,6 +629,64 @@ struct Im2col {
     /// Input [B, H, W, C].
     dims: [usize; 4],
     up: usize,
+}
+
+struct Conv3x3Small {
+    /// Input [B, H, W, C].
+    dims: [usize; 4],
+    cout: usize,
+}
+
+impl CustomOp3 for Conv3x3Small {
+    fn name(&self) -> &'static str {
+        "diffit-conv3x3-small"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, wt, bias) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let [b, h, w, c] = self.dims;
+        let cout = self.cout;
+        let mut out = vec![0f32; b * h * w * cout];
+        for (p, o) in out.chunks_mut(cout).enumerate() {
+            let (bi, y, xo) = (p / (h * w), (p / w) % h, p % w);
+            o.copy_from_slice(&bias);
+            for tap in 0..9 {
+                let (yy, xx) = (y as isize + tap / 3 - 1, xo as isize + tap % 3 - 1);
+                if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
+                    continue;
+                }
+                let src = &x[((bi * h + yy as usize) * w + xx as usize) * c..][..c];
+                for (co, acc) in o.iter_mut().enumerate() {
+                    let wrow = &wt[co * 9 * c + tap as usize * c..][..c];
+                    *acc += src.iter().zip(wrow).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+        }
+        Ok((cpu_store(out, s1.dtype())?, Shape::from((b, h, w, cout))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::conv3x3_small((s1, l1), (s2, l2), (s3, l3), self.dims, self.cout)?;
+        let [b, h, w, _] = self.dims;
+        Ok((out, Shape::from((b, h, w, self.cout))))
+    }
 }
 
 struct GroupNormOp {

@@ -241,6 +241,25 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             softmax_bias(&sf, &bf, 0.3)?,
         )?;
     }
+    for (b, h, w, c, cout) in [
+        (1, 5, 7, 8, 1),
+        (2, 9, 4, 16, 3),
+        (1, 33, 17, 128, 3),
+        (1, 6, 6, 64, 4),
+    ] {
+        let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
+        let (wt, wf) = rnd(&[cout, 9 * c], 0.05)?;
+        let (bias, biasf) = rnd(&[cout], 1.0)?;
+        let unfused = super::im2col3x3(&xf, 1)?
+            .matmul(&wf.t()?)?
+            .broadcast_add(&biasf)?
+            .reshape((b, h, w, cout))?;
+        push(
+            format!("conv3x3_small [{b},{h},{w},{c}] -> {cout}"),
+            super::conv3x3_small(&x, &wt, &bias)?,
+            unfused,
+        )?;
+    }
     for (rows, cols) in [(1, 1), (5, 31), (40, 1152), (9, 1000), (3, 4608)] {
         let (x, xf) = rnd(&[rows, cols], 2.0)?;
         // An offset mean, as activations have: a one-pass variance would lose precision.

@@ -77,13 +77,17 @@ impl ConvMat {
             let y = kernels::im2col_up2_phases(x)?.matmul(&phases.transpose(1, 2)?)?;
             return kernels::pixel_shuffle_bias(&y, &self.mat.bias, b, h, w);
         }
+        let cout = self.out_channels();
+        if self.kernel == 3 && up == 1 && residual.is_none() && kernels::conv3x3_small_fits(c, cout)
+        {
+            return kernels::conv3x3_small(x, &self.mat.weight, &self.mat.bias);
+        }
         let (ho, wo) = (h * up, w * up);
         let cols = match self.kernel {
             3 => kernels::im2col3x3(x, up)?,
             _ if up == 1 => x.reshape((b * h * w, c))?,
             _ => candle_core::bail!("channels-last VAE: a 1×1 convolution does not upsample"),
         };
-        let cout = self.out_channels();
         let res = residual
             .map(|r| r.reshape((b * ho * wo, cout)))
             .transpose()?;
