@@ -29,6 +29,9 @@ pub struct StepRow {
     pub images: usize,
     pub step_ms_median: f64,
     pub step_ms_min: f64,
+    /// Host time until the step's work is queued (median): where it nears the step time, the
+    /// GPU waits on the host.
+    pub enqueue_ms_median: f64,
     pub tflops: f64,
     pub images_per_sec_250: f64,
     pub images_per_sec_50: f64,
@@ -103,14 +106,16 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
                 )
             })
             .collect::<candle_core::Result<_>>()?;
-        let mut times = Vec::new();
+        let (mut times, mut enqueue) = (Vec::new(), Vec::new());
         for it in 0..b.warmup + b.iters {
             let start = Instant::now();
             let mut refs: Vec<&mut SampleState> = samples.iter_mut().collect();
             denoise_step(&model, &mut refs)?;
+            let queued = start.elapsed();
             b.device.synchronize()?;
             if it >= b.warmup {
                 times.push(start.elapsed().as_secs_f64() * 1e3);
+                enqueue.push(queued.as_secs_f64() * 1e3);
             }
         }
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
@@ -119,6 +124,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
             images: n,
             step_ms_median: med,
             step_ms_min: min,
+            enqueue_ms_median: median(enqueue),
             tflops: 2.0 * n as f64 * flop / (med * 1e-3) / 1e12,
             images_per_sec_250: n as f64 / (med * 1e-3 * 250.0),
             images_per_sec_50: n as f64 / (med * 1e-3 * 50.0),
@@ -174,16 +180,17 @@ impl std::fmt::Display for ModelBenchReport {
         )?;
         writeln!(
             f,
-            "| B | step ms (median) | min | TFLOP/s | img/s @250 | img/s @50 |"
+            "| B | step ms (median) | min | host ms | TFLOP/s | img/s @250 | img/s @50 |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|")?;
         for r in &self.steps {
             writeln!(
                 f,
-                "| {} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
                 r.images,
                 r.step_ms_median,
                 r.step_ms_min,
+                r.enqueue_ms_median,
                 r.tflops,
                 r.images_per_sec_250,
                 r.images_per_sec_50
