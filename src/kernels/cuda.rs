@@ -372,7 +372,7 @@ pub fn conv3x3_small(x: In, w: In, bias: In, dims: [usize; 4], cout: usize) -> R
     })
 }
 
-/// Pixels each statistics block sums per thread.
+/// Pixels a block of the scalar statistics kernel sums.
 const GN_TILE: usize = 32;
 
 /// `dims` = [batch, hw, channels, groups].
@@ -395,9 +395,20 @@ pub fn group_norm(
         let gv = contiguous(slice::<T>(gamma.0)?, gamma.1)?;
         let bv = contiguous(slice::<T>(beta.0)?, beta.1)?;
         let out = unsafe { dev.alloc::<T>(batch * hw * c)? };
-        let threads = c.next_multiple_of(32).min(512) as u32;
+        // Packs where the channels allow: tiles of up to 256 pixels, smaller where that would
+        // leave fewer than ~512 blocks.
+        let vector = c.is_multiple_of(pack::<T>()) && aligned::<T>(x.1);
+        let (name, threads, tile) = if vector {
+            ("gn_moments_v", ROW_BLOCK, (hw * batch / 512).clamp(16, 256))
+        } else {
+            (
+                "gn_moments",
+                c.next_multiple_of(32).min(512) as u32,
+                GN_TILE,
+            )
+        };
         let stats_cfg = LaunchConfig {
-            grid_dim: (hw.div_ceil(GN_TILE).max(1) as u32, batch as u32, 1),
+            grid_dim: (hw.div_ceil(tile).max(1) as u32, batch as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: (2 * groups * std::mem::size_of::<f32>()) as u32,
         };
@@ -405,10 +416,10 @@ pub fn group_norm(
             hw as u32,
             c as u32,
             groups as u32,
-            GN_TILE as u32,
+            tile as u32,
             batch as u32,
         );
-        let f = dev.get_or_load_custom_func(&kernel_name::<T>("gn_moments"), MODULE, PTX)?;
+        let f = dev.get_or_load_custom_func(&kernel_name::<T>(name), MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&xv);
         b.arg(&sums);

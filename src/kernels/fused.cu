@@ -1093,6 +1093,55 @@ __device__ void gn_moments(const T *x, float *s1, float *s2, uint32_t hw, uint32
     }
 }
 
+// gn_moments over 16-byte packs (C a multiple of the pack): a thread sums one pack of
+// channels over every `lanes`-th pixel of the tile, per element, then adds them into its
+// channels' groups. The scalar version (one 2-byte load a thread a pixel, 32-pixel tiles)
+// moved ~1 TB/s on an H100, 10 % of a VAE decode.
+template <typename T>
+__device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
+                             uint32_t groups, uint32_t tile) {
+    constexpr int N = Pack<T>::N;
+    extern __shared__ float sh[];  // [2·groups]
+    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
+    __syncthreads();
+    const uint32_t b = blockIdx.y;
+    const uint32_t p0 = blockIdx.x * tile;
+    const uint32_t p1 = min(p0 + tile, hw);
+    const uint32_t cg = c / groups, packs = c / N;
+    const uint32_t lanes = max(1u, blockDim.x / packs);
+    const T *xb = x + (size_t)b * hw * c;
+    for (uint32_t i = threadIdx.x; i < packs * lanes; i += blockDim.x) {
+        const uint32_t q = i % packs, lane = i / packs;
+        float x0[N], a[N], sq[N];
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            x0[e] = ld(xb, ((q * N + e) / cg) * cg);
+            a[e] = 0.0f;
+            sq[e] = 0.0f;
+        }
+        for (uint32_t p = p0 + lane; p < p1; p += lanes) {
+            const Pack<T> v = ldp(xb, (size_t)p * c + q * N);
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                const float d = f(v.v[e]) - x0[e];
+                a[e] += d;
+                sq[e] += d * d;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            const uint32_t g = (q * N + e) / cg;
+            atomicAdd(&sh[g], a[e]);
+            atomicAdd(&sh[groups + g], sq[e]);
+        }
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
+        atomicAdd(&s1[b * groups + i], sh[i]);
+        atomicAdd(&s2[b * groups + i], sh[groups + i]);
+    }
+}
+
 // Shifted moments → mean and 1/std per (sample, group), in place (s1 ← mean, s2 ← 1/std), so
 // the apply passes do no division or square root per element.
 template <typename T>
@@ -1182,6 +1231,10 @@ INSTANTIATE_V(__half, f16)
     extern "C" __global__ void gn_moments_##SFX(const T *x, float *s1, float *s2, uint32_t hw,     \
                                                 uint32_t c, uint32_t groups, uint32_t tile) {      \
         gn_moments<T>(x, s1, s2, hw, c, groups, tile);                                             \
+    }                                                                                              \
+    extern "C" __global__ void gn_moments_v_##SFX(const T *x, float *s1, float *s2, uint32_t hw,   \
+                                                  uint32_t c, uint32_t groups, uint32_t tile) {    \
+        gn_moments_v<T>(x, s1, s2, hw, c, groups, tile);                                           \
     }                                                                                              \
     extern "C" __global__ void gn_finalize_##SFX(const T *x, float *s1, float *s2, uint32_t batch, \
                                                  uint32_t hw, uint32_t c, uint32_t groups,         \

@@ -318,6 +318,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         (2, 5, 5, 8, 4),
         (2, 16, 16, 64, 32),
         (3, 7, 9, 96, 32),
+        (2, 64, 48, 128, 32),
     ] {
         let (x, xf) = rnd(&[b, h, w, c], 2.0)?;
         let (x, xf) = ((x + 1.5)?, (xf + 1.5)?);
