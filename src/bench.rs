@@ -325,6 +325,36 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
     time("fused: layer_norm [32768,1152]", &|| {
         kernels::layer_norm(&x, 1e-6)
     })?;
+    // A whole fused block as the model runs it, four in a row (one sync per four): against the
+    // sum of its ops timed one by one, this shows what running back to back costs or saves.
+    let x3 = x.reshape((rows, n, d))?;
+    let (w_qkv, w_proj, w2) = (rnd(&[3 * d, d])?, rnd(&[d, d])?, rnd(&[d, m])?);
+    let (b_proj, b2) = (rnd(&[d])?, rnd(&[d])?);
+    let block = |hin: &Tensor| -> candle_core::Result<Tensor> {
+        let qkv = kernels::layer_norm(hin, 1e-6)?
+            .reshape((t, d))?
+            .matmul(&w_qkv.t()?)?
+            .reshape((rows, n, 3 * d))?;
+        let ctx = kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true)?;
+        let h1 = kernels::linear_bias_residual(&ctx, &w_proj, &b_proj, hin)?;
+        let hidden = kernels::linear_bias_act(
+            &kernels::layer_norm(&h1, 1e-6)?,
+            &w1,
+            &b4,
+            Activation::GeluTanh,
+        )?;
+        kernels::linear_bias_residual(&hidden, &w2, &b2, &h1)
+    };
+    time(
+        "fused block x4 [128,256,1152] (per block: divide by 4)",
+        &|| {
+            let mut hcur = x3.clone();
+            for _ in 0..4 {
+                hcur = block(&hcur)?;
+            }
+            Ok(hcur)
+        },
+    )?;
     Ok(out)
 }
 
