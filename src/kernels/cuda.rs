@@ -340,7 +340,7 @@ pub fn conv3x3_small(x: In, w: In, bias: In, dims: [usize; 4], cout: usize) -> R
             || pixels * c >= u32::MAX as usize
         {
             candle_core::bail!(
-                "conv3x3_small: needs 1..=4 outputs, C a multiple of {} and at most 341",
+                "conv3x3_small: needs 1..=4 outputs, C a multiple of {} and at most 336",
                 pack::<T>()
             );
         }
@@ -570,7 +570,28 @@ pub fn linear_bias_act(x: In, w: In, b: In, dims: [usize; 3], gelu: bool) -> Res
 /// Threads of the fused attention kernel (fused.cu, ATT_WARPS).
 const ATT_THREADS: u32 = 128;
 
-/// How the fused attention kernel tiles one (sample, head) (fused.cu, INSTANTIATE_ATT2).
+/// The head dims the fused attention kernel is compiled for (fused.cu, INSTANTIATE_ATT_ALL):
+/// `hd` zero-padded to the next one.
+fn padded_head_dim(hd: usize) -> Option<usize> {
+    [32, 64, 80, 128].into_iter().find(|&p| p >= hd)
+}
+
+/// Whether the fused attention kernel's tiling for head dim `hd` fits the device's shared memory
+/// per block: sm_90 allows 227 KiB, sm_86/sm_89 only 99 KiB, below the 106 KiB of the hd-72 tiling
+/// (the model then takes the unfused ops).
+pub fn attention_fits_device(dev: &candle_core::CudaDevice, hd: usize, elem: usize) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let Some(hdp) = padded_head_dim(hd) else {
+        return false;
+    };
+    let need = AttTiling::for_head_dim(hdp).smem_bytes(hdp, elem);
+    dev.cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .is_ok_and(|max| need <= max as usize)
+}
+
+/// How the fused attention kernel tiles one (sample, head) (fused.cu, INSTANTIATE_ATT_ALL).
 struct AttTiling {
     /// Kernel name suffix.
     name: &'static str,
@@ -620,9 +641,7 @@ pub fn attention(
 ) -> Result<CudaStorage> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     let [batch, tokens, heads, hd] = dims;
-    let hdp = [32, 64, 80, 128]
-        .into_iter()
-        .find(|&p| p >= hd)
+    let hdp = padded_head_dim(hd)
         .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
     let tiling = AttTiling::for_head_dim(hdp);
     let dev = qkv.0.device().clone();

@@ -672,7 +672,7 @@ __device__ __forceinline__ Pack<T> zero_pack() {
 
 // Tiling of attention_fused: MT m-tiles of 16 query rows a warp (with two, each K/V fragment
 // read from shared memory feeds twice the mma work, at the cost of registers), 4 warps, key
-// blocks of BK rows in a ring of STAGES. The launcher (cuda.rs, attention_tiles) mirrors these.
+// blocks of BK rows in a ring of STAGES. The launcher (cuda.rs, AttTiling) mirrors these.
 constexpr int ATT_WARPS = 4;
 
 template <typename T, int HDP, int MT, int BK, int STAGES>
@@ -995,7 +995,10 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
                 }
             }
         }
-        for (uint32_t co = 0; co < cout; ++co) st(out, (size_t)p * cout + co, acc[co] + ld(bias, co));
+        // A constant trip count keeps acc in registers (a run-time index would put it in local memory).
+#pragma unroll
+        for (uint32_t co = 0; co < 4; ++co)
+            if (co < cout) st(out, (size_t)p * cout + co, acc[co] + ld(bias, co));
     }
 }
 

@@ -7,7 +7,9 @@
 //! contiguous (the callers pass fresh matmul outputs).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
+};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -160,12 +162,29 @@ fn flash_attention_fits(qkv: &Tensor, sample_bias: &Tensor, hd: usize) -> bool {
         && hd.is_multiple_of(8)
         && (8..=128).contains(&hd)
         && strides_ok
+        && attention_fits_device(qkv.device(), hd)
 }
 
-/// Whether the model runs attention through the fused kernel (default; `DIFFIT_FLASH_ATTENTION=0`
-/// takes the unfused ops).
+#[cfg(feature = "cuda")]
+fn attention_fits_device(device: &Device, hd: usize) -> bool {
+    match device {
+        Device::Cuda(d) => cuda::attention_fits_device(d, hd, 2),
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn attention_fits_device(_: &Device, _: usize) -> bool {
+    false
+}
+
+/// Whether the model runs attention through the fused kernel (default; `DIFFIT_FLASH_ATTENTION=0`,
+/// `false` or `off` takes the unfused ops).
 pub fn flash_attention_enabled() -> bool {
-    std::env::var("DIFFIT_FLASH_ATTENTION").as_deref() != Ok("0")
+    !matches!(
+        std::env::var("DIFFIT_FLASH_ATTENTION").as_deref(),
+        Ok("0" | "false" | "off")
+    )
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

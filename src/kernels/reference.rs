@@ -176,6 +176,9 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
     for (b, n, heads, hd) in [
         (2, 256, 4, 72),
         (1, 1024, 2, 72),
+        (1, 136, 1, 128),
+        (1, 200, 2, 64),
+        (2, 264, 2, 32),
         (1, 100, 3, 64),
         (2, 17, 2, 16),
         (1, 70, 1, 128),

@@ -344,7 +344,7 @@ fn bias_or_zeros(l: &Linear) -> candle_core::Result<Tensor> {
 /// Row count of every per-sample (conditioning) matmul; see `Linear::forward_per_sample`.
 /// On a GPU such a matmul is bound by reading its weight (all blocks' conditioning projection
 /// is 223 MB at ImageNet-256), once a chunk: 16-row chunks made a B = 64 guided step read it
-/// 8 times (0.9 ms on an H100), so GPU chunks are a whole guided batch of 64 tall. On the CPU
+/// 8 times (0.9 ms on an H100), so GPU chunks are 128 rows (a guided batch of 64 images). On the CPU
 /// the cost grows with the padding, so chunks stay small there.
 fn per_sample_rows(device: &Device) -> usize {
     if device.is_cuda() {

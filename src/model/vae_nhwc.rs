@@ -78,7 +78,12 @@ impl ConvMat {
             return kernels::pixel_shuffle_bias(&y, &self.mat.bias, b, h, w);
         }
         let cout = self.out_channels();
-        if self.kernel == 3 && up == 1 && residual.is_none() && kernels::conv3x3_small_fits(c, cout)
+        // On the GPU only: the CPU fallback is a plain loop, slower than im2col + a threaded gemm.
+        if self.kernel == 3
+            && up == 1
+            && residual.is_none()
+            && x.device().is_cuda()
+            && kernels::conv3x3_small_fits(c, cout)
         {
             return kernels::conv3x3_small(x, &self.mat.weight, &self.mat.bias);
         }
