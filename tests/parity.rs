@@ -213,6 +213,17 @@ fn full_250_step_guided_ddpm_run_matches_reference() {
     assert!(e <= 1e-3, "final latent rel err {e}");
 }
 
+/// The largest difference between the 8-bit pixels of `decoded` and the reference's.
+fn worst_pixel_diff(decoded: &Tensor, want: &Tensor) -> u8 {
+    let px = vae::to_pixels(decoded).unwrap();
+    let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    px.iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap()
+}
+
 #[test]
 fn vae_decode_matches_reference() {
     let g = golden("vae_tiny_golden.safetensors");
@@ -227,18 +238,7 @@ fn vae_decode_matches_reference() {
     let decoded = vae.decode(&g["z"]).unwrap();
     let e = rel_err(&decoded, &g["decoded"]);
     assert!(e <= 1e-4, "decoded rel err {e}");
-    let px = vae::to_pixels(&decoded).unwrap();
-    let want = g["pixels_u8"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap();
-    let worst = px
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = worst_pixel_diff(&decoded, &g["pixels_u8"]);
     assert!(worst <= 1, "pixels differ by up to {worst}");
     let chunked = vae.decode_chunked(&g["z"], 1).unwrap();
     assert!(
@@ -263,18 +263,7 @@ fn fused_channels_last_vae_decode_matches_reference() {
         let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
         assert!(e <= tol, "{dtype:?} fused decoded rel err {e}");
         if dtype == DType::F32 {
-            let px = vae::to_pixels(&decoded).unwrap();
-            let want = g["pixels_u8"]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<u8>()
-                .unwrap();
-            let worst = px
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
+            let worst = worst_pixel_diff(&decoded, &g["pixels_u8"]);
             assert!(worst <= 1, "fused pixels differ by up to {worst}");
         }
     }
