@@ -252,16 +252,14 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         (1, 6, 6, 64, 4),
     ] {
         let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
-        let (wt, wf) = rnd(&[cout, 9 * c], 0.05)?;
+        let (k, kf) = rnd(&[cout, c, 3, 3], 0.05)?;
         let (bias, biasf) = rnd(&[cout], 1.0)?;
-        let unfused = super::im2col3x3(&xf, 1)?
-            .matmul(&wf.t()?)?
-            .broadcast_add(&biasf)?
-            .reshape((b, h, w, cout))?;
+        // The kernel's weight layout: [Cout, 3·3·C] in (ky, kx, c) order.
+        let wt = k.permute((0, 2, 3, 1))?.reshape((cout, 9 * c))?;
         push(
             format!("conv3x3_small [{b},{h},{w},{c}] -> {cout}"),
             super::conv3x3_small(&x, &wt, &bias)?,
-            unfused,
+            conv3x3_nhwc(&xf, &kf, 1)?.broadcast_add(&biasf)?,
         )?;
     }
     for (rows, cols) in [(1, 1), (5, 31), (40, 1152), (9, 1000), (3, 4608)] {
