@@ -55,6 +55,14 @@ template <> __device__ __forceinline__ float cast<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 cast<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half cast<__half>(float v) { return __float2half(v); }
 
+template <typename T>
+__device__ __forceinline__ Pack<T> zero_pack() {
+    Pack<T> z;
+#pragma unroll
+    for (int k = 0; k < Pack<T>::N; ++k) z.v[k] = cast<T>(0.0f);
+    return z;
+}
+
 // bias_act over packs: the flat tensor in 16-byte packs, grid-stride.
 template <typename T, bool GELU, bool RES>
 __device__ void bias_act_v(const T *y, const T *bias, const T *res, T *out, uint32_t rows,
@@ -542,14 +550,11 @@ __device__ void im2col_up2_phases_v(const T *x, T *out, uint32_t batch, uint32_t
         const uint32_t b = t / h;
         const int yy = (int)yo + (int)(phase / 2) + (int)(tap / 2) - 1;
         const int xx = (int)xo + (int)(phase % 2) + (int)(tap % 2) - 1;
-        Pack<T> v;
         if (yy >= 0 && yy < (int)h && xx >= 0 && xx < (int)w) {
-            v = ldp(x, (((size_t)b * h + yy) * w + xx) * c + ch);
+            stp(out, (size_t)p * N, ldp(x, (((size_t)b * h + yy) * w + xx) * c + ch));
         } else {
-#pragma unroll
-            for (int k = 0; k < N; ++k) v.v[k] = cast<T>(0.0f);
+            stp(out, (size_t)p * N, zero_pack<T>());
         }
-        stp(out, (size_t)p * N, v);
     }
 }
 
@@ -660,14 +665,6 @@ template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const u
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <typename T>
-__device__ __forceinline__ Pack<T> zero_pack() {
-    Pack<T> z;
-#pragma unroll
-    for (int k = 0; k < Pack<T>::N; ++k) z.v[k] = cast<T>(0.0f);
-    return z;
 }
 
 // Tiling of attention_fused: MT m-tiles of 16 query rows a warp (with two, each K/V fragment
@@ -1025,14 +1022,11 @@ __device__ void im2col3x3_v(const T *x, T *out, uint32_t batch, uint32_t hi, uin
         const uint32_t b = t / ho;
         const int yy = (int)yo + (int)(tap / 3) - 1;
         const int xx = (int)xo + (int)(tap % 3) - 1;
-        Pack<T> v;
         if (yy >= 0 && yy < (int)ho && xx >= 0 && xx < (int)wo) {
-            v = ldp(x, (((size_t)b * hi + yy / up) * wi + xx / up) * c + ch);
+            stp(out, (size_t)p * N, ldp(x, (((size_t)b * hi + yy / up) * wi + xx / up) * c + ch));
         } else {
-#pragma unroll
-            for (int k = 0; k < N; ++k) v.v[k] = cast<T>(0.0f);
+            stp(out, (size_t)p * N, zero_pack<T>());
         }
-        stp(out, (size_t)p * N, v);
     }
 }
 
