@@ -12,7 +12,7 @@ use super::body::read_json;
 use super::error::ApiError;
 use super::generate::unix_now;
 use super::jobs::{collect, submit};
-use super::types::{build_specs, resolve_name, SamplingFields};
+use super::types::{build_specs, resolve_name_off_runtime, SamplingFields};
 use super::{AppState, RequestId};
 
 #[derive(Debug, Deserialize)]
@@ -66,7 +66,8 @@ pub async fn images_generations(
     Extension(RequestId(id)): Extension<RequestId>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: ImagesRequest = read_json(body, state.max_body_bytes).await?;
+    let req: ImagesRequest =
+        read_json(body, state.max_body_bytes, state.http.body_read_timeout).await?;
     let info = state.engine.info().clone();
     if let Some(m) = &req.model {
         if m != &info.name {
@@ -94,7 +95,9 @@ pub async fn images_generations(
             .with_param("response_format"));
         }
     }
-    let label = resolve_name(&info, &req.prompt, "prompt").map_err(as_400)?;
+    let label = resolve_name_off_runtime(info.clone(), req.prompt.clone(), "prompt")
+        .await
+        .map_err(as_400)?;
     let fields = SamplingFields {
         n: req.n,
         seed: req.seed,
