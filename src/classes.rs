@@ -282,17 +282,28 @@ mod tests {
             // Generous for an unoptimised build on a loaded machine; release takes ~0.1 ms.
             assert!(took.as_millis() < 100, "{} chars took {took:?}", q.len());
         }
-        // The exact search agrees with brute force on the best distance.
-        let q: Vec<char> = "persain cat".chars().collect();
-        let brute = c
-            .lookup
-            .keys()
-            .map(|k| levenshtein_within(&q, &k.chars().collect::<Vec<_>>(), usize::MAX).unwrap())
-            .min()
-            .unwrap();
-        let best = c.close_matches("persain cat", 1);
-        let got = levenshtein_within(&q, &best[0].chars().collect::<Vec<_>>(), usize::MAX);
-        assert_eq!(got, Some(brute));
+        // The pruned search ranks exactly like scoring every name in full.
+        for query in [
+            "persain cat",
+            "goldn retrever",
+            "zebra fish",
+            "ambulanse",
+            "q",
+        ] {
+            let q: Vec<char> = query.chars().collect();
+            let score = |k: &str| {
+                if k.contains(query) || query.contains(k) {
+                    k.chars().count().abs_diff(q.len()) / 4
+                } else {
+                    let kc: Vec<char> = k.chars().collect();
+                    levenshtein_within(&q, &kc, usize::MAX).unwrap()
+                }
+            };
+            let mut brute: Vec<(usize, &String)> = c.lookup.keys().map(|k| (score(k), k)).collect();
+            brute.sort();
+            let want: Vec<String> = brute.iter().take(5).map(|(_, k)| (*k).clone()).collect();
+            assert_eq!(c.close_matches(query, 5), want, "{query}");
+        }
     }
 
     #[test]

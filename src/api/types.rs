@@ -212,7 +212,7 @@ pub fn check_timeout(
         Some(s) => Err(ApiError::invalid_field(
             "timeout_secs",
             format!(
-                "timeout_secs must be between {MIN_REQUEST_TIMEOUT_SECS} and {}, got {}",
+                "timeout_secs must be at least {MIN_REQUEST_TIMEOUT_SECS} and at most {}, got {}",
                 max.as_secs_f64(),
                 show_number(s)
             ),

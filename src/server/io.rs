@@ -7,6 +7,7 @@
 //! - hyper's own answers to requests it could not parse (400, 414, 431, written with an empty
 //!   body) are replaced by the API's JSON error shape.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,7 +28,21 @@ pub struct ConnIo {
     /// A replacement response still to be written, and how much of it is written.
     out: Vec<u8>,
     out_pos: usize,
+    /// After an error response: read and discard what the client still sends before closing
+    /// (bounded in bytes and time), so that closing with unread input does not reset the
+    /// connection and destroy the answer before the client reads it.
+    linger: Option<Linger>,
 }
+
+struct Linger {
+    fin_sent: bool,
+    discarded: usize,
+    until: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// Most bytes and time spent discarding a rejected client's input before closing.
+const LINGER_BYTES: usize = 4 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ConnIo {
     pub fn new(inner: TcpStream, state: Arc<ConnState>) -> Self {
@@ -37,6 +52,7 @@ impl ConnIo {
             eof_held: false,
             out: Vec::new(),
             out_pos: 0,
+            linger: None,
         }
     }
 
@@ -85,6 +101,11 @@ impl AsyncWrite for ConnIo {
                 // Claim hyper's bytes as written and send ours instead.
                 self.out = json_error_response(status);
                 self.out_pos = 0;
+                self.linger = Some(Linger {
+                    fin_sent: false,
+                    discarded: 0,
+                    until: Box::pin(tokio::time::sleep(LINGER_TIME)),
+                });
                 let _ = self.flush_out(cx)?;
                 return Ok(buf.len()).into();
             }
@@ -101,7 +122,34 @@ impl AsyncWrite for ConnIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.flush_out(cx))?;
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        let Some(linger) = this.linger.as_mut() else {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        };
+        if !linger.fin_sent {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            linger.fin_sent = true;
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                    linger.discarded += rb.filled().len();
+                    if linger.discarded > LINGER_BYTES {
+                        return Ok(()).into();
+                    }
+                }
+                // EOF or an error: the client has its answer or is gone.
+                Poll::Ready(_) => return Ok(()).into(),
+                Poll::Pending => {
+                    return match linger.until.as_mut().poll(cx) {
+                        Poll::Ready(()) => Ok(()).into(),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
 
