@@ -4,6 +4,7 @@ mod conn;
 mod drain;
 mod fdlimit;
 mod io;
+mod trim;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,7 +75,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cors_origins: Arc::new(cors_origins),
         cutoff: cutoff_rx,
     };
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+    let listener = conn::bind(&args.host, args.port)
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
@@ -82,19 +83,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("diffit-server listening on http://{addr}");
     tracing::info!(%addr, "listening");
 
-    let upkeep = metrics.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
-        }
-    });
-
     let conns = Connections::new(ConnLimits {
         max_connections: fdlimit::fit_connections(args.max_connections as usize),
         header_read: timeouts.header_read,
         idle: timeouts.idle,
     });
+    let upkeep = metrics.clone();
+    let watched = conns.clone();
+    tokio::spawn(async move {
+        let mut peak = 0;
+        for tick in 1u64.. {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if tick % 5 == 0 {
+                upkeep.run_upkeep();
+            }
+            peak = trim::after_connection_surge(peak, watched.open()).await;
+        }
+    });
+
     let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
     let accept = tokio::spawn(conn::accept_loop(
         listener,

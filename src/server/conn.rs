@@ -38,6 +38,9 @@ pub struct ConnLimits {
 /// above any real request head here (a few hundred bytes).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Longest a new connection waits for an evicted one to close before it is refused.
+const ADMIT_WAIT: Duration = Duration::from_millis(200);
+
 /// What a connection's task is asked to do.
 const RUN: u8 = 0;
 /// Finish the request in flight (if any), then close.
@@ -204,21 +207,38 @@ impl Connections {
     /// Admits a new connection: at the limit, the oldest idle connection is closed to make
     /// room (a flood of silent or slow connections then only ever evicts its own kind, while
     /// a real client's request completes in the moment its connection is the newest); if
-    /// every connection is handling a request, the new one is refused.
-    fn admit(&self) -> Option<Arc<ConnState>> {
-        let mut table = self.lock();
-        if table.len() >= self.limits.max_connections {
-            let victim = table.values().find(|c| !c.is_busy()).map(|c| c.id)?;
-            if let Some(old) = table.remove(&victim) {
-                old.ask(CLOSE);
-                metrics::counter!("diffit_connections_closed_total", "reason" => "evicted")
-                    .increment(1);
+    /// every connection is handling a request, the new one is refused. An evicted connection
+    /// counts until its socket is closed, so open descriptors never exceed the limit: the new
+    /// one waits (briefly) for that.
+    async fn admit(&self) -> Option<Arc<ConnState>> {
+        let until = tokio::time::Instant::now() + ADMIT_WAIT;
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            {
+                let mut table = self.lock();
+                if table.len() < self.limits.max_connections {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let state = Arc::new(ConnState::new(id));
+                    table.insert(id, state.clone());
+                    metrics::gauge!("diffit_connections_open").set(table.len() as f64);
+                    return Some(state);
+                }
+                let closing = table
+                    .values()
+                    .any(|c| c.mode.load(Ordering::SeqCst) == CLOSE);
+                if !closing {
+                    let victim = table.values().find(|c| !c.is_busy())?;
+                    victim.ask(CLOSE);
+                    metrics::counter!("diffit_connections_closed_total", "reason" => "evicted")
+                        .increment(1);
+                }
+            }
+            if tokio::time::timeout_at(until, closed).await.is_err() {
+                return None;
             }
         }
-        let state = Arc::new(ConnState::new(self.next_id.fetch_add(1, Ordering::Relaxed)));
-        table.insert(state.id, state.clone());
-        metrics::gauge!("diffit_connections_open").set(table.len() as f64);
-        Some(state)
     }
 
     fn remove(&self, id: u64) {
@@ -257,6 +277,29 @@ impl Connections {
     }
 }
 
+/// Connections the kernel may hold for us before `accept` (capped by net.core.somaxconn).
+/// tokio's default of 1024 fills within a second under a connection flood on a small machine;
+/// past it the kernel drops SYNs, and a probe's connection then waits for the 1 s SYN retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket on the first address `host` resolves to.
+pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's and tokio's own bind do: a restarted server can bind while old connections
+    // linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Answer to a connection refused at the limit: written without waiting (a full socket buffer
 /// just loses it), then the socket is closed.
 fn refused_response() -> Vec<u8> {
@@ -292,7 +335,7 @@ pub async fn accept_loop(
                 }
             },
         };
-        let Some(state) = conns.admit() else {
+        let Some(state) = conns.admit().await else {
             metrics::counter!("diffit_connections_refused_total").increment(1);
             tracing::debug!(%peer, "connection refused: every open connection is busy");
             let _ = stream.try_write(&refused);
