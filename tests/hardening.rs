@@ -689,3 +689,30 @@ async fn smaller_protocol_items() {
 fn uuid_like(s: &str) -> bool {
     s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
+
+/// An engine whose warm-up fails reports why, which is what makes `serve` exit non-zero
+/// instead of listening forever without ever being ready. (Invalid `defaults` are refused at
+/// load since issue 14, so the failure is injected after loading.)
+#[tokio::test]
+async fn an_engine_whose_warm_up_fails_reports_it() {
+    use diffit_server::engine::{self, EngineConfig};
+    use diffit_server::pipeline::{LoadOptions, Pipeline};
+    let mut pipe = Pipeline::load(&LoadOptions {
+        model: fixture("diffit_tiny_model.safetensors"),
+        vae: fixture("vae_tiny_model.safetensors"),
+        vae_config: None,
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        decode_chunk: 8,
+    })
+    .unwrap();
+    pipe.info.defaults.guidance_scale = 1e30;
+    let (handle, engines) = engine::start(vec![pipe], EngineConfig::default()).unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(30), handle.failed())
+        .await
+        .expect("the failure is reported");
+    assert!(reason.contains("engine 0 on cpu could not start: warm-up failed"), "{reason}");
+    assert!(!handle.stats().ready());
+    drop(handle);
+    engines.join();
+}

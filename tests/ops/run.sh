@@ -9,7 +9,7 @@
 #   4 faults      killed clients free their samples; SIGTERM drains and exits 0; broken weights
 #                 and a bad --vae fail start-up naming the tensor/path
 #   5 hostile     explicit bad input (4xx with clear messages) + schemathesis on openapi.yaml
-#   6 soak        4,000 requests at steady concurrency: RSS floor and plateau after warm-up
+#   6 soak        3,000 requests at steady concurrency: RSS floor and plateau after warm-up
 #   7 slowloris   slowloris + descriptor flood (bounded) while /healthz and generate are timed
 #   8 drain       SIGTERM with held partial requests: the drain ends within its timeout
 #   9 names       a 1,860-name model with hostile names; hostile class names stay cheap
@@ -155,7 +155,7 @@ step overload 180 "bursts of 40 against max batch 2, max queue 4"
 step faults 180 "killed clients, SIGTERM drain, broken weights, bad --vae"
 step hostile 360 "explicit hostile input + schemathesis" \
   --schemathesis "$VENV/bin/schemathesis" --max-examples 30 --st-timeout 150
-step soak 420 "4,000 requests, steps 2, concurrency 8: RSS plateau" --requests 4000
+step soak 600 "3,000 requests, steps 2, concurrency 8: RSS plateau" --requests 3000
 step slowloris 240 "slowloris (4,000) + descriptor flood (6,000) while /healthz and generate are timed"
 step drain 120 "SIGTERM with held partial requests and long generations: bounded drain"
 step names 180 "a 1,860-name model with hostile names; hostile class names"
