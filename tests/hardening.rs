@@ -711,7 +711,10 @@ async fn an_engine_whose_warm_up_fails_reports_it() {
     let reason = tokio::time::timeout(Duration::from_secs(30), handle.failed())
         .await
         .expect("the failure is reported");
-    assert!(reason.contains("engine 0 on cpu could not start: warm-up failed"), "{reason}");
+    assert!(
+        reason.contains("engine 0 on cpu could not start: warm-up failed"),
+        "{reason}"
+    );
     assert!(!handle.stats().ready());
     drop(handle);
     engines.join();
