@@ -5,6 +5,7 @@ pub mod bench;
 pub mod classes;
 pub mod config;
 pub mod diffusion;
+pub mod encode;
 pub mod engine;
 pub mod kernels;
 pub mod loadgen;
