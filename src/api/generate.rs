@@ -71,13 +71,10 @@ pub async fn generate(
         req.output_compression,
         raw.unwrap_or_default(),
     )?;
-    if req.preview && !req.stream {
-        return Err(ApiError::invalid_field(
-            "preview",
-            "preview needs \"stream\": true (previews travel in the progress events)",
-        ));
-    }
-    let (rx, deadline) = submit(&state, &id, specs.clone(), timeout, req.stream, req.preview)?;
+    // Previews travel in progress events: without a stream there is nowhere to send them, so
+    // none are made (as OpenAI's partial_images without stream).
+    let previews = req.preview && req.stream;
+    let (rx, deadline) = submit(&state, &id, specs.clone(), timeout, req.stream, previews)?;
     let _inflight = state.inflight_guard();
 
     if req.stream {
