@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule, SeededNoise,
 };
+use crate::config::KernelOptions;
 use crate::model::{DiffiT, DiffitConfig, VaeConfig, VaeDecoder};
 
 #[derive(Debug, Clone)]
@@ -22,6 +23,7 @@ pub struct ModelBench {
     pub vae_batches: Vec<usize>,
     pub warmup: usize,
     pub iters: usize,
+    pub kernels: KernelOptions,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,7 +83,7 @@ pub fn forward_flop(cfg: &DiffitConfig) -> f64 {
 pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     let cfg = DiffitConfig::imagenet(b.latent);
     let t0 = Instant::now();
-    let model = DiffiT::random(cfg.clone(), b.dtype, &b.device)?;
+    let model = DiffiT::random(cfg.clone(), b.dtype, &b.device, &b.kernels)?;
     b.device.synchronize()?;
     eprintln!(
         "random ImageNet-{} DiffiT built in {:.1?}",
@@ -135,7 +137,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     drop(model);
     let mut decode = Vec::new();
     if !b.vae_batches.is_empty() {
-        let vae = VaeDecoder::random(VaeConfig::sd_kl_f8(), b.dtype, &b.device)?;
+        let vae = VaeDecoder::random(VaeConfig::sd_kl_f8(), b.dtype, &b.device, &b.kernels)?;
         for &n in &b.vae_batches {
             let z = Tensor::randn(0f32, 1.0, (n, 4, b.latent, b.latent), &b.device)?;
             let mut times = Vec::new();
@@ -336,14 +338,15 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
             .matmul(&w_qkv.t()?)?
             .reshape((rows, n, 3 * d))?;
         let ctx = kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true)?;
-        let h1 = kernels::linear_bias_residual(&ctx, &w_proj, &b_proj, hin)?;
+        let h1 = kernels::linear_bias_residual(&ctx, &w_proj, &b_proj, hin, true)?;
         let hidden = kernels::linear_bias_act(
             &kernels::layer_norm(&h1, 1e-6)?,
             &w1,
             &b4,
             Activation::GeluTanh,
+            true,
         )?;
-        kernels::linear_bias_residual(&hidden, &w2, &b2, &h1)
+        kernels::linear_bias_residual(&hidden, &w2, &b2, &h1, true)
     };
     time(
         "fused block x4 [128,256,1152] (per block: divide by 4)",

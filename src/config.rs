@@ -5,6 +5,85 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+/// On, off, or the device's default.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum Toggle {
+    /// On for GPUs, off on the CPU.
+    #[default]
+    Auto,
+    #[value(alias = "1", alias = "true")]
+    On,
+    #[value(alias = "0", alias = "false")]
+    Off,
+}
+
+impl Toggle {
+    pub fn on_for(self, device: &candle_core::Device) -> bool {
+        match self {
+            Self::Auto => !device.is_cpu(),
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
+}
+
+/// Which of the hand-written kernels (`crate::kernels`) the networks run through. Every
+/// choice computes the same function; these exist to measure and to rule a kernel out when a
+/// new card or driver misbehaves. Shared by `serve`, `generate` and the benches.
+#[derive(Debug, Clone, Copy, Args, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Fused DiffiT block and channels-last VAE kernels (auto: on GPUs; the CPU runs their
+    /// fallbacks when on, which the tests use).
+    #[arg(long = "fused-kernels", env = "DIFFIT_FUSED", value_enum, default_value = "auto")]
+    pub fused: Toggle,
+    /// Attention as one flash-attention kernel (CUDA, bf16/f16) when the fused path runs.
+    #[arg(
+        long = "flash-attention",
+        env = "DIFFIT_FLASH_ATTENTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub flash_attention: bool,
+    /// Bias, GELU and residual adds inside the cuBLASLt matmul (CUDA, bf16/f16).
+    #[arg(
+        long = "lt-epilogue",
+        env = "DIFFIT_LT_EPILOGUE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub lt_epilogue: bool,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        Self {
+            fused: Toggle::Auto,
+            flash_attention: true,
+            lt_epilogue: true,
+        }
+    }
+}
+
+impl KernelOptions {
+    /// The plain candle ops everywhere: the readable reference the fused path is tested against.
+    pub fn plain() -> Self {
+        Self {
+            fused: Toggle::Off,
+            ..Self::default()
+        }
+    }
+
+    /// The fused kernels (their CPU fallbacks on the CPU).
+    pub fn fused() -> Self {
+        Self {
+            fused: Toggle::On,
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -79,6 +158,8 @@ pub struct ServeArgs {
     pub decode_chunk: usize,
     #[arg(long, env = "DIFFIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub kernels: KernelOptions,
     /// Batch whole requests only (no joining mid-way): a baseline for benchmarks.
     #[arg(long, hide = true)]
     pub request_level_batching: bool,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
+use diffit_server::config::KernelOptions;
 use diffit_server::diffusion::guidance::guide_doubled_batch;
 use diffit_server::diffusion::{Guidance, GuidanceSchedule, SamplerKind};
 use diffit_server::loadgen::{self, LoadConfig, Workload};
@@ -89,6 +90,8 @@ struct ModelArgs {
     /// Also time single ops at the B = 64 shapes (where a step's time goes).
     #[arg(long)]
     ops: bool,
+    #[command(flatten)]
+    kernels: KernelOptions,
 }
 
 #[derive(Args)]
@@ -154,6 +157,8 @@ struct RuntimeArgs {
     /// f32 | bf16 | f16 (weights are converted at load)
     #[arg(long, env = "DIFFIT_DTYPE", default_value = "f32")]
     dtype: String,
+    #[command(flatten)]
+    kernels: KernelOptions,
 }
 
 #[derive(Args)]
@@ -282,7 +287,12 @@ fn take<'a>(
 
 fn forward(a: ForwardArgs) -> anyhow::Result<()> {
     let (device, dtype) = a.runtime.resolve()?;
-    let model = DiffiT::load(&WeightsFile::open(&a.model)?, dtype, &device)?;
+    let model = DiffiT::load(
+        &WeightsFile::open(&a.model)?,
+        dtype,
+        &device,
+        &a.runtime.kernels,
+    )?;
     let inputs = read_tensors(&a.input)?;
     let p = &a.prefix;
     let x = take(&inputs, &format!("{p}x"), &a.input)?
@@ -320,7 +330,13 @@ fn forward(a: ForwardArgs) -> anyhow::Result<()> {
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     let (device, dtype) = a.runtime.resolve()?;
     let file = WeightsFile::open(resolve_vae_path(&a.vae))?;
-    let vae = VaeDecoder::load(&file, a.vae_config.as_deref(), dtype, &device)?;
+    let vae = VaeDecoder::load(
+        &file,
+        a.vae_config.as_deref(),
+        dtype,
+        &device,
+        &a.runtime.kernels,
+    )?;
     let inputs = read_tensors(&a.input)?;
     let z = take(&inputs, "z", &a.input)?.to_device(&device)?;
     let decoded = vae.decode(&z)?.to_device(&Device::Cpu)?;
@@ -349,6 +365,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         device,
         dtype,
         decode_chunk: 8,
+        kernels: a.runtime.kernels,
     })?;
     let label = match (&a.class, &a.class_name) {
         (Some(c), _) => *c,
@@ -614,6 +631,7 @@ fn bench_model(a: ModelArgs) -> anyhow::Result<()> {
         vae_batches: a.vae_batches.clone(),
         warmup: a.warmup,
         iters: a.iters,
+        kernels: a.kernels,
     })?;
     print!("{report}");
     if let Some(p) = &a.json {

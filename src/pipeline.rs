@@ -8,6 +8,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::KernelOptions;
 use crate::classes::ClassNames;
 use crate::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, ScheduleCache, SeededNoise,
@@ -52,6 +53,7 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Most latents decoded at once.
     pub decode_chunk: usize,
+    pub kernels: KernelOptions,
 }
 
 /// Everything that determines one image.
@@ -168,7 +170,7 @@ fn class_names(file: &WeightsFile, num_classes: usize) -> anyhow::Result<ClassNa
 impl Pipeline {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
         let file = WeightsFile::open(&opts.model)?;
-        let diffit = DiffiT::load(&file, opts.dtype, &opts.device)?;
+        let diffit = DiffiT::load(&file, opts.dtype, &opts.device, &opts.kernels)?;
         let cfg = diffit.config().clone();
         let defaults = match file.metadata().get("defaults") {
             Some(text) => serde_json::from_str(text).with_context(|| {
@@ -183,6 +185,7 @@ impl Pipeline {
             opts.vae_config.as_deref(),
             opts.dtype,
             &opts.device,
+            &opts.kernels,
         )?;
         anyhow::ensure!(
             vae.config().latent_channels == cfg.in_channels,
@@ -259,11 +262,12 @@ impl Pipeline {
         dtype: DType,
         device: &Device,
         decode_chunk: usize,
+        kernels: &KernelOptions,
     ) -> anyhow::Result<Self> {
         let cfg = DiffitConfig::imagenet(latent);
         let diffit =
-            DiffiT::random(cfg.clone(), dtype, device).context("building a random DiffiT")?;
-        let vae = VaeDecoder::random(crate::model::VaeConfig::sd_kl_f8(), dtype, device)
+            DiffiT::random(cfg.clone(), dtype, device, kernels).context("building a random DiffiT")?;
+        let vae = VaeDecoder::random(crate::model::VaeConfig::sd_kl_f8(), dtype, device, kernels)
             .context("building a random VAE decoder")?;
         let info = ModelInfo {
             name: format!("random-imagenet-{}", latent * vae.config().upscale()),

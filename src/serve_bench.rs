@@ -19,6 +19,7 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::config::KernelOptions;
 use crate::api::{self, AppState};
 use crate::diffusion::{Guidance, SamplerKind};
 use crate::engine::{self, EngineConfig, EngineHandle, Job, JobEvent, SubmitError};
@@ -47,6 +48,8 @@ pub struct ServeBenchArgs {
     /// f32 | bf16 | f16
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    #[command(flatten)]
+    pub kernels: KernelOptions,
     /// Denoising steps per image.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
@@ -355,11 +358,12 @@ fn load_pipelines(a: &ServeBenchArgs) -> anyhow::Result<Vec<Pipeline>> {
                 device: devices[0].clone(),
                 dtype,
                 decode_chunk: a.decode_chunk,
+                kernels: a.kernels,
             },
             &devices,
         ),
         _ => Pipeline::build_on_each(&devices, |device| {
-            Pipeline::random(a.resolution / 8, dtype, device, a.decode_chunk)
+            Pipeline::random(a.resolution / 8, dtype, device, a.decode_chunk, &a.kernels)
         }),
     }
 }

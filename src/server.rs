@@ -33,6 +33,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         device: devices[0].clone(),
         dtype: parse_dtype(&args.dtype)?,
         decode_chunk: args.decode_chunk,
+        kernels: args.kernels,
     };
     let t0 = Instant::now();
     let pipelines =

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::weights::{WeightsError, WeightsFile};
+use crate::config::KernelOptions;
 use crate::kernels::{self, Activation};
 
 /// LayerNorm epsilon of every (affine-free) norm in the network.
@@ -235,57 +236,11 @@ pub fn timestep_features(t: &[i64]) -> Vec<f32> {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    /// [W | b | 0…] when the bias is folded into the matmul (see `fold_bias`).
-    folded: Option<Tensor>,
 }
-
-/// Extra input columns of a bias-folded layer: a 1 for the bias, zeros keeping K a multiple of 8.
-const FOLD_COLS: usize = 8;
-/// Fewest rows for which a folded layer takes the folded path.
-const FOLD_MIN_ROWS: usize = 2048;
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
-            bias,
-            folded: None,
-        }
-    }
-
-    /// Folds the bias into the weight as an extra input column, so that `forward` appends
-    /// [1, 0, …] to each input row and adds no bias afterwards. On CUDA, candle's broadcast add
-    /// of a bias row costs several times a plain pass (2.3 ms for fc1 at B = 64), more than
-    /// copying the input once more.
-    pub fn fold_bias(&mut self) -> candle_core::Result<()> {
-        if let Some(b) = &self.bias {
-            let out = self.weight.dim(0)?;
-            let pad = Tensor::zeros(
-                (out, FOLD_COLS - 1),
-                self.weight.dtype(),
-                self.weight.device(),
-            )?;
-            self.folded = Some(Tensor::cat(&[&self.weight, &b.unsqueeze(1)?, &pad], 1)?);
-        }
-        Ok(())
-    }
-
-    fn forward_folded(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().expect("rank ≥ 1");
-        let rows = x.elem_count() / k;
-        let (dtype, device) = (x.dtype(), x.device());
-        let tail = Tensor::cat(
-            &[
-                &Tensor::ones((rows, 1), dtype, device)?,
-                &Tensor::zeros((rows, FOLD_COLS - 1), dtype, device)?,
-            ],
-            1,
-        )?;
-        let y = Tensor::cat(&[&x.reshape((rows, k))?, &tail], 1)?.matmul(&w.t()?)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank ≥ 1") = w.dim(0)?;
-        y.reshape(out_dims)
+        Self { weight, bias }
     }
 
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -306,7 +261,7 @@ impl Linear {
     /// `PER_SAMPLE_ROWS` (zero-padded). Matmul kernels pick their reduction order by shape,
     /// so a sample's conditioning must not see B: this keeps its image independent of which
     /// other samples share the batch.
-    pub fn forward_per_sample(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward_per_sample(&self, x: &Tensor, lt_epilogue: bool) -> candle_core::Result<Tensor> {
         let (b, k) = x.dims2()?;
         let chunk_rows = per_sample_rows(x.device());
         let mut parts = Vec::with_capacity(b.div_ceil(chunk_rows));
@@ -319,9 +274,13 @@ impl Linear {
             }
             let y = match (&self.bias, x.device().is_cuda()) {
                 // The bias inside the matmul (cuBLASLt epilogue): no broadcast pass.
-                (Some(bias), true) => {
-                    kernels::linear_bias_act(&chunk, &self.weight, bias, Activation::Identity)?
-                }
+                (Some(bias), true) => kernels::linear_bias_act(
+                    &chunk,
+                    &self.weight,
+                    bias,
+                    Activation::Identity,
+                    lt_epilogue,
+                )?,
                 _ => self.forward(&chunk)?,
             };
             parts.push(y.narrow(0, 0, rows)?);
@@ -356,13 +315,6 @@ fn per_sample_rows(device: &Device) -> usize {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(w) = &self.folded {
-            // Below a few thousand rows the two extra copies cost more launches than the
-            // broadcast add they save (B = 1: 9.5 → 15.0 ms per step on an H100).
-            if x.elem_count() / x.dim(D::Minus1)? >= FOLD_MIN_ROWS {
-                return self.forward_folded(x, w);
-            }
-        }
         let y = self.forward_no_bias(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -427,49 +379,6 @@ pub struct Attention {
     proj: Linear,
     /// softmax bias [1, heads, N, N], gathered from the table once at load time.
     bias: Tensor,
-    /// The bias repeated over rows, [R, heads, N, N] (GPU only, see `AttnBias::Expanded`).
-    expanded: std::sync::Mutex<Option<Tensor>>,
-}
-
-impl Attention {
-    /// The bias to add to scores of `rows` rows, as a contiguous tensor of the same shape:
-    /// candle's CUDA add of a stride-0 (broadcast) operand is many times slower than a plain one.
-    fn bias_rows(&self, rows: usize) -> candle_core::Result<Tensor> {
-        let mut cache = self.expanded.lock().unwrap_or_else(|e| e.into_inner());
-        let have = cache.as_ref().map_or(0, |t| t.dim(0).unwrap_or(0));
-        if have < rows {
-            let (_, h, n, _) = self.bias.dims4()?;
-            let r = rows.next_power_of_two();
-            *cache = Some(self.bias.broadcast_as((r, h, n, n))?.contiguous()?);
-        }
-        cache.as_ref().expect("filled above").narrow(0, 0, rows)
-    }
-}
-
-/// How the relative-position bias is added to the attention scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttnBias {
-    Broadcast,
-    /// Keep the bias repeated to the largest batch seen (memory: depth × R × heads × N²
-    /// elements, at most `EXPANDED_BIAS_BUDGET` bytes; larger batches fall back to broadcast).
-    /// On an H100 this took a B = 64 guided step from 442.6 to 376.1 ms (docs/perf.md).
-    Expanded,
-}
-
-/// Most bytes all blocks' expanded attention biases may take together.
-const EXPANDED_BIAS_BUDGET: usize = 8 << 30;
-
-impl AttnBias {
-    /// Expanded on GPUs (candle's CUDA broadcast add is slow), broadcast on the CPU (where it
-    /// is not, and memory is scarcer). `DIFFIT_ATTN_BIAS=broadcast|expanded` overrides.
-    fn for_device(device: &Device) -> Self {
-        match std::env::var("DIFFIT_ATTN_BIAS").as_deref() {
-            Ok("expanded") => Self::Expanded,
-            Ok("broadcast") => Self::Broadcast,
-            _ if device.is_cpu() => Self::Broadcast,
-            _ => Self::Expanded,
-        }
-    }
 }
 
 pub struct Mlp {
@@ -495,7 +404,7 @@ pub struct DiffiT {
     final_linear: Linear,
     ln_ones: Tensor,
     ln_zeros: Tensor,
-    attn_bias: AttnBias,
+    kernels: KernelOptions,
     /// Present when the block runs through the fused kernels (`set_fused`).
     fused: Option<FusedParts>,
 }
@@ -508,8 +417,6 @@ struct FusedParts {
     /// Each block's relative-position bias as [heads·N, N] rows (softmax row r takes row
     /// r mod heads·N).
     attn_bias: Vec<Tensor>,
-    /// Attention through the one-kernel path (`kernels::flash_attention_enabled`).
-    flash: bool,
     /// The patch embedding's bias plus the position embedding, [1, N·D].
     pos_bias: Tensor,
 }
@@ -519,7 +426,12 @@ pub type Trace<'a> = &'a mut dyn FnMut(&str, &Tensor);
 
 impl DiffiT {
     /// Validates the file against the configuration its shapes imply, then loads it.
-    pub fn load(file: &WeightsFile, dtype: DType, device: &Device) -> Result<Self, WeightsError> {
+    pub fn load(
+        file: &WeightsFile,
+        dtype: DType,
+        device: &Device,
+        kernels: &KernelOptions,
+    ) -> Result<Self, WeightsError> {
         let config = DiffitConfig::infer(file)?;
         let (required, optional) = config.expected_tensors();
         file.check_exact(&required, &optional)?;
@@ -543,7 +455,7 @@ impl DiffiT {
             dtype,
             device,
         };
-        Self::build(&loader, config)
+        Self::build(&loader, config, kernels)
     }
 
     /// A model of `config` with random weights, made on `device` (for benchmarks).
@@ -551,6 +463,7 @@ impl DiffiT {
         config: DiffitConfig,
         dtype: DType,
         device: &Device,
+        kernels: &KernelOptions,
     ) -> Result<Self, WeightsError> {
         let (required, _) = config.expected_tensors();
         let loader = Loader {
@@ -558,10 +471,14 @@ impl DiffiT {
             dtype,
             device,
         };
-        Self::build(&loader, config)
+        Self::build(&loader, config, kernels)
     }
 
-    fn build(ld: &Loader, config: DiffitConfig) -> Result<Self, WeightsError> {
+    fn build(
+        ld: &Loader,
+        config: DiffitConfig,
+        kernels: &KernelOptions,
+    ) -> Result<Self, WeightsError> {
         let (dtype, device) = (ld.dtype, ld.device);
         let (d, p, c) = (config.hidden_size, config.patch_size, config.in_channels);
         let n = config.num_tokens();
@@ -595,7 +512,6 @@ impl DiffiT {
                     qkv_temb: ld.linear(&format!("{b}.attn.qkv_temb"))?,
                     proj: ld.linear(&format!("{b}.attn.proj"))?,
                     bias,
-                    expanded: Default::default(),
                 },
                 mlp: Mlp {
                     fc1: ld.linear(&format!("{b}.mlp.fc1"))?,
@@ -618,51 +534,24 @@ impl DiffiT {
             final_linear: ld.linear("final_layer.linear")?,
             ln_ones: consts(1.0)?,
             ln_zeros: consts(0.0)?,
-            attn_bias: AttnBias::for_device(device),
+            kernels: *kernels,
             fused: None,
             config,
             dtype,
             device: device.clone(),
         };
-        let fused = match std::env::var("DIFFIT_FUSED").as_deref() {
-            Ok("0") => false,
-            Ok("1") => true,
-            _ => !device.is_cpu(),
-        };
-        if fused {
+        if kernels.fused.on_for(device) {
             model
                 .set_fused(true)
                 .map_err(|e| ld.err("fused-kernel tables", e))?;
         }
-        let fold = match std::env::var("DIFFIT_FOLD_BIAS").as_deref() {
-            Ok("0") => false,
-            Ok("1") => true,
-            _ => !device.is_cpu(),
-        };
-        // The fused path adds biases in its own kernels.
-        if fold && !fused {
-            model
-                .fold_biases()
-                .map_err(|e| ld.err("folded biases", e))?;
-        }
         Ok(model)
-    }
-
-    /// Folds the biases of the token-wise layers whose input is no wider than their output
-    /// (attention proj, MLP fc1) into their matmuls; see `Linear::fold_bias`. The default on
-    /// CUDA (`DIFFIT_FOLD_BIAS=0` turns it off), off on the CPU.
-    pub fn fold_biases(&mut self) -> candle_core::Result<()> {
-        for b in &mut self.blocks {
-            b.attn.proj.fold_bias()?;
-            b.mlp.fc1.fold_bias()?;
-        }
-        Ok(())
     }
 
     /// Runs the blocks through the fused kernels (`crate::kernels`: LayerNorm, attention from
     /// the qkv matmul with the per-sample bias and the relative-position bias added in its own
     /// passes, fc1 + bias + GELU and proj / fc2 + bias + residual in the matmuls) instead of
-    /// plain candle ops. The default on CUDA (`DIFFIT_FUSED=0` turns it off); on the CPU the
+    /// plain candle ops. On by default on CUDA (`KernelOptions::fused`); on the CPU the
     /// kernels' fallbacks compute the same.
     pub fn set_fused(&mut self, on: bool) -> candle_core::Result<()> {
         if !on {
@@ -686,7 +575,6 @@ impl DiffiT {
         self.fused = Some(FusedParts {
             cond: Linear::new(Tensor::cat(&weights, 0)?, Some(Tensor::cat(&biases, 0)?)),
             attn_bias,
-            flash: kernels::flash_attention_enabled(),
             pos_bias,
         });
         Ok(())
@@ -694,11 +582,6 @@ impl DiffiT {
 
     pub fn is_fused(&self) -> bool {
         self.fused.is_some()
-    }
-
-    /// Overrides how the attention bias is added (the default depends on the device).
-    pub fn set_attn_bias(&mut self, mode: AttnBias) {
-        self.attn_bias = mode;
     }
 
     pub fn config(&self) -> &DiffitConfig {
@@ -814,11 +697,15 @@ impl DiffiT {
 
         let freq = Tensor::from_vec(timestep_features(t), (b, TIME_FREQ_DIM), &self.device)?;
         record("t_freq", &freq);
-        let t_emb = self.t_mlp2.forward_per_sample(&candle_nn::ops::silu(
-            &self
-                .t_mlp0
-                .forward_per_sample(&freq.to_dtype(self.dtype)?)?,
-        )?)?;
+        let lt = self.kernels.lt_epilogue;
+        let t_emb = self.t_mlp2.forward_per_sample(
+            &candle_nn::ops::silu(
+                &self
+                    .t_mlp0
+                    .forward_per_sample(&freq.to_dtype(self.dtype)?, lt)?,
+            )?,
+            lt,
+        )?;
         record("t_embedder", &t_emb);
         let labels: Vec<u32> = y.iter().map(|&v| v as u32).collect();
         let y_emb = self
@@ -870,7 +757,8 @@ impl DiffiT {
         let heads = self.config.num_heads;
         let scale = 1.0 / ((d / heads) as f32).sqrt();
         // Every block's per-sample qkv bias (time/class projection + qkv bias) at once.
-        let cond = fused.cond.forward_per_sample(c)?;
+        let lt = self.kernels.lt_epilogue;
+        let cond = fused.cond.forward_per_sample(c, lt)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let (a, mlp) = (&block.attn, &block.mlp);
             let qkv = a.qkv.forward_no_bias(&kernels::layer_norm(&h, LN_EPS)?)?;
@@ -880,10 +768,16 @@ impl DiffiT {
                 &fused.attn_bias[i],
                 heads,
                 scale,
-                fused.flash,
+                self.kernels.flash_attention,
             )?;
             let before = h.clone();
-            h = kernels::linear_bias_residual(&ctx, &a.proj.weight, &bias_or_zeros(&a.proj)?, &h)?;
+            h = kernels::linear_bias_residual(
+                &ctx,
+                &a.proj.weight,
+                &bias_or_zeros(&a.proj)?,
+                &h,
+                lt,
+            )?;
             if tracing {
                 record(&format!("blocks.{i}.attn"), &(&h - &before)?);
             }
@@ -892,6 +786,7 @@ impl DiffiT {
                 &mlp.fc1.weight,
                 &bias_or_zeros(&mlp.fc1)?,
                 Activation::GeluTanh,
+                lt,
             )?;
             let before = h.clone();
             h = kernels::linear_bias_residual(
@@ -899,6 +794,7 @@ impl DiffiT {
                 &mlp.fc2.weight,
                 &bias_or_zeros(&mlp.fc2)?,
                 &h,
+                lt,
             )?;
             if tracing {
                 record(&format!("blocks.{i}.mlp"), &(&h - &before)?);
@@ -915,7 +811,7 @@ impl DiffiT {
         let a = &block.attn;
         // The time/class projection is one [3D] vector per sample: fold it and the qkv bias
         // into a single per-sample bias instead of adding two broadcasts over every token.
-        let mut sample_bias = a.qkv_temb.forward_per_sample(c)?;
+        let mut sample_bias = a.qkv_temb.forward_per_sample(c, self.kernels.lt_epilogue)?;
         if let Some(bq) = a.qkv.bias() {
             sample_bias = sample_bias.broadcast_add(bq)?;
         }
@@ -934,48 +830,9 @@ impl DiffiT {
         let k = split(1)?;
         let v = split(2)?;
         let scores = q.matmul(&k.t()?)?;
-        let expanded_bytes = self.config.depth
-            * b.next_power_of_two()
-            * a.bias.elem_count()
-            * self.dtype.size_in_bytes();
-        let scores = match self.attn_bias {
-            AttnBias::Expanded if expanded_bytes <= EXPANDED_BIAS_BUDGET => {
-                scores.add(&a.bias_rows(b)?)?
-            }
-            _ => scores.broadcast_add(&a.bias)?,
-        };
+        let scores = scores.broadcast_add(&a.bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         a.proj.forward(&ctx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn folded_bias_linear_equals_matmul_plus_bias() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (24, 20), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
-        let mut folded = Linear::new(w.clone(), Some(b.clone()));
-        folded.fold_bias().unwrap();
-        let plain = Linear::new(w, Some(b));
-        // Above and below the row threshold: both paths must agree with the plain layer.
-        for rows in [FOLD_MIN_ROWS + 3, 5] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 20), &dev).unwrap();
-            let a = folded.forward(&x).unwrap();
-            let p = plain.forward(&x).unwrap();
-            let diff = (a - p)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-4, "{rows} rows: max diff {diff}");
-        }
     }
 }

@@ -13,6 +13,7 @@ use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 use super::weights::{WeightsError, WeightsFile};
+use crate::config::KernelOptions;
 
 pub(super) const NORM_EPS: f64 = 1e-6;
 const DEFAULT_NORM_GROUPS: usize = 32;
@@ -307,6 +308,7 @@ pub struct VaeDecoder {
     pub(super) up: Vec<UpBlock>,
     pub(super) norm_out: Norm,
     pub(super) conv_out: Conv2d,
+    kernels: KernelOptions,
     /// The channels-last decoder through the fused kernels (`set_fused`).
     nhwc: Option<super::vae_nhwc::NhwcDecoder>,
 }
@@ -318,6 +320,7 @@ impl VaeDecoder {
         config_path: Option<&Path>,
         dtype: DType,
         device: &Device,
+        kernels: &KernelOptions,
     ) -> Result<Self, WeightsError> {
         let side = find_config(file, config_path)?;
         let config = VaeConfig::infer(file, &side)?;
@@ -331,14 +334,20 @@ impl VaeDecoder {
             tensors.insert(key, t);
         }
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        Self::build(vb, config, dtype, device).map_err(|e| file.invalid(format!("VAE: {e}")))
+        Self::build(vb, config, dtype, device, kernels)
+            .map_err(|e| file.invalid(format!("VAE: {e}")))
     }
 
     /// A decoder of `config` with random weights (for benchmarks).
-    pub fn random(config: VaeConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    pub fn random(
+        config: VaeConfig,
+        dtype: DType,
+        device: &Device,
+        kernels: &KernelOptions,
+    ) -> candle_core::Result<Self> {
         let varmap = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-        Self::build(vb, config, dtype, device)
+        Self::build(vb, config, dtype, device, kernels)
     }
 
     fn build(
@@ -346,6 +355,7 @@ impl VaeDecoder {
         config: VaeConfig,
         dtype: DType,
         device: &Device,
+        kernels: &KernelOptions,
     ) -> candle_core::Result<Self> {
         let groups = config.norm_num_groups;
         let chans: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
@@ -420,15 +430,11 @@ impl VaeDecoder {
             config,
             dtype,
             device: device.clone(),
+            kernels: *kernels,
             nhwc: None,
         })
         .and_then(|mut d| {
-            let fused = match std::env::var("DIFFIT_FUSED").as_deref() {
-                Ok("0") => false,
-                Ok("1") => true,
-                _ => !device.is_cpu(),
-            };
-            d.set_fused(fused)?;
+            d.set_fused(kernels.fused.on_for(device))?;
             Ok(d)
         })
     }
@@ -436,11 +442,14 @@ impl VaeDecoder {
     /// Decodes channels-last through the fused kernels (`crate::kernels`: 3×3 convolutions as
     /// im2col + one matmul with the nearest upsampling folded into the im2col, GroupNorm + SiLU
     /// in one op, biases and residual adds in the matmul's output pass) instead of candle's
-    /// NCHW conv2d and GroupNorm. The default on CUDA (`DIFFIT_FUSED=0` turns it off); on the
+    /// NCHW conv2d and GroupNorm. On by default on CUDA (`KernelOptions::fused`); on the
     /// CPU the kernels' fallbacks compute the same.
     pub fn set_fused(&mut self, on: bool) -> candle_core::Result<()> {
         self.nhwc = if on {
-            Some(super::vae_nhwc::NhwcDecoder::new(self)?)
+            Some(super::vae_nhwc::NhwcDecoder::new(
+                self,
+                self.kernels.lt_epilogue,
+            )?)
         } else {
             None
         };

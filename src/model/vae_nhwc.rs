@@ -30,7 +30,7 @@ struct ConvMat {
 }
 
 impl ConvMat {
-    fn new(conv: &Conv2d) -> Result<Self> {
+    fn new(conv: &Conv2d, lt_epilogue: bool) -> Result<Self> {
         let w = conv.weight();
         let (o, i, kh, kw) = w.dims4()?;
         let cfg = conv.config();
@@ -52,7 +52,7 @@ impl ConvMat {
             .reshape((o, kh * kw * i))?
             .contiguous()?;
         Ok(Self {
-            mat: LinearMat::new(weight, conv.bias())?,
+            mat: LinearMat::new(weight, conv.bias(), lt_epilogue)?,
             kernel: kh,
             phases: None,
         })
@@ -61,8 +61,8 @@ impl ConvMat {
     /// A 3×3 convolution that follows a nearest ×2 upsampling: it runs as four 2×2 phase
     /// convolutions of the low-resolution input (2.25× fewer FLOPs and im2col bytes) when the
     /// input and output channels are multiples of 8 (the kernels' 16-byte packs).
-    fn new_after_upsampling(conv: &Conv2d) -> Result<Self> {
-        let mut c = Self::new(conv)?;
+    fn new_after_upsampling(conv: &Conv2d, lt_epilogue: bool) -> Result<Self> {
+        let mut c = Self::new(conv, lt_epilogue)?;
         let out_channels = c.out_channels();
         if c.kernel == 3 && c.in_channels().is_multiple_of(8) && out_channels.is_multiple_of(8) {
             c.phases = Some(kernels::up2_phase_weights(conv.weight())?.contiguous()?);
@@ -146,13 +146,17 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(r: &ResnetBlock) -> Result<Self> {
+    fn new(r: &ResnetBlock, lt_epilogue: bool) -> Result<Self> {
         Ok(Self {
             norm1: GroupNormMat::new(&r.norm1),
-            conv1: ConvMat::new(&r.conv1)?,
+            conv1: ConvMat::new(&r.conv1, lt_epilogue)?,
             norm2: GroupNormMat::new(&r.norm2),
-            conv2: ConvMat::new(&r.conv2)?,
-            shortcut: r.shortcut.as_ref().map(ConvMat::new).transpose()?,
+            conv2: ConvMat::new(&r.conv2, lt_epilogue)?,
+            shortcut: r
+                .shortcut
+                .as_ref()
+                .map(|c| ConvMat::new(c, lt_epilogue))
+                .transpose()?,
         })
     }
 
@@ -171,26 +175,40 @@ impl Resnet {
 struct LinearMat {
     weight: Tensor,
     bias: Tensor,
+    /// Bias and residual inside the cuBLASLt matmul (`KernelOptions::lt_epilogue`).
+    lt_epilogue: bool,
 }
 
 impl LinearMat {
-    fn new(weight: Tensor, bias: Option<&Tensor>) -> Result<Self> {
+    fn new(weight: Tensor, bias: Option<&Tensor>, lt_epilogue: bool) -> Result<Self> {
         let bias = match bias {
             Some(b) => b.clone(),
             None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lt_epilogue,
+        })
     }
 
-    fn from_linear(l: &candle_nn::Linear) -> Result<Self> {
-        Self::new(l.weight().clone(), l.bias())
+    fn from_linear(l: &candle_nn::Linear, lt_epilogue: bool) -> Result<Self> {
+        Self::new(l.weight().clone(), l.bias(), lt_epilogue)
     }
 
     /// x·Wᵀ + b (+ residual): the bias (and residual) inside the matmul on the GPU.
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         match residual {
-            None => kernels::linear_bias_act(x, &self.weight, &self.bias, Activation::Identity),
-            Some(r) => kernels::linear_bias_residual(x, &self.weight, &self.bias, r),
+            None => kernels::linear_bias_act(
+                x,
+                &self.weight,
+                &self.bias,
+                Activation::Identity,
+                self.lt_epilogue,
+            ),
+            Some(r) => {
+                kernels::linear_bias_residual(x, &self.weight, &self.bias, r, self.lt_epilogue)
+            }
         }
     }
 }
@@ -204,13 +222,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(a: &AttentionBlock) -> Result<Self> {
+    fn new(a: &AttentionBlock, lt_epilogue: bool) -> Result<Self> {
         Ok(Self {
             norm: GroupNormMat::new(&a.norm),
-            q: LinearMat::from_linear(&a.q)?,
-            k: LinearMat::from_linear(&a.k)?,
-            v: LinearMat::from_linear(&a.v)?,
-            out: LinearMat::from_linear(&a.out)?,
+            q: LinearMat::from_linear(&a.q, lt_epilogue)?,
+            k: LinearMat::from_linear(&a.k, lt_epilogue)?,
+            v: LinearMat::from_linear(&a.v, lt_epilogue)?,
+            out: LinearMat::from_linear(&a.out, lt_epilogue)?,
         })
     }
 
@@ -244,30 +262,42 @@ pub(super) struct NhwcDecoder {
 }
 
 impl NhwcDecoder {
-    pub(super) fn new(d: &VaeDecoder) -> Result<Self> {
+    pub(super) fn new(d: &VaeDecoder, lt_epilogue: bool) -> Result<Self> {
         let up =
             d.up.iter()
                 .map(|u| {
                     Ok((
                         u.resnets
                             .iter()
-                            .map(Resnet::new)
+                            .map(|r| Resnet::new(r, lt_epilogue))
                             .collect::<Result<Vec<_>>>()?,
                         u.upsample
                             .as_ref()
-                            .map(ConvMat::new_after_upsampling)
+                            .map(|c| ConvMat::new_after_upsampling(c, lt_epilogue))
                             .transpose()?,
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
         let mut dec = Self {
-            post_quant_conv: d.post_quant_conv.as_ref().map(ConvMat::new).transpose()?,
-            conv_in: ConvMat::new(&d.conv_in)?,
-            mid: d.mid.iter().map(Resnet::new).collect::<Result<_>>()?,
-            mid_attn: d.mid_attn.as_ref().map(Attention::new).transpose()?,
+            post_quant_conv: d
+                .post_quant_conv
+                .as_ref()
+                .map(|c| ConvMat::new(c, lt_epilogue))
+                .transpose()?,
+            conv_in: ConvMat::new(&d.conv_in, lt_epilogue)?,
+            mid: d
+                .mid
+                .iter()
+                .map(|r| Resnet::new(r, lt_epilogue))
+                .collect::<Result<_>>()?,
+            mid_attn: d
+                .mid_attn
+                .as_ref()
+                .map(|a| Attention::new(a, lt_epilogue))
+                .transpose()?,
             up,
             norm_out: GroupNormMat::new(&d.norm_out),
-            conv_out: ConvMat::new(&d.conv_out)?,
+            conv_out: ConvMat::new(&d.conv_out, lt_epilogue)?,
             im2col_per_pixel: 0,
         };
         dec.im2col_per_pixel = dec.largest_im2col_per_latent_pixel();
