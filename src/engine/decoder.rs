@@ -115,6 +115,7 @@ fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
         .and_then(|z| decode_pixels(vae, &z, chunk));
     let decode = t0.elapsed();
     metrics::histogram!("diffit_decode_duration_seconds").record(decode.as_secs_f64());
+    let decode_batch = batch.len();
     match result {
         Ok(pixels) => {
             for (w, px) in batch.into_iter().zip(pixels) {
@@ -123,6 +124,7 @@ fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
                     pixels: px,
                     denoise: w.denoise,
                     decode,
+                    decode_batch,
                 });
             }
         }

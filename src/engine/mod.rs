@@ -44,12 +44,14 @@ pub enum JobEvent {
         step: usize,
         total: usize,
     },
-    /// One finished image: planar u8 pixels and how long its batch took to decode.
+    /// One finished image: planar u8 pixels and how long its batch (of `decode_batch` latents)
+    /// took to decode.
     Image {
         index: usize,
         pixels: Vec<u8>,
         denoise: Duration,
         decode: Duration,
+        decode_batch: usize,
     },
     Failed(EngineError),
 }
@@ -68,6 +70,10 @@ pub struct Job {
     /// Index (within the whole request) of `specs[0]`: non-zero for a later part.
     pub(crate) first_index: usize,
     pub(crate) shared: Arc<JobShared>,
+    /// The span of the request that made the job (the current span at `Job::new`): the engine
+    /// logs the job's admission, steps, batch sizes and decode inside it, so a request id's log
+    /// lines tell its whole story, and each step's span follows from the jobs it ran.
+    pub(crate) span: tracing::Span,
 }
 
 /// State every part of one job sees, whichever engine holds it.
@@ -142,6 +148,7 @@ impl Job {
             enqueued: Instant::now(),
             first_index: 0,
             shared,
+            span: tracing::Span::current(),
         };
         (job, rx)
     }
@@ -160,6 +167,7 @@ impl Job {
             enqueued: self.enqueued,
             first_index: self.first_index,
             shared: self.shared.clone(),
+            span: self.span.clone(),
         };
         self.first_index += part.specs.len();
         part

@@ -344,7 +344,7 @@ impl Loader<'_> {
             Source::Random(_) => WeightsError::Tensor {
                 path: "<random weights>".into(),
                 tensor: name.to_string(),
-                source: Box::new(e),
+                error: Box::new(e),
             },
         }
     }

@@ -71,9 +71,9 @@ fn parse_config(text: &str) -> Option<ConfigFile> {
 /// beside it, or `<name>_config.json` for a file named `<name>_model.safetensors`.
 fn find_config(file: &WeightsFile, explicit: Option<&Path>) -> Result<ConfigFile, WeightsError> {
     let read = |p: &Path| -> Result<ConfigFile, WeightsError> {
-        let text = std::fs::read_to_string(p).map_err(|source| WeightsError::Io {
+        let text = std::fs::read_to_string(p).map_err(|error| WeightsError::Io {
             path: p.to_path_buf(),
-            source,
+            error,
         })?;
         parse_config(&text).ok_or_else(|| WeightsError::Header {
             path: p.to_path_buf(),
