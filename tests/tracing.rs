@@ -79,6 +79,7 @@ async fn a_request_id_s_logs_show_queue_steps_batches_decode_and_encode() {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     let find = |msg: &str| -> Vec<&Value> {
         mine.iter()
             .filter(|v| v["fields"]["message"] == msg)

@@ -70,10 +70,6 @@ pub struct Job {
     /// Index (within the whole request) of `specs[0]`: non-zero for a later part.
     pub(crate) first_index: usize,
     pub(crate) shared: Arc<JobShared>,
-    /// The span of the request that made the job (the current span at `Job::new`): the engine
-    /// logs the job's admission, steps, batch sizes and decode inside it, so a request id's log
-    /// lines tell its whole story, and each step's span follows from the jobs it ran.
-    pub(crate) span: tracing::Span,
 }
 
 /// State every part of one job sees, whichever engine holds it.
@@ -88,6 +84,10 @@ pub(crate) struct JobShared {
     steps_done: Vec<AtomicUsize>,
     /// Last progress step sent, so that parts on different engines never send it backwards.
     reported: AtomicUsize,
+    /// The span of the request that made the job (the current span at `Job::new`): the engine
+    /// logs the job's admission, steps, batch sizes and decode inside it, so a request id's log
+    /// lines tell its whole story, and each step's span follows from the jobs it ran.
+    pub(crate) span: tracing::Span,
 }
 
 impl JobShared {
@@ -99,6 +99,7 @@ impl JobShared {
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
             reported: AtomicUsize::new(0),
+            span: tracing::Span::current(),
         }
     }
 
@@ -148,7 +149,6 @@ impl Job {
             enqueued: Instant::now(),
             first_index: 0,
             shared,
-            span: tracing::Span::current(),
         };
         (job, rx)
     }
@@ -167,7 +167,6 @@ impl Job {
             enqueued: self.enqueued,
             first_index: self.first_index,
             shared: self.shared.clone(),
-            span: self.span.clone(),
         };
         self.first_index += part.specs.len();
         part

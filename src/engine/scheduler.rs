@@ -284,7 +284,7 @@ impl Scheduler {
             }
         };
         let now = Instant::now();
-        job.span.in_scope(|| {
+        job.shared.span.in_scope(|| {
             tracing::info!(
                 engine = self.ctx.index,
                 images = n,
@@ -329,8 +329,8 @@ impl Scheduler {
         for part in self.parts.values_mut() {
             part.batches.record(batch);
             if debug {
-                step_span.follows_from(&part.job.span);
-                part.job.span.in_scope(|| {
+                step_span.follows_from(&part.job.shared.span);
+                part.job.shared.span.in_scope(|| {
                     tracing::debug!(engine = self.ctx.index, batch, "step");
                 });
             }
@@ -400,7 +400,7 @@ impl Scheduler {
             self.recent.push_back(now);
             if part.in_flight == 0 {
                 let b = &part.batches;
-                part.job.span.in_scope(|| {
+                part.job.shared.span.in_scope(|| {
                     tracing::info!(
                         engine = self.ctx.index,
                         steps = b.steps,
