@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, golden, ints, rel_err, row, Replay};
+use diffit_server::config::KernelOptions;
 use diffit_server::diffusion::guidance::guide_doubled_batch;
 use diffit_server::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule,
 };
-use diffit_server::config::KernelOptions;
 use diffit_server::model::{vae, DiffiT, VaeDecoder, WeightsFile};
 
 fn tiny_model(dtype: DType, kernels: KernelOptions) -> DiffiT {
@@ -210,7 +210,14 @@ fn worst_pixel_diff(decoded: &Tensor, want: &Tensor) -> u8 {
 fn vae_decode_matches_reference() {
     let g = golden("vae_tiny_golden.safetensors");
     let file = WeightsFile::open(fixture("vae_tiny_model.safetensors")).unwrap();
-    let vae = VaeDecoder::load(&file, None, DType::F32, &Device::Cpu, &KernelOptions::plain()).unwrap();
+    let vae = VaeDecoder::load(
+        &file,
+        None,
+        DType::F32,
+        &Device::Cpu,
+        &KernelOptions::plain(),
+    )
+    .unwrap();
     assert_eq!(
         vae.config().norm_num_groups,
         16,

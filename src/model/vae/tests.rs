@@ -1,0 +1,58 @@
+//! Decode chunking: `--decode-chunk N` decodes N latents in one pass on both paths, up to the
+//! documented im2col bound of the channels-last path.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{nhwc, VaeConfig, VaeDecoder};
+use crate::config::KernelOptions;
+
+/// A two-level decoder small enough to run on the CPU; its upsampling conv has 16 channels, so
+/// the channels-last path takes its 2×2-phase route as kl-f8 does.
+pub(crate) fn tiny_decoder(kernels: &KernelOptions) -> VaeDecoder {
+    let config = VaeConfig {
+        latent_channels: 4,
+        out_channels: 3,
+        block_out_channels: vec![8, 16],
+        layers_per_block: 1,
+        norm_num_groups: 4,
+        scaling_factor: 0.18215,
+        mid_attention: true,
+        post_quant_conv: true,
+    };
+    VaeDecoder::random(config, DType::F32, &Device::Cpu, kernels).unwrap()
+}
+
+#[test]
+fn the_channels_last_bound_for_kl_f8() {
+    let cfg = VaeConfig::sd_kl_f8();
+    // 9·256 im2col columns per pixel at 8× the latent side: 151 M elements per 32×32 latent.
+    assert_eq!(nhwc::max_batch(&cfg, (32, 32)), 14);
+    assert_eq!(nhwc::max_batch(&cfg, (64, 64)), 3);
+}
+
+#[test]
+fn decode_chunk_n_decodes_n_latents_in_one_pass() {
+    let z = Tensor::randn(0f32, 1.0, (16, 4, 4, 4), &Device::Cpu).unwrap();
+    for kernels in [KernelOptions::fused(), KernelOptions::plain()] {
+        let vae = tiny_decoder(&kernels);
+        assert_eq!(vae.is_fused(), kernels == KernelOptions::fused());
+        assert_eq!(vae.chunk_size(16, (4, 4)), 16);
+        let whole = vae.decode_chunked(&z, 16).unwrap();
+        assert_eq!(whole.dims(), &[16, 3, 8, 8]);
+        assert_eq!(vae.take_passes(), vec![16], "fused: {}", vae.is_fused());
+        let parts = vae.decode_chunked(&z, 5).unwrap();
+        assert_eq!(vae.take_passes(), vec![5, 5, 5, 1]);
+        let diff = (parts - &whole)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "chunked decode differs by {diff}");
+        // `decode` takes everything that fits in one pass.
+        vae.decode(&z).unwrap();
+        assert_eq!(vae.take_passes(), vec![16]);
+    }
+}
