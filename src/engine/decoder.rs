@@ -35,19 +35,24 @@ pub(super) enum Decoder {
 }
 
 impl Decoder {
-    /// A decoder of latents `latent_side` square, `requested` (`--decode-chunk`) at most at
-    /// once, or fewer where `VaeDecoder::chunk_size` says they do not fit.
-    pub fn new(vae: Arc<VaeDecoder>, requested: usize, latent_side: usize) -> Self {
-        let chunk = vae.chunk_size(requested, (latent_side, latent_side));
-        if chunk < requested {
+    /// Hands the VAE up to `chunk` (`--decode-chunk`) finished latents at once; it decodes
+    /// them in the passes `VaeDecoder::pass_sizes` decides, logged here for a full chunk of
+    /// `latent_side`² latents.
+    pub fn new(vae: Arc<VaeDecoder>, chunk: usize, latent_side: usize) -> Self {
+        let chunk = chunk.max(1);
+        let hw = (latent_side, latent_side);
+        let passes = vae.pass_sizes(chunk, chunk, hw);
+        if passes.len() > 1 {
             tracing::warn!(
-                requested,
                 chunk,
-                "the VAE decodes at most {chunk} latents of {latent_side}×{latent_side} at once \
-                 (its im2col buffers); --decode-chunk {requested} gives passes of {chunk}"
+                ?passes,
+                max_pass = vae.max_pass(hw),
+                "--decode-chunk {chunk} exceeds what one VAE pass can take at \
+                 {latent_side}×{latent_side} (its im2col buffers): a full chunk decodes in \
+                 passes of {passes:?}"
             );
         } else {
-            tracing::info!(chunk, "the VAE decodes up to {chunk} latents at once");
+            tracing::info!(chunk, "the VAE decodes up to {chunk} latents in one pass");
         }
         if !vae.device().is_cpu() {
             return Self::Inline { vae, chunk };
@@ -164,7 +169,7 @@ mod tests {
         let vae = Arc::new(tiny_decoder(&KernelOptions::fused()));
         for (requested, passes) in [(16, vec![16]), (5, vec![5, 5, 5, 1])] {
             let decoder = Decoder::Inline {
-                chunk: vae.chunk_size(requested, (4, 4)),
+                chunk: requested,
                 vae: vae.clone(),
             };
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -34,9 +34,29 @@ pub struct VaeDecoder {
     dtype: DType,
     device: Device,
     layout: Layout,
-    /// Batch sizes of the decoder passes run, for the tests of `chunk_size`.
+    /// Batch sizes of the decoder passes run, for the tests of `pass_sizes`.
     #[cfg(test)]
     passes: std::sync::Mutex<Vec<usize>>,
+}
+
+/// Latents per chunk where the caller does not say (`decode`; `--decode-chunk` defaults to the
+/// same). Larger passes are not faster: on an H100, passes of 8 decoded 334 images/s at B = 16,
+/// passes of 14 (the im2col bound) 305 (docs/perf.md, "Decode chunk size").
+pub const DEFAULT_DECODE_CHUNK: usize = 8;
+
+/// Pass sizes for `batch` latents handed over `chunk` at a time, at most `max_pass` a pass:
+/// each chunk in the fewest passes that fit, their sizes differing by at most one.
+fn split_passes(batch: usize, chunk: usize, max_pass: usize) -> Vec<usize> {
+    let (chunk, max_pass) = (chunk.max(1), max_pass.max(1));
+    let mut sizes = Vec::new();
+    let mut left = batch;
+    while left > 0 {
+        let group = left.min(chunk);
+        let passes = group.div_ceil(max_pass);
+        sizes.extend((0..passes).map(|i| group / passes + usize::from(i < group % passes)));
+        left -= group;
+    }
+    sizes
 }
 
 /// The name a current key had in older diffusers files: the mid-block attention's
@@ -124,37 +144,45 @@ impl VaeDecoder {
         &self.device
     }
 
-    /// How many latents of `h`×`w` one decoder pass takes when up to `requested` are asked for
-    /// at once (`--decode-chunk`): `requested`, but on the channels-last path never more than
-    /// its im2col buffers allow (`nhwc::max_batch`: 14 latents of 32×32, 3 of 64×64 for
-    /// kl-f8). The only place a decode chunk is decided: the engine batches finished latents
-    /// by it and `decode_chunked` splits by it.
-    pub fn chunk_size(&self, requested: usize, latent_hw: (usize, usize)) -> usize {
-        let requested = requested.max(1);
+    /// Most latents of `h`×`w` one decoder pass can take: any number on the NCHW path; on the
+    /// channels-last path what its im2col buffers allow (`nhwc::max_batch`: 14 latents of
+    /// 32×32, 3 of 64×64 for kl-f8).
+    pub fn max_pass(&self, latent_hw: (usize, usize)) -> usize {
         match &self.layout {
-            Layout::Nchw(_) => requested,
-            Layout::ChannelsLast(_) => requested.min(nhwc::max_batch(&self.config, latent_hw)),
+            Layout::Nchw(_) => usize::MAX,
+            Layout::ChannelsLast(_) => nhwc::max_batch(&self.config, latent_hw),
         }
+    }
+
+    /// The decoder passes for `batch` latents of `h`×`w` handed over `chunk` at a time
+    /// (`--decode-chunk`): one pass per chunk, unless a chunk exceeds `max_pass`; then the
+    /// fewest passes that fit, of equal sizes (16 at ImageNet-256: 8 + 8, not 14 + 2). The one
+    /// place decode passes are decided: `decode_chunked` runs them, the engine hands latents
+    /// over `chunk` at a time and logs a full chunk's passes at start-up.
+    pub fn pass_sizes(&self, batch: usize, chunk: usize, latent_hw: (usize, usize)) -> Vec<usize> {
+        split_passes(batch, chunk, self.max_pass(latent_hw))
     }
 
     /// `decode(z / scaling_factor)` for sampled latents z [B, C, h, w]: f32 pixels in roughly
-    /// [-1, 1], [B, out_channels, h·f, w·f]. As many latents per pass as `chunk_size` allows.
+    /// [-1, 1], [B, out_channels, h·f, w·f]; in chunks of `DEFAULT_DECODE_CHUNK`.
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        self.decode_chunked(z, usize::MAX)
+        self.decode_chunked(z, DEFAULT_DECODE_CHUNK)
     }
 
-    /// `decode` in passes of `chunk_size(chunk, …)` latents, so memory stays bounded at any
-    /// batch size.
+    /// `decode` in chunks of `chunk` latents, each one pass where it fits (`pass_sizes`), so
+    /// memory stays bounded at any batch size.
     pub fn decode_chunked(&self, z: &Tensor, chunk: usize) -> candle_core::Result<Tensor> {
         let (b, _, h, w) = z.dims4()?;
-        let chunk = self.chunk_size(chunk, (h, w));
-        if b <= chunk {
+        let sizes = self.pass_sizes(b, chunk, (h, w));
+        if sizes.len() <= 1 {
             return self.decode_pass(z);
         }
-        let parts = (0..b)
-            .step_by(chunk)
-            .map(|s| self.decode_pass(&z.narrow(0, s, chunk.min(b - s))?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut parts = Vec::with_capacity(sizes.len());
+        let mut start = 0;
+        for n in sizes {
+            parts.push(self.decode_pass(&z.narrow(0, start, n)?)?);
+            start += n;
+        }
         Tensor::cat(&parts, 0)
     }
 

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{nhwc, VaeConfig, VaeDecoder};
+use super::{nhwc, split_passes, VaeConfig, VaeDecoder};
 use crate::config::KernelOptions;
 
 /// A two-level decoder small enough to run on the CPU; its upsampling conv has 16 channels, so
@@ -31,12 +31,25 @@ fn the_channels_last_bound_for_kl_f8() {
 }
 
 #[test]
+fn passes_are_chunks_split_evenly_where_they_do_not_fit() {
+    assert_eq!(split_passes(16, 16, usize::MAX), vec![16]);
+    assert_eq!(split_passes(16, 5, usize::MAX), vec![5, 5, 5, 1]);
+    // ImageNet-256 on the channels-last path: 16 do not fit one pass of at most 14.
+    assert_eq!(split_passes(16, 16, 14), vec![8, 8]);
+    assert_eq!(split_passes(12, 16, 14), vec![12]);
+    assert_eq!(split_passes(64, 8, 14), vec![8; 8]);
+    // ImageNet-512: at most 3 a pass.
+    assert_eq!(split_passes(8, 8, 3), vec![3, 3, 2]);
+    assert_eq!(split_passes(0, 8, 3), Vec::<usize>::new());
+}
+
+#[test]
 fn decode_chunk_n_decodes_n_latents_in_one_pass() {
     let z = Tensor::randn(0f32, 1.0, (16, 4, 4, 4), &Device::Cpu).unwrap();
     for kernels in [KernelOptions::fused(), KernelOptions::plain()] {
         let vae = tiny_decoder(&kernels);
         assert_eq!(vae.is_fused(), kernels == KernelOptions::fused());
-        assert_eq!(vae.chunk_size(16, (4, 4)), 16);
+        assert_eq!(vae.pass_sizes(16, 16, (4, 4)), vec![16]);
         let whole = vae.decode_chunked(&z, 16).unwrap();
         assert_eq!(whole.dims(), &[16, 3, 8, 8]);
         assert_eq!(vae.take_passes(), vec![16], "fused: {}", vae.is_fused());
@@ -51,8 +64,8 @@ fn decode_chunk_n_decodes_n_latents_in_one_pass() {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "chunked decode differs by {diff}");
-        // `decode` takes everything that fits in one pass.
+        // `decode` hands over the default chunk at a time.
         vae.decode(&z).unwrap();
-        assert_eq!(vae.take_passes(), vec![16]);
+        assert_eq!(vae.take_passes(), vec![8, 8]);
     }
 }
