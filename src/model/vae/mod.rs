@@ -40,8 +40,8 @@ pub struct VaeDecoder {
 }
 
 /// Latents per chunk where the caller does not say (`decode`; `--decode-chunk` defaults to the
-/// same). Larger passes are not faster: on an H100, passes of 8 decoded 334 images/s at B = 16,
-/// passes of 14 (the im2col bound) 305 (docs/perf.md, "Decode chunk size").
+/// same). Larger passes are not faster: on an H100, B = 16 decoded at 334 images/s in passes of 8
+/// and at 305 in passes of 14 + 2 (the im2col bound; docs/perf.md, "Decode chunk size").
 pub const DEFAULT_DECODE_CHUNK: usize = 8;
 
 /// Pass sizes for `batch` latents handed over `chunk` at a time, at most `max_pass` a pass:
