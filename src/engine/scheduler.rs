@@ -73,7 +73,11 @@ struct Scheduler {
 }
 
 pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
-    let decoder = Decoder::new(pipe.vae.clone(), pipe.decode_chunk);
+    let decoder = Decoder::new(
+        pipe.vae.clone(),
+        pipe.decode_chunk,
+        pipe.info.config.input_size,
+    );
     let mut s = Scheduler {
         decoder,
         engine_label: ctx.index.to_string(),
