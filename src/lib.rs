@@ -3,6 +3,7 @@
 pub mod api;
 pub mod bench;
 pub mod classes;
+pub mod cli;
 pub mod config;
 pub mod diffusion;
 pub mod encode;
@@ -12,6 +13,5 @@ pub mod loadgen;
 pub mod model;
 pub mod pipeline;
 pub mod png;
-pub mod serve_bench;
 pub mod server;
 pub mod telemetry;

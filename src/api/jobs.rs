@@ -133,6 +133,7 @@ pub async fn collect(
                 pixels,
                 denoise,
                 decode,
+                decode_batch,
             }) => {
                 let spec = specs[index];
                 let info = state.engine.info().clone();
@@ -154,6 +155,14 @@ pub async fn collect(
                 .map_err(|e| ApiError::internal(format!("{format} encoder task failed: {e}")))?
                 .map_err(|e| ApiError::internal(format!("{format} encoding failed: {e}")))?;
                 let enc = t0.elapsed();
+                tracing::info!(
+                    image = index,
+                    seed = spec.seed,
+                    decode_ms = ms(decode),
+                    decode_batch,
+                    encode_ms = ms(enc),
+                    "image decoded and encoded"
+                );
                 metrics::histogram!("diffit_encode_duration_seconds").record(enc.as_secs_f64());
                 metrics::counter!("diffit_images_generated_total").increment(1);
                 timings.encode_ms += ms(enc);

@@ -53,12 +53,14 @@ pub enum JobEvent {
         total: usize,
         image: preview::PreviewImage,
     },
-    /// One finished image: planar u8 pixels and how long its batch took to decode.
+    /// One finished image: planar u8 pixels and how long its batch (of `decode_batch` latents)
+    /// took to decode.
     Image {
         index: usize,
         pixels: Vec<u8>,
         denoise: Duration,
         decode: Duration,
+        decode_batch: usize,
     },
     Failed(EngineError),
 }
@@ -93,6 +95,10 @@ pub(crate) struct JobShared {
     steps_done: Vec<AtomicUsize>,
     /// Last progress step sent, so that parts on different engines never send it backwards.
     reported: AtomicUsize,
+    /// The span of the request that made the job (the current span at `Job::new`): the engine
+    /// logs the job's admission, steps, batch sizes and decode inside it, so a request id's log
+    /// lines tell its whole story, and each step's span follows from the jobs it ran.
+    pub(crate) span: tracing::Span,
 }
 
 impl JobShared {
@@ -104,6 +110,7 @@ impl JobShared {
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
             reported: AtomicUsize::new(0),
+            span: tracing::Span::current(),
         }
     }
 

@@ -48,6 +48,8 @@ pub(super) struct EngineContext {
 /// A part of a job while this engine holds it: all of its images are in the batch.
 struct Part {
     job: Job,
+    /// Batch sizes of the steps this part ran in (for its log line when it finishes).
+    batches: BatchSizes,
     /// Images not yet finished.
     in_flight: usize,
     started: Instant,
@@ -78,7 +80,11 @@ struct Scheduler {
 }
 
 pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
-    let decoder = Decoder::new(pipe.vae.clone(), pipe.decode_chunk);
+    let decoder = Decoder::new(
+        pipe.vae.clone(),
+        pipe.decode_chunk,
+        pipe.info.config.input_size,
+    );
     let mut s = Scheduler {
         decoder,
         engine_label: ctx.index.to_string(),
@@ -311,6 +317,15 @@ impl Scheduler {
             }
         };
         let now = Instant::now();
+        job.shared.span.in_scope(|| {
+            tracing::info!(
+                engine = self.ctx.index,
+                images = n,
+                queue_wait_ms = (now - job.enqueued).as_millis() as u64,
+                batch_before = self.active.len(),
+                "admitted to a batch"
+            )
+        });
         if job.shared.start() {
             let wait = now - job.enqueued;
             metrics::histogram!("diffit_queue_wait_seconds").record(wait.as_secs_f64());
@@ -329,6 +344,7 @@ impl Scheduler {
             id,
             Part {
                 job,
+                batches: BatchSizes::default(),
                 in_flight: n,
                 started: now,
             },
@@ -339,11 +355,24 @@ impl Scheduler {
     fn step(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let batch = self.active.len();
-        {
+        // One span per step, following from every job in it (TGI-style): a trace viewer links
+        // a request to the batches it joined; the jobs' own logs get the batch size at DEBUG.
+        let step_span = tracing::debug_span!("step", engine = self.ctx.index, batch);
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        for part in self.parts.values_mut() {
+            part.batches.record(batch);
+            if debug {
+                step_span.follows_from(&part.job.shared.span);
+                part.job.shared.span.in_scope(|| {
+                    tracing::debug!(engine = self.ctx.index, batch, "step");
+                });
+            }
+        }
+        step_span.in_scope(|| {
             let mut refs: Vec<&mut SampleState> =
                 self.active.iter_mut().map(|a| &mut a.sample).collect();
-            denoise_step(&self.pipe.diffit, &mut refs)?;
-        }
+            denoise_step(&self.pipe.diffit, &mut refs)
+        })?;
         let labels = [
             ("engine", self.engine_label.clone()),
             ("device", self.device_label.clone()),
@@ -443,6 +472,18 @@ impl Scheduler {
             });
             self.recent.push_back(now);
             if part.in_flight == 0 {
+                let b = &part.batches;
+                part.job.shared.span.in_scope(|| {
+                    tracing::info!(
+                        engine = self.ctx.index,
+                        steps = b.steps,
+                        batch_min = b.min,
+                        batch_max = b.max,
+                        batch_mean = format_args!("{:.1}", b.mean()),
+                        denoise_ms = (now - part.started).as_millis() as u64,
+                        "denoised"
+                    )
+                });
                 self.parts.remove(&a.part);
             }
         }
@@ -479,5 +520,31 @@ impl Scheduler {
             }
         }
         self.set_gauges();
+    }
+}
+
+/// The batch sizes of the steps a part ran in.
+#[derive(Debug, Default)]
+struct BatchSizes {
+    steps: usize,
+    min: usize,
+    max: usize,
+    sum: usize,
+}
+
+impl BatchSizes {
+    fn record(&mut self, batch: usize) {
+        self.min = if self.steps == 0 {
+            batch
+        } else {
+            self.min.min(batch)
+        };
+        self.max = self.max.max(batch);
+        self.sum += batch;
+        self.steps += 1;
+    }
+
+    fn mean(&self) -> f64 {
+        self.sum as f64 / self.steps.max(1) as f64
     }
 }

@@ -178,15 +178,6 @@ fn attention_fits_device(_: &Device, _: usize) -> bool {
     false
 }
 
-/// Whether the model runs attention through the fused kernel (default; `DIFFIT_FLASH_ATTENTION=0`,
-/// `false` or `off` takes the unfused ops).
-pub fn flash_attention_enabled() -> bool {
-    !matches!(
-        std::env::var("DIFFIT_FLASH_ATTENTION").as_deref(),
-        Ok("0" | "false" | "off")
-    )
-}
-
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FlashAttention {
     /// [batch, tokens, heads, head_dim]
@@ -313,12 +304,13 @@ pub fn group_norm(
 /// `act(x·Wᵀ + b)` for x [.., K], weight [N, K], bias [N]. On CUDA in bf16/f16 the bias and
 /// the activation run in the matmul's epilogue (cuBLASLt `BIAS` / `GELU_BIAS`), so the
 /// [rows, N] output is written once; elsewhere (the CPU, f32 — where cuBLASLt would compute
-/// in TF32 — or with `DIFFIT_LT_EPILOGUE=0`) it is the matmul followed by `bias_act`.
+/// in TF32 — or with `lt_epilogue` off) it is the matmul followed by `bias_act`.
 pub fn linear_bias_act(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     act: Activation,
+    lt_epilogue: bool,
 ) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
@@ -334,7 +326,7 @@ pub fn linear_bias_act(
     let rows = x.elem_count() / k.max(1);
     *dims.last_mut().expect("rank ≥ 1") = n;
     let x2 = x.reshape((rows, k))?;
-    if use_lt_epilogue(x) {
+    if lt_epilogue && lt_epilogue_applies(x) {
         return x2
             .contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LinearAct(act))?
@@ -358,6 +350,7 @@ pub fn linear_bias_residual(
     weight: &Tensor,
     bias: &Tensor,
     residual: &Tensor,
+    lt_epilogue: bool,
 ) -> Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
     let (n, wk) = weight.dims2()?;
@@ -375,7 +368,7 @@ pub fn linear_bias_residual(
     }
     let x2 = x.reshape((rows, k))?;
     let r2 = residual.reshape((rows, n))?;
-    if use_lt_epilogue(x) {
+    if lt_epilogue && lt_epilogue_applies(x) {
         let op = LinearResidual {
             bias: bias.contiguous()?,
         };
@@ -440,12 +433,9 @@ impl CustomOp3 for LinearResidual {
     }
 }
 
-fn use_lt_epilogue(x: &Tensor) -> bool {
-    // Read once: this runs for three matmuls of every block of every step.
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    x.device().is_cuda()
-        && matches!(x.dtype(), DType::BF16 | DType::F16)
-        && *ENABLED.get_or_init(|| std::env::var("DIFFIT_LT_EPILOGUE").as_deref() != Ok("0"))
+/// cuBLASLt epilogues run on CUDA in bf16/f16 only (f32 would compute in TF32 there).
+fn lt_epilogue_applies(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 /// The cuBLASLt matmul with a BIAS or GELU_BIAS epilogue (CUDA only; see `linear_bias_act`).

@@ -213,7 +213,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             let unfused = bias_act(&xf.matmul(&wf.t()?)?, &bf.unsqueeze(0)?, rows, act, None)?;
             push(
                 format!("linear + bias + {act:?} [{rows},{k}]x[{n},{k}]"),
-                super::linear_bias_act(&x, &w, &b, act)?,
+                super::linear_bias_act(&x, &w, &b, act, true)?,
                 unfused,
             )?;
         }
@@ -232,7 +232,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         )?;
         push(
             format!("linear + bias + residual [{rows},{k}]x[{n},{k}]"),
-            super::linear_bias_residual(&x, &w, &b, &r)?,
+            super::linear_bias_residual(&x, &w, &b, &r, true)?,
             unfused,
         )?;
     }
