@@ -231,8 +231,8 @@ fn add_webp_xmp(webp: &[u8], xmp: &str, width: u32, height: u32) -> Result<Vec<u
     }
     const XMP_FLAG: u8 = 0x04;
     let mut vp8x = vec![XMP_FLAG, 0, 0, 0];
-    vp8x.extend_from_slice(&(width - 1).to_le_bytes()[..3]);
-    vp8x.extend_from_slice(&(height - 1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&width.saturating_sub(1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&height.saturating_sub(1).to_le_bytes()[..3]);
     let mut body = b"WEBP".to_vec();
     body.extend(chunk(b"VP8X", &vp8x));
     body.extend_from_slice(image);

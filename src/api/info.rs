@@ -14,25 +14,26 @@ use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
 /// playground page) needs to build valid requests.
 fn model_json(state: &AppState) -> serde_json::Value {
     let info = state.engine.info();
+    let limits = state.limits();
     json!({
-            "id": info.name,
-            "object": "model",
-            "created": state.started_unix,
-            "owned_by": "diffit-server",
-            "image_size": info.image_size,
-            "num_classes": info.config.num_classes,
-            "config": info.config,
-            "defaults": info.defaults,
-            "sha256": info.model_sha256,
-            "dtype": info.dtype,
-            "device": info.device,
-            "devices": state.engine.devices(),
-            "limits": {
-                "max_images_per_request": state.limits().max_images.min(state.limits().max_queue),
-                "min_steps": MIN_STEPS,
-                "max_steps": MAX_STEPS,
-                "max_guidance_scale": crate::diffusion::guidance::MAX_GUIDANCE_SCALE,
-            },
+        "id": info.name,
+        "object": "model",
+        "created": state.started_unix,
+        "owned_by": "diffit-server",
+        "image_size": info.image_size,
+        "num_classes": info.config.num_classes,
+        "config": info.config,
+        "defaults": info.defaults,
+        "sha256": info.model_sha256,
+        "dtype": info.dtype,
+        "device": info.device,
+        "devices": state.engine.devices(),
+        "limits": {
+            "max_images_per_request": limits.max_images.min(limits.max_queue),
+            "min_steps": MIN_STEPS,
+            "max_steps": MAX_STEPS,
+            "max_guidance_scale": crate::diffusion::guidance::MAX_GUIDANCE_SCALE,
+        },
     })
 }
 
