@@ -137,18 +137,34 @@ def generate_and_check(d, server, model, query, expect_class, n, label):
     images.clear()
     images.send_keys(str(n))
     before = len(results_images(d))
+    # Watch the page from here on, so that a fast server cannot finish between two polls: was
+    # a progress bar laid out (visible), how far did it go, how many previews were drawn.
+    d.execute_script("""
+      const seen = window.__seen = { progress: false, maxStep: 0, previews: 0 };
+      const look = () => {
+        const p = document.querySelector('progress, [role=progressbar]');
+        if (p && p.offsetParent !== null) {
+          seen.progress = true;
+          seen.maxStep = Math.max(seen.maxStep, Number(p.value || p.getAttribute('aria-valuenow') || 0));
+        }
+      };
+      new MutationObserver((records) => {
+        look();
+        for (const r of records)
+          if (r.attributeName === 'data-drawn') seen.previews++;  // a preview PNG decoded and drawn
+      }).observe(document.body, { attributes: true, subtree: true, childList: true });""")
     d.find_element(By.XPATH, "//button[normalize-space(.)='Generate']").click()
-    wait_for(lambda: d.execute_script(
-        "const p = document.querySelector('progress, [role=progressbar]'); return p && p.offsetParent !== null"),
-        10, f"{label}: a progress bar shows while the request runs")
-    wait_for(lambda: d.execute_script(
-        "return [...document.querySelectorAll('.frame')].some(f => /^\\d+\\/\\d+$/.test(f.dataset.step || ''))"),
-        60, f"{label}: live previews arrive")
     if os.environ.get("PREVIEW_SHOT"):
+        wait_for(lambda: d.execute_script("return window.__seen.previews > 0"), 60, f"{label}: a preview shows")
         d.save_screenshot(os.environ["PREVIEW_SHOT"])
     side = model["image_size"]
     wait_for(lambda: len([i for i in results_images(d) if i[0] and i[1] == side and i[2] == side]) >= before + n,
              300, f"{label}: {n} images of {side}x{side} px land in Results")
+    seen = d.execute_script("return window.__seen")
+    steps = int(field(d, "Steps").get_attribute("value"))
+    check(seen["progress"], f"{label}: a progress bar showed while the request ran")
+    check(seen["maxStep"] >= steps - 1, f"{label}: progress reached step {seen['maxStep']} of {steps}")
+    check(seen["previews"] >= n, f"{label}: {seen['previews']} live previews drawn for {n} images")
     check(not d.find_element(By.ID, "status").is_displayed(), f"{label}: the progress bar goes away")
     first = d.find_element(By.CSS_SELECTOR, "[aria-label=Results] .card")
     check(expect_class in first.text and "seed" in first.text, f"{label}: the card shows class and seed")
