@@ -114,21 +114,43 @@ impl LatentPreview {
 
     /// Projects one latent [1, C, h, w] (or [C, h, w]) to a preview image.
     pub fn render(&self, latent: &Tensor) -> anyhow::Result<PreviewImage> {
-        let dims = latent.dims();
+        let latent = match latent.rank() {
+            3 => latent.unsqueeze(0)?,
+            _ => latent.clone(),
+        };
+        let mut images = self.render_many(&[&latent])?;
+        images
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no preview rendered"))
+    }
+
+    /// Projects latents [1, C, h, w] to preview images with one copy to the host: on a GPU
+    /// that is one synchronisation per step, however many images want previews.
+    pub fn render_many(&self, latents: &[&Tensor]) -> anyhow::Result<Vec<PreviewImage>> {
+        let Some(first) = latents.first() else {
+            return Ok(Vec::new());
+        };
+        let dims = first.dims();
         let (c, h, w) = match dims {
-            [1, c, h, w] | [c, h, w] => (*c, *h, *w),
-            _ => anyhow::bail!("a preview needs one latent, got shape {dims:?}"),
+            [1, c, h, w] => (*c, *h, *w),
+            _ => anyhow::bail!("a preview needs latents of shape [1, C, h, w], got {dims:?}"),
         };
         anyhow::ensure!(
             c == self.in_channels,
             "the preview projection takes {} channels, the latent has {c}",
             self.in_channels
         );
-        let z = latent
+        let z = Tensor::cat(latents, 0)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let plane = h * w;
+        let per = c * h * w;
+        Ok(z.chunks(per)
+            .map(|one| self.project(one, c, h * w, h, w))
+            .collect())
+    }
+
+    fn project(&self, z: &[f32], c: usize, plane: usize, h: usize, w: usize) -> PreviewImage {
         let k = c + 1;
         let mut pixels = vec![0u8; self.out_channels * plane];
         for o in 0..self.out_channels {
@@ -141,12 +163,12 @@ impl LatentPreview {
                 pixels[o * plane + p] = ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8;
             }
         }
-        Ok(PreviewImage {
+        PreviewImage {
             pixels,
             channels: self.out_channels,
             height: h,
             width: w,
-        })
+        }
     }
 }
 

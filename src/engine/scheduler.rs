@@ -422,36 +422,38 @@ impl Scheduler {
             return;
         };
         let started = Instant::now();
-        let mut sent = 0;
-        for a in &self.active {
-            let Some(part) = self.parts.get(&a.part) else {
-                continue;
-            };
-            let (step, total) = (a.sample.steps_done(), a.sample.steps_total());
-            let every = total.div_ceil(PREVIEWS_PER_IMAGE).max(1);
-            if !part.job.previews || step % every != 0 || step >= total {
-                continue;
-            }
-            let Some(estimate) = a.sample.estimate() else {
-                continue;
-            };
-            match projection.render(estimate) {
-                Ok(image) => {
-                    sent += 1;
-                    let _ = part.job.events.send(JobEvent::Preview {
-                        index: a.index,
-                        step,
-                        total,
+        // (job, image index, step, total, estimate) of every image at a preview step.
+        let due: Vec<_> = self
+            .active
+            .iter()
+            .filter_map(|a| {
+                let part = self.parts.get(&a.part)?;
+                let (step, total) = (a.sample.steps_done(), a.sample.steps_total());
+                let every = total.div_ceil(PREVIEWS_PER_IMAGE).max(1);
+                let due = part.job.previews && step % every == 0 && step < total;
+                let estimate = a.sample.estimate().filter(|_| due)?;
+                Some((&part.job, a.index, step, total, estimate))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let latents: Vec<&candle_core::Tensor> = due.iter().map(|d| d.4).collect();
+        match projection.render_many(&latents) {
+            Ok(images) => {
+                for ((job, index, step, total, _), image) in due.iter().zip(images) {
+                    let _ = job.events.send(JobEvent::Preview {
+                        index: *index,
+                        step: *step,
+                        total: *total,
                         image,
                     });
                 }
-                Err(e) => tracing::warn!(job = %part.job.id, error = %e, "preview failed"),
             }
+            Err(e) => tracing::warn!(error = %e, "previews failed"),
         }
-        if sent > 0 {
-            metrics::histogram!("diffit_preview_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-        }
+        metrics::histogram!("diffit_preview_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Hands finished latents to the decode worker; a part leaves the engine once all of its
