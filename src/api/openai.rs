@@ -194,14 +194,25 @@ fn check_openai_options(req: &ImagesRequest, side: usize) -> Result<(), ApiError
 /// Longest `user` id kept: it goes into the logs.
 const MAX_USER_LEN: usize = 256;
 
+/// Most characters of a prompt quoted back in an error.
+const MAX_QUOTED_PROMPT: usize = 80;
+
 /// The prompt's class, or a 400 naming `prompt` with the candidates or close matches.
 fn prompt_class(info: &crate::pipeline::ModelInfo, prompt: &str) -> Result<usize, ApiError> {
     info.classes.match_prompt(prompt).map_err(|e| {
+        // Quote (the start of) the prompt: the client may not know what its SDK sent.
+        let quoted: String = prompt.chars().take(MAX_QUOTED_PROMPT).collect();
+        let more = if prompt.chars().count() > MAX_QUOTED_PROMPT {
+            "…"
+        } else {
+            ""
+        };
         let message = match e {
-            PromptError::NoMatch(_) => {
-                format!("{e} (GET /v1/classes lists all {})", info.classes.len())
-            }
-            _ => e.to_string(),
+            PromptError::NoMatch(_) => format!(
+                "prompt '{quoted}{more}': {e} (GET /v1/classes lists all {})",
+                info.classes.len()
+            ),
+            _ => format!("prompt '{quoted}{more}': {e}"),
         };
         ApiError::bad_request(message).with_param("prompt")
     })
