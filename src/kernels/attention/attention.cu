@@ -8,6 +8,20 @@
 #error "SOFTMAX_PACKS comes from src/kernels/tiling.rs through build.rs"
 #endif
 
+// Merges the lanes' running row maximum m and sum l of exp(v − m) across the warp (online
+// softmax). A lane that saw no column (cols < 32) holds m = -inf, l = 0: it adds nothing.
+__device__ __forceinline__ void warp_merge_max_sum(float &m, float &l) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(FULL_MASK, m, o);
+        const float l2 = __shfl_xor_sync(FULL_MASK, l, o);
+        const float nm = fmaxf(m, m2);
+        const float a = (m == -INFINITY) ? 0.0f : l * __expf(m - nm);
+        const float b = (m2 == -INFINITY) ? 0.0f : l2 * __expf(m2 - nm);
+        l = a + b;
+        m = nm;
+    }
+}
+
 // out[r, :] = softmax(scale * s[r, :] + bias[r % bias_rows, :]); one warp per row, online
 // max/sum in one pass, then a second pass (served from cache) that writes.
 template <typename T>
@@ -25,16 +39,7 @@ __device__ void softmax_bias(const T *s, const T *bias, T *out, uint32_t rows, u
             l = l * __expf(m - nm) + __expf(v - nm);
             m = nm;
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(FULL_MASK, m, o);
-            const float l2 = __shfl_xor_sync(FULL_MASK, l, o);
-            const float nm = fmaxf(m, m2);
-            // A lane that saw no column (cols < 32) holds m = -inf, l = 0: it adds nothing.
-            const float a = (m == -INFINITY) ? 0.0f : l * __expf(m - nm);
-            const float b = (m2 == -INFINITY) ? 0.0f : l2 * __expf(m2 - nm);
-            l = a + b;
-            m = nm;
-        }
+        warp_merge_max_sum(m, l);
         const float inv = 1.0f / l;
         T *orow = out + (size_t)r * cols;
         for (uint32_t c = lane; c < cols; c += 32) {
@@ -71,15 +76,7 @@ __device__ void softmax_bias_v(const T *s, const T *bias, T *out, uint32_t rows,
             l = (m == -INFINITY ? 0.0f : l * __expf(m - pm)) + sum;
             m = pm;
         }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(FULL_MASK, m, o);
-            const float l2 = __shfl_xor_sync(FULL_MASK, l, o);
-            const float nm = fmaxf(m, m2);
-            const float a = (m == -INFINITY) ? 0.0f : l * __expf(m - nm);
-            const float b = (m2 == -INFINITY) ? 0.0f : l2 * __expf(m2 - nm);
-            l = a + b;
-            m = nm;
-        }
+        warp_merge_max_sum(m, l);
         const float inv = 1.0f / l;
         T *orow = out + (size_t)r * cols;
         for (uint32_t p = lane; p < packs; p += 32) {

@@ -84,7 +84,11 @@ pub fn linear_bias_act(
     if lt_epilogue && lt_epilogue_applies(x) {
         return x2
             .contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &LinearAct(act))?
+            .apply_op3_no_bwd(
+                &weight.contiguous()?,
+                &bias.contiguous()?,
+                &LtLinear::Act(act),
+            )?
             .reshape(dims);
     }
     bias_act(
@@ -124,9 +128,7 @@ pub fn linear_bias_residual(
     let x2 = x.reshape((rows, k))?;
     let r2 = residual.reshape((rows, n))?;
     if lt_epilogue && lt_epilogue_applies(x) {
-        let op = LinearResidual {
-            bias: bias.contiguous()?,
-        };
+        let op = LtLinear::Residual(bias.contiguous()?);
         return x2
             .contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &r2.contiguous()?, &op)?
@@ -152,15 +154,14 @@ struct BiasAct {
     act: Activation,
 }
 
-/// The cuBLASLt matmul with a BIAS or GELU_BIAS epilogue (CUDA only; see `linear_bias_act`).
+/// The cuBLASLt matmul with its epilogue (CUDA only), applied to x, weight and a third tensor.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct LinearAct(Activation);
-
-/// The cuBLASLt matmul + bias + residual (CUDA only; see `linear_bias_residual`). Custom ops
-/// take three tensors, so the bias rides along in the op.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct LinearResidual {
-    bias: Tensor,
+enum LtLinear {
+    /// BIAS or GELU_BIAS, the third tensor the bias (`linear_bias_act`).
+    Act(Activation),
+    /// BIAS with C = the third tensor, the residual (`linear_bias_residual`). Custom ops take
+    /// three tensors, so the bias rides along in the op.
+    Residual(Tensor),
 }
 
 fn gelu_tanh(x: f32) -> f32 {
@@ -265,9 +266,12 @@ impl CustomOp3 for BiasAct {
     }
 }
 
-impl CustomOp3 for LinearAct {
+impl CustomOp3 for LtLinear {
     fn name(&self) -> &'static str {
-        "diffit-linear-bias-act"
+        match self {
+            Self::Act(_) => "diffit-linear-bias-act",
+            Self::Residual(_) => "diffit-linear-bias-residual",
+        }
     }
 
     fn cpu_fwd(
@@ -279,62 +283,39 @@ impl CustomOp3 for LinearAct {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("linear_bias_act routes the CPU through matmul + bias_act")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let n = l2.shape().dims2()?.0;
-        let gelu = self.0 == Activation::GeluTanh;
-        let out = cublaslt::linear_bias_act((s1, l1), (s2, l2), (s3, l3), [m, n, k], gelu)?;
-        Ok((out, Shape::from((m, n))))
-    }
-}
-
-impl CustomOp3 for LinearResidual {
-    fn name(&self) -> &'static str {
-        "diffit-linear-bias-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("linear_bias_residual routes the CPU through matmul + bias_act")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let n = l2.shape().dims2()?.0;
-        let (bias, bias_l) = self.bias.storage_and_layout();
-        let candle_core::Storage::Cuda(bias) = &*bias else {
-            candle_core::bail!("linear_bias_residual: bias is not on the GPU");
+        let public = match self {
+            Self::Act(_) => "linear_bias_act",
+            Self::Residual(_) => "linear_bias_residual",
         };
-        let (x, w, b, r) = ((s1, l1), (s2, l2), (bias, bias_l), (s3, l3));
-        let out = cublaslt::linear_bias_residual(x, w, b, r, [m, n, k])?;
+        candle_core::bail!("{public} routes the CPU through matmul + bias_act")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let (x, w, third) = ((s1, l1), (s2, l2), (s3, l3));
+        let out = match self {
+            Self::Act(act) => {
+                let gelu = *act == Activation::GeluTanh;
+                cublaslt::linear_bias_act(x, w, third, [m, n, k], gelu)?
+            }
+            Self::Residual(bias) => {
+                let (bias, bias_l) = bias.storage_and_layout();
+                let candle_core::Storage::Cuda(bias) = &*bias else {
+                    candle_core::bail!("linear_bias_residual: bias is not on the GPU");
+                };
+                cublaslt::linear_bias_residual(x, w, (bias, bias_l), third, [m, n, k])?
+            }
+        };
         Ok((out, Shape::from((m, n))))
     }
 }

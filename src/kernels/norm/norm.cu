@@ -123,6 +123,22 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
     }
 }
 
+// The GroupNorm statistics kernels sum a block's share per group in shared memory sh
+// [2·groups] (sums, then sums of squares), zeroed first and added to s1/s2[b·G + g] last.
+__device__ __forceinline__ void gn_zero_block_sums(float *sh, uint32_t groups) {
+    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
+    __syncthreads();
+}
+
+__device__ __forceinline__ void gn_add_block_sums(const float *sh, float *s1, float *s2, uint32_t b,
+                                                  uint32_t groups) {
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
+        atomicAdd(&s1[b * groups + i], sh[i]);
+        atomicAdd(&s2[b * groups + i], sh[groups + i]);
+    }
+}
+
 // GroupNorm statistics over x [B, HW, C] (channels-last) in one pass: blockIdx.y = sample,
 // blockIdx.x = a tile of pixels; each thread owns channels and sums (x − x0) and (x − x0)² over
 // its tile, the block reduces per group in shared memory and adds to s1/s2[b·G + g]. x0 is the
@@ -132,8 +148,7 @@ template <typename T>
 __device__ void gn_moments(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
                            uint32_t groups, uint32_t tile) {
     extern __shared__ float sh[];  // [2·groups]
-    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
-    __syncthreads();
+    gn_zero_block_sums(sh, groups);
     const uint32_t b = blockIdx.y;
     const uint32_t p0 = blockIdx.x * tile;
     const uint32_t p1 = min(p0 + tile, hw);
@@ -150,11 +165,7 @@ __device__ void gn_moments(const T *x, float *s1, float *s2, uint32_t hw, uint32
         atomicAdd(&sh[g], a);
         atomicAdd(&sh[groups + g], q);
     }
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
-        atomicAdd(&s1[b * groups + i], sh[i]);
-        atomicAdd(&s2[b * groups + i], sh[groups + i]);
-    }
+    gn_add_block_sums(sh, s1, s2, b, groups);
 }
 
 // gn_moments over 16-byte packs (C a multiple of the pack): a thread sums one pack of
@@ -166,8 +177,7 @@ __device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint
                              uint32_t groups, uint32_t tile) {
     constexpr int N = Pack<T>::N;
     extern __shared__ float sh[];  // [2·groups]
-    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
-    __syncthreads();
+    gn_zero_block_sums(sh, groups);
     const uint32_t b = blockIdx.y;
     const uint32_t p0 = blockIdx.x * tile;
     const uint32_t p1 = min(p0 + tile, hw);
@@ -199,11 +209,7 @@ __device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint
             atomicAdd(&sh[groups + g], sq[e]);
         }
     }
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
-        atomicAdd(&s1[b * groups + i], sh[i]);
-        atomicAdd(&s2[b * groups + i], sh[groups + i]);
-    }
+    gn_add_block_sums(sh, s1, s2, b, groups);
 }
 
 // Shifted moments → mean and 1/std per (sample, group), in place (s1 ← mean, s2 ← 1/std), so
