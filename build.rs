@@ -61,4 +61,31 @@ fn main() {
             .unwrap_or_else(|e| panic!("nvcc on {src}: {e}"));
         assert!(status.success(), "nvcc failed on {src}");
     }
+    check_flash_head_dims(&out_dir.join("flash.ptx"));
+}
+
+/// flash.cu instantiates its kernel per padded head dim by hand; the launcher picks among
+/// tiling.rs's ATT_HEAD_DIMS. Fail the build when the two lists differ.
+fn check_flash_head_dims(ptx: &std::path::Path) {
+    let text = std::fs::read_to_string(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
+    for hdp in tiling::ATT_HEAD_DIMS {
+        let tiling = if hdp <= tiling::ATT_B_MAX_HDP {
+            "b"
+        } else {
+            "a"
+        };
+        for dtype in ["bf16", "f16"] {
+            let entry = format!(".entry attention_{hdp}{tiling}_{dtype}(");
+            assert!(
+                text.contains(&entry),
+                "flash.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS)"
+            );
+        }
+    }
+    let entries = text.matches(".entry attention_").count();
+    assert_eq!(
+        entries,
+        2 * tiling::ATT_HEAD_DIMS.len(),
+        "flash.cu has head dims tiling.rs lacks"
+    );
 }

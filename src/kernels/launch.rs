@@ -3,10 +3,10 @@
 //! helper every kernel goes through ([`Ptx::launch`]).
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{kernel_name, CudaDType, CudaFunc, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+use candle_core::cuda_backend::{kernel_name, CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::tiling::ROW_BLOCK;
 
@@ -34,10 +34,9 @@ macro_rules! ptx {
 pub(crate) use ptx;
 
 /// Evaluates `$body` (a `CudaSlice<$t>`) with `$t` the storage's element type (f32, bf16 or
-/// f16) and wraps the result as a storage on `$dev`.
+/// f16) and wraps the result as a storage on `$dev`. Callers import `BackendStorage`.
 macro_rules! dispatch {
     ($dev:expr, $first:expr, |$t:ident| $body:expr) => {{
-        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::CudaStorageSlice;
         let slice = match &$first.slice {
             CudaStorageSlice::F32(_) => {
@@ -148,8 +147,13 @@ impl<T> Buf for CudaSlice<T> {
 impl Ptx {
     /// Kernel `name` of this module for element type T (`name_f32`, `name_bf16`, `name_f16`:
     /// the suffixes of candle's `kernel_name` that the `.cu` instantiations use).
-    pub fn func<T: CudaDType>(&self, dev: &CudaDevice, name: &str) -> Result<CudaFunc> {
-        dev.get_or_load_custom_func(&kernel_name::<T>(name), self.module, self.code)
+    pub fn func<T: CudaDType + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        name: &str,
+    ) -> Result<CudaFunction> {
+        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), self.module, self.code)?;
+        Ok(func.into_cuda_function())
     }
 
     /// Launches kernel `name` for T with the arguments every kernel in the `.cu` files takes, in
@@ -158,7 +162,7 @@ impl Ptx {
     /// # Safety
     /// The kernel must take exactly these arguments, and the sizes must keep its reads and
     /// writes within the buffers.
-    pub unsafe fn launch<T: CudaDType>(
+    pub unsafe fn launch<T: CudaDType + WithDType>(
         &self,
         dev: &CudaDevice,
         name: &str,
@@ -167,7 +171,7 @@ impl Ptx {
         sizes: &[usize],
         params: &[f32],
     ) -> Result<()> {
-        launch(&self.func::<T>(dev, name)?, cfg, bufs, sizes, params)
+        launch(dev, &self.func::<T>(dev, name)?, cfg, bufs, sizes, params)
     }
 }
 
@@ -176,14 +180,17 @@ impl Ptx {
 /// # Safety
 /// As for [`Ptx::launch`].
 pub unsafe fn launch(
-    func: &CudaFunc,
+    dev: &CudaDevice,
+    func: &CudaFunction,
     cfg: LaunchConfig,
     bufs: &[&dyn Buf],
     sizes: &[usize],
     params: &[f32],
 ) -> Result<()> {
     let sizes: Vec<u32> = sizes.iter().map(|&s| s as u32).collect();
-    let mut args = func.builder();
+    // On the device's stream, as candle's own launches (`CudaFunc::builder`).
+    let stream = dev.cuda_stream();
+    let mut args = stream.launch_builder(func);
     for buf in bufs {
         buf.push(&mut args);
     }

@@ -18,7 +18,7 @@ pub const LN_PACKS: usize = 8;
 pub const ATT_WARPS: usize = 4;
 
 /// The padded head dims the flash-attention kernel is compiled for (`hd` is zero-padded to the
-/// next one; flash.cu instantiates each).
+/// next one; flash.cu instantiates each, and build.rs fails when the two lists differ).
 pub const ATT_HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
 
 /// Flash-attention tiling "b", for padded head dims up to [`ATT_B_MAX_HDP`]: 2 m-tiles of 16
@@ -35,7 +35,8 @@ pub const ATT_A_MT: usize = 1;
 pub const ATT_A_BK: usize = 64;
 pub const ATT_A_STAGES: usize = 2;
 
-/// What nvcc gets as `-DNAME=value`.
+/// What nvcc gets as `-DNAME=value` (read by build.rs only).
+#[allow(dead_code)]
 pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("SOFTMAX_PACKS", SOFTMAX_PACKS),
     ("LN_PACKS", LN_PACKS),

@@ -1,5 +1,6 @@
 //! Launchers for attention.cu (softmax_bias, split_qkv, merge_heads) and flash.cu.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Result};
@@ -176,7 +177,7 @@ pub fn attention(
         // SAFETY: reads batch·tokens rows of 3·heads·hd (qkv), batch strided bias rows (bounds
         // checked by strided_rows) and the [heads·tokens, tokens] table; writes
         // batch·tokens·heads·hd.
-        unsafe { launch::launch(&func, cfg, &[&qv, &sbv, &av, &out], &sizes, &[scale]) }?;
+        unsafe { launch::launch(&dev, &func, cfg, &[&qv, &sbv, &av, &out], &sizes, &[scale]) }?;
         out
     })
 }

@@ -1,5 +1,6 @@
 //! Launchers for conv.cu.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Result};
 
 use crate::kernels::launch::{

@@ -5,6 +5,7 @@
 //! Row-major y [m, n] = x [m, k] · w [n, k]ᵀ is column-major yᵀ [n, m] = w · xᵀ: A = w (stored as
 //! column-major [k, n], used transposed), B = x (column-major [k, m]).
 
+use candle_core::backend::BackendStorage;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 

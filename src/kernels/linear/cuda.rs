@@ -1,5 +1,6 @@
 //! Launcher for linear.cu (the bias/activation/residual epilogue as its own pass).
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Result};
 
 use super::Activation;
@@ -48,8 +49,8 @@ pub fn bias_act(
             (kernel.to_string(), config(grid, ROW_BLOCK, 0))
         };
         let bufs: Vec<&dyn Buf> = match &rv {
-            Some(rv) => vec![&yv, &bv, rv, &out],
-            None => vec![&yv, &bv, &out],
+            Some(rv) => vec![&yv as &dyn Buf, &bv, rv, &out],
+            None => vec![&yv as &dyn Buf, &bv, &out],
         };
         let sizes = [rows, cols, rows_per_group];
         // SAFETY: the kernel reads rows × cols of y (and res) and groups × cols of bias, all

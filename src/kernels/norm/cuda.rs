@@ -1,5 +1,6 @@
 //! Launchers for norm.cu.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Result};
 
