@@ -1,7 +1,8 @@
 //! Linear layers and their epilogues: `bias_act` (bias, GELU and residual add in one pass over
 //! a matmul output) and `linear_bias_act` / `linear_bias_residual`, which on CUDA in bf16/f16
-//! run the epilogue inside the cuBLASLt matmul. The DiffiT block's qkv, projection and MLP
-//! layers and the VAE decoder's channels-last 1×1 layers (its attention's q, k, v, out) use them.
+//! run the epilogue inside the cuBLASLt matmul. The DiffiT block's projection and MLP layers use
+//! them, and so does every channels-last VAE convolution (its im2col matmul with the bias and
+//! the resnet residual) and linear layer.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
