@@ -5,6 +5,7 @@
 use super::*;
 use crate::kernels::reference;
 use candle_core::Device;
+use candle_core::{DType, Tensor};
 
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
     reference::rel_err(a, b).unwrap()
