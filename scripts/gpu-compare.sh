@@ -2,8 +2,7 @@
 # Two CUDA binaries on one GPU, .carry/diffit-server-{old,new}.xz (xz-compressed so both fit the
 # device tool's 64 MiB): kernel checks and fixture parity of the new one, then bench model interleaved
 # old/new (twice) and bench serve once each. Run from the repository root on the GPU machine; writes to $OUT.
-# Used for the issue 11 clean-up (old = 75a9a66): docs/perf-runs/2026-11-30-h200/. Formerly:
-# bench model interleaved old/new, bench serve once each. Short table last.
+# Prints a short table last. Used for the issue 11 clean-up (old = 75a9a66): docs/perf-runs/2026-11-30-h200/.
 set -u
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')/cu13/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
