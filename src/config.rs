@@ -294,7 +294,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DIFFIT_MAX_BODY_BYTES", default_value_t = 65536)]
     pub max_body_bytes: usize,
     /// Most latents decoded by the VAE at once (bounds decoder memory).
-    #[arg(long, env = "DIFFIT_DECODE_CHUNK", default_value_t = 8)]
+    #[arg(long, env = "DIFFIT_DECODE_CHUNK", default_value_t = crate::model::vae::DEFAULT_DECODE_CHUNK)]
     pub decode_chunk: usize,
     #[arg(long, env = "DIFFIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -71,7 +71,7 @@ pub struct ServeBenchArgs {
     #[arg(long)]
     pub guidance_scale: Option<f32>,
     /// Most latents the VAE decodes at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = crate::model::vae::DEFAULT_DECODE_CHUNK)]
     pub decode_chunk: usize,
     /// Longest any one pass may take.
     #[arg(long, default_value_t = 900.0)]

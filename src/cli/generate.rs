@@ -106,7 +106,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         vae_config: a.vae_config.clone(),
         device,
         dtype,
-        decode_chunk: 8,
+        decode_chunk: crate::model::vae::DEFAULT_DECODE_CHUNK,
         kernels: a.runtime.kernels,
     })?;
     let classes = &pipe.info.classes;
