@@ -186,6 +186,30 @@ def reproduce_with_curl(d, server, card, key):
     check(got == shown and got[:4] == b"\x89PNG", "copy as curl reproduces the shown PNG byte for byte")
 
 
+def imagenet_search(d):
+    """The page's class search at ImageNet's scale: the 1000 classes (names and synonyms from
+    assets/imagenet_classes.tsv) replace the embedded model's 10 in the page, then a person types."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    classes = []
+    with open(os.path.join(root, "assets", "imagenet_classes.tsv")) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            label, _, names = line.rstrip("\n").split("\t")
+            names = names.split(", ")
+            classes.append({"label": int(label), "name": names[0], "synonyms": names[1:]})
+    d.execute_script("""state.classes = arguments[0].map(c => ({...c, keys: [c.name, ...c.synonyms].map(norm)}));
+                        state.picked = null;""", classes)
+    cls = field(d, "Class")
+    for query, first in [("retriever", "golden retriever"), ("Golden", "golden retriever"),
+                         ("hot dog", "hotdog"), ("207", "golden retriever"), ("tabby", "tabby")]:
+        cls.clear()
+        cls.send_keys(query)
+        opts = wait_for(lambda: [o.text for o in d.find_elements(By.CSS_SELECTOR, "#class-list [role=option]")
+                                 if o.is_displayed()], 5, f"ImageNet search '{query}' lists classes")
+        check(opts[0].split("\n")[0] == first, f"ImageNet search '{query}' finds {first} first ({opts[:3]})")
+
+
 def run(binary, key, screenshot):
     label = "with API key" if key else "open"
     server = Server(binary, ["--api-key", key] if key else [])
@@ -239,6 +263,7 @@ def run(binary, key, screenshot):
             wait_for(lambda: "between 2 and" in d.find_element(By.ID, "error").text, 10,
                      f"{label}: a 422 is shown inline ({d.find_element(By.ID, 'error').text!r})")
             check(steps.get_attribute("aria-invalid") == "true", f"{label}: the Steps field is marked invalid")
+            imagenet_search(d)
     finally:
         d.quit()
         server.stop()
