@@ -2,6 +2,9 @@
 
 use std::collections::HashMap;
 
+mod prompt;
+pub use prompt::PromptError;
+
 const IMAGENET_TSV: &str = include_str!("../assets/imagenet_classes.tsv");
 
 /// Every class's names: the first is its label, the rest synonyms.

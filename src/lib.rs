@@ -6,6 +6,7 @@ pub mod classes;
 pub mod cli;
 pub mod config;
 pub mod diffusion;
+pub mod encode;
 pub mod engine;
 pub mod kernels;
 pub mod loadgen;

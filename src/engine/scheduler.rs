@@ -9,10 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::decoder::{DecodeWork, Decoder};
+use super::preview::LatentPreview;
 use super::queue::{JobQueue, Take};
 use super::{EngineError, EngineSlot, EngineStats, Job, JobEvent};
 use crate::diffusion::{denoise_step, SampleState};
 use crate::pipeline::Pipeline;
+
+/// About how many previews an image that asked for them gets over its steps.
+pub const PREVIEWS_PER_IMAGE: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -70,6 +74,9 @@ struct Scheduler {
     active: Vec<Active>,
     recent: VecDeque<Instant>,
     decoder: Decoder,
+    /// The latent → pixel projection for previews; None if its fit failed (then jobs get no
+    /// previews, and nothing else changes).
+    preview: Option<LatentPreview>,
 }
 
 pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
@@ -89,6 +96,7 @@ pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
         next_part: 0,
         active: Vec::new(),
         recent: VecDeque::new(),
+        preview: None,
     };
     let engine = s.ctx.index;
     let device = s.device_label.clone();
@@ -149,6 +157,18 @@ impl Scheduler {
         let mut s = self.pipe.new_sample(&spec)?;
         denoise_step(&self.pipe.diffit, &mut [&mut s])?;
         self.pipe.decode(s.latent())?;
+        let cfg = &self.pipe.info.config;
+        let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
+        let fit_start = Instant::now();
+        match LatentPreview::fit(&self.pipe.vae, latent, self.pipe.device()) {
+            Ok(p) => {
+                tracing::debug!(engine = self.ctx.index, elapsed = ?fit_start.elapsed(), "preview projection fitted");
+                self.preview = Some(p);
+            }
+            Err(e) => {
+                tracing::warn!(engine = self.ctx.index, error = %e, "no live previews: fitting the projection failed")
+            }
+        }
         tracing::info!(engine = self.ctx.index, elapsed = ?start.elapsed(), "warm-up done");
         Ok(())
     }
@@ -273,8 +293,17 @@ impl Scheduler {
     fn admit(&mut self, job: Job) {
         let n = job.specs.len();
         self.ctx.stats.queued_images.fetch_sub(n, Ordering::SeqCst);
-        let samples: anyhow::Result<Vec<SampleState>> =
-            job.specs.iter().map(|s| self.pipe.new_sample(s)).collect();
+        let samples: anyhow::Result<Vec<SampleState>> = job
+            .specs
+            .iter()
+            .map(|s| {
+                let mut sample = self.pipe.new_sample(s)?;
+                if job.previews && self.preview.is_some() {
+                    sample.keep_estimate();
+                }
+                Ok(sample)
+            })
+            .collect();
         let samples = match samples {
             Ok(s) => s,
             Err(e) => {
@@ -352,6 +381,7 @@ impl Scheduler {
         metrics::histogram!("diffit_step_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
         self.report_progress();
+        self.send_previews();
 
         let (done, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active)
             .into_iter()
@@ -383,6 +413,47 @@ impl Scheduler {
                 let _ = part.job.events.send(JobEvent::Progress { step, total });
             }
         }
+    }
+
+    /// Sends a preview of every image that asked for them and reached a preview step
+    /// (`PREVIEWS_PER_IMAGE` spread over its steps; none after the last, whose image follows).
+    fn send_previews(&self) {
+        let Some(projection) = &self.preview else {
+            return;
+        };
+        let started = Instant::now();
+        // (job, image index, step, total, estimate) of every image at a preview step.
+        let due: Vec<_> = self
+            .active
+            .iter()
+            .filter_map(|a| {
+                let part = self.parts.get(&a.part)?;
+                let (step, total) = (a.sample.steps_done(), a.sample.steps_total());
+                let every = total.div_ceil(PREVIEWS_PER_IMAGE).max(1);
+                let due = part.job.previews && step % every == 0 && step < total;
+                let estimate = a.sample.estimate().filter(|_| due)?;
+                Some((&part.job, a.index, step, total, estimate))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let latents: Vec<&candle_core::Tensor> = due.iter().map(|d| d.4).collect();
+        match projection.render_many(&latents) {
+            Ok(images) => {
+                for ((job, index, step, total, _), image) in due.iter().zip(images) {
+                    let _ = job.events.send(JobEvent::Preview {
+                        index: *index,
+                        step: *step,
+                        total: *total,
+                        image,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "previews failed"),
+        }
+        metrics::histogram!("diffit_preview_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Hands finished latents to the decode worker; a part leaves the engine once all of its
