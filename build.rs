@@ -1,17 +1,32 @@
-//! With the `cuda` feature, compiles src/kernels/fused.cu to PTX with the nvcc that candle's
-//! kernels are built with (CUDA_HOME/bin or PATH), for CUDA_COMPUTE_CAP (default 90: H100).
+//! With the `cuda` feature, compiles each op family's .cu file under src/kernels to PTX with
+//! the nvcc that candle's kernels are built with (CUDA_HOME/bin or PATH), for CUDA_COMPUTE_CAP
+//! (default 90: H100). The tiling constants come from src/kernels/tiling.rs as `-D` defines, so
+//! kernels and launchers share one definition.
+
+mod tiling {
+    #![allow(dead_code)]
+    include!("src/kernels/tiling.rs");
+}
+
+/// Each .cu file and the PTX it becomes in OUT_DIR (src/kernels/launch.rs, `ptx!`).
+const SOURCES: [(&str, &str); 5] = [
+    ("src/kernels/attention/attention.cu", "attention.ptx"),
+    ("src/kernels/attention/flash.cu", "flash.ptx"),
+    ("src/kernels/conv/conv.cu", "conv.ptx"),
+    ("src/kernels/linear/linear.cu", "linear.ptx"),
+    ("src/kernels/norm/norm.cu", "norm.ptx"),
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = "src/kernels/fused.cu";
-    println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=src/kernels/tiling.rs");
+    println!("cargo:rerun-if-changed=src/kernels/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("fused.ptx");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let cap = cap.trim().replace('.', "");
     let nvcc = std::env::var("CUDA_HOME")
@@ -19,13 +34,58 @@ fn main() {
         .ok()
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=sm_{cap}"))
-        .arg(src)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on {src}");
+    // The files are independent: compile them side by side.
+    let jobs: Vec<_> = SOURCES
+        .iter()
+        .map(|&(src, ptx)| {
+            println!("cargo:rerun-if-changed={src}");
+            let child = std::process::Command::new(&nvcc)
+                .args(["--ptx", "-O3", "-std=c++17"])
+                .arg(format!("-arch=sm_{cap}"))
+                .args(
+                    tiling::CUDA_DEFINES
+                        .iter()
+                        .map(|(k, v)| format!("-D{k}={v}")),
+                )
+                .arg(src)
+                .arg("-o")
+                .arg(out_dir.join(ptx))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+            (src, child)
+        })
+        .collect();
+    for (src, mut child) in jobs {
+        let status = child
+            .wait()
+            .unwrap_or_else(|e| panic!("nvcc on {src}: {e}"));
+        assert!(status.success(), "nvcc failed on {src}");
+    }
+    check_flash_head_dims(&out_dir.join("flash.ptx"));
+}
+
+/// flash.cu instantiates its kernel per padded head dim by hand; the launcher picks among
+/// tiling.rs's ATT_HEAD_DIMS. Fail the build when the two lists differ.
+fn check_flash_head_dims(ptx: &std::path::Path) {
+    let text = std::fs::read_to_string(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
+    for hdp in tiling::ATT_HEAD_DIMS {
+        let tiling = if hdp <= tiling::ATT_B_MAX_HDP {
+            "b"
+        } else {
+            "a"
+        };
+        for dtype in ["bf16", "f16"] {
+            let entry = format!(".entry attention_{hdp}{tiling}_{dtype}(");
+            assert!(
+                text.contains(&entry),
+                "flash.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS)"
+            );
+        }
+    }
+    let entries = text.matches(".entry attention_").count();
+    assert_eq!(
+        entries,
+        2 * tiling::ATT_HEAD_DIMS.len(),
+        "flash.cu has head dims tiling.rs lacks"
+    );
 }

@@ -2,6 +2,9 @@
 
 use std::collections::HashMap;
 
+mod prompt;
+pub use prompt::PromptError;
+
 const IMAGENET_TSV: &str = include_str!("../assets/imagenet_classes.tsv");
 
 /// Every class's names: the first is its label, the rest synonyms.
@@ -213,6 +216,13 @@ fn histogram_bin(c: char) -> usize {
         '0'..='9' => 26 + c as usize - '0' as usize,
         _ => 36,
     }
+}
+
+/// Levenshtein distance of `a` and `b` (for the prompt matcher's one-typo rule).
+fn levenshtein(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    levenshtein_within(&a, &b, usize::MAX).unwrap_or(usize::MAX)
 }
 
 /// Levenshtein distance of `a` and `b` if it is at most `limit`; stops as soon as a whole row

@@ -1,9 +1,228 @@
 //! Every setting of `serve`, as a flag and an environment variable, in one place.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
+use anyhow::Context;
+use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+
+/// Where a network runs: `auto` (the first GPU if built with CUDA and one is present, else the
+/// CPU), `cpu`, `cuda`, `cuda:N`, or a bare GPU ordinal `N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let ordinal = s
+            .strip_prefix("cuda:")
+            .or_else(|| (s == "cuda").then_some("0"))
+            .or_else(|| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then_some(s));
+        match (s, ordinal) {
+            ("auto", _) => Ok(Self::Auto),
+            ("cpu", _) => Ok(Self::Cpu),
+            (_, Some(n)) => n.parse().map(Self::Cuda).map_err(|_| bad_device(s)),
+            _ => Err(bad_device(s)),
+        }
+    }
+}
+
+fn bad_device(s: &str) -> String {
+    if s.is_empty() {
+        return "empty entry in the device list; use e.g. cuda:0,cuda:1 or 0,1".into();
+    }
+    format!("device must be auto, cpu, cuda:N or a GPU ordinal N, got '{s}'")
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> anyhow::Result<Device> {
+        match self {
+            Self::Auto => Ok(Device::cuda_if_available(0)?),
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => Device::new_cuda(n)
+                .with_context(|| format!("cannot open {self} (built without the cuda feature?)")),
+        }
+    }
+}
+
+/// Opens each device of a `--devices` list. A GPU may appear once (one engine per GPU: a
+/// device is only ever driven from one host thread); `cpu` may repeat (several CPU engines,
+/// for tests).
+pub fn open_devices(specs: &[DeviceSpec]) -> anyhow::Result<Vec<Device>> {
+    anyhow::ensure!(!specs.is_empty(), "no device given");
+    let mut seen = std::collections::HashSet::new();
+    specs
+        .iter()
+        .map(|spec| {
+            let device = spec.open()?;
+            let name = device_name(&device);
+            anyhow::ensure!(
+                device.is_cpu() || seen.insert(name.clone()),
+                "{name} is listed twice in the device list: one engine per GPU"
+            );
+            Ok(device)
+        })
+        .collect()
+}
+
+/// `cpu` or `cuda:N`, as devices are named in logs, metrics and the API.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The precision weights are converted to at load, and activations run in.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<Precision> for DType {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// Device and precision of the one-shot commands (`generate`, `forward`, `decode`).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RuntimeArgs {
+    /// auto | cpu | cuda:N
+    #[arg(long, env = "DIFFIT_DEVICE", default_value = "auto")]
+    pub device: DeviceSpec,
+    /// Weights are converted to this at load.
+    #[arg(long, env = "DIFFIT_DTYPE", value_enum, default_value = "f32")]
+    pub dtype: Precision,
+    #[command(flatten)]
+    pub kernels: KernelOptions,
+}
+
+impl RuntimeArgs {
+    pub fn open(&self) -> anyhow::Result<(Device, DType)> {
+        Ok((self.device.open()?, self.dtype.into()))
+    }
+}
+
+/// On, off, or the device's default.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum Toggle {
+    /// On for GPUs, off on the CPU.
+    #[default]
+    Auto,
+    #[value(alias = "1", alias = "true")]
+    On,
+    #[value(alias = "0", alias = "false")]
+    Off,
+}
+
+impl Toggle {
+    pub fn on_for(self, device: &candle_core::Device) -> bool {
+        match self {
+            Self::Auto => !device.is_cpu(),
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
+}
+
+/// Which of the hand-written kernels (`crate::kernels`) the networks run through. Every
+/// choice computes the same function; these exist to measure and to rule a kernel out when a
+/// new card or driver misbehaves. Shared by `serve`, `generate` and the benches.
+#[derive(Debug, Clone, Copy, Args, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Fused DiffiT block and channels-last VAE kernels (auto: on GPUs; the CPU runs their
+    /// fallbacks when on, which the tests use).
+    #[arg(
+        long = "fused-kernels",
+        env = "DIFFIT_FUSED",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub fused: Toggle,
+    /// Attention as one flash-attention kernel (CUDA, bf16/f16) when the fused path runs.
+    #[arg(
+        long = "flash-attention",
+        env = "DIFFIT_FLASH_ATTENTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub flash_attention: bool,
+    /// Bias, GELU and residual adds inside the cuBLASLt matmul (CUDA, bf16/f16).
+    #[arg(
+        long = "lt-epilogue",
+        env = "DIFFIT_LT_EPILOGUE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub lt_epilogue: bool,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        Self {
+            fused: Toggle::Auto,
+            flash_attention: true,
+            lt_epilogue: true,
+        }
+    }
+}
+
+impl KernelOptions {
+    /// The plain candle ops everywhere: the readable reference the fused path is tested against.
+    pub fn plain() -> Self {
+        Self {
+            fused: Toggle::Off,
+            ..Self::default()
+        }
+    }
+
+    /// The fused kernels (their CPU fallbacks on the CPU).
+    pub fn fused() -> Self {
+        Self {
+            fused: Toggle::On,
+            ..Self::default()
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum LogFormat {
@@ -33,14 +252,14 @@ pub struct ServeArgs {
     pub port: u16,
     /// auto | cpu | cuda:N
     #[arg(long, env = "DIFFIT_DEVICE", default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Several devices, one engine (model copy) each, sharing one queue: `cuda:0,cuda:1`,
     /// `0,1` (GPU ordinals) or `cpu,cpu`. Overrides --device when given.
     #[arg(long, env = "DIFFIT_DEVICES", value_delimiter = ',')]
-    pub devices: Vec<String>,
-    /// f32 | bf16 | f16
-    #[arg(long, env = "DIFFIT_DTYPE", default_value = "f32")]
-    pub dtype: String,
+    pub devices: Vec<DeviceSpec>,
+    /// Weights are converted to this at load.
+    #[arg(long, env = "DIFFIT_DTYPE", value_enum, default_value = "f32")]
+    pub dtype: Precision,
     /// Most images denoised together in one step.
     #[arg(long, env = "DIFFIT_MAX_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_batch: u32,
@@ -100,10 +319,12 @@ pub struct ServeArgs {
     #[arg(long, env = "DIFFIT_MAX_BODY_BYTES", default_value_t = 65536)]
     pub max_body_bytes: usize,
     /// Most latents decoded by the VAE at once (bounds decoder memory).
-    #[arg(long, env = "DIFFIT_DECODE_CHUNK", default_value_t = 8)]
+    #[arg(long, env = "DIFFIT_DECODE_CHUNK", default_value_t = crate::model::vae::DEFAULT_DECODE_CHUNK)]
     pub decode_chunk: usize,
     #[arg(long, env = "DIFFIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub kernels: KernelOptions,
     /// Batch whole requests only (no joining mid-way): a baseline for benchmarks.
     #[arg(long, hide = true)]
     pub request_level_batching: bool,
@@ -190,11 +411,11 @@ impl ServeArgs {
     }
 
     /// The devices to start an engine on: `--devices` if given, else `--device`.
-    pub fn device_specs(&self) -> Vec<String> {
-        if self.devices.iter().any(|d| !d.trim().is_empty()) {
-            self.devices.clone()
+    pub fn device_specs(&self) -> Vec<DeviceSpec> {
+        if self.devices.is_empty() {
+            vec![self.device]
         } else {
-            vec![self.device.clone()]
+            self.devices.clone()
         }
     }
 }
@@ -212,6 +433,15 @@ pub fn default_weights_dir() -> Option<PathBuf> {
     candidates
         .into_iter()
         .find(|d| d.join(DEFAULT_MODEL_FILE).is_file())
+}
+
+/// A VAE given as a diffusers directory means the weights file inside it.
+pub fn resolve_vae_path(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        p.join("diffusion_pytorch_model.safetensors")
+    } else {
+        p.to_path_buf()
+    }
 }
 
 /// The model and VAE to load: what was given, else the embedded default.
@@ -234,5 +464,65 @@ pub fn resolve_model_paths(
                 v.unwrap_or_else(|| dir.join(DEFAULT_VAE_FILE)),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(s: &str) -> Result<Vec<DeviceSpec>, String> {
+        s.split(',').map(str::parse).collect()
+    }
+
+    #[test]
+    fn device_specs_parse_and_open() {
+        assert_eq!(
+            specs("auto,cpu,cuda,cuda:3,7").unwrap(),
+            [
+                DeviceSpec::Auto,
+                DeviceSpec::Cpu,
+                DeviceSpec::Cuda(0),
+                DeviceSpec::Cuda(3),
+                DeviceSpec::Cuda(7)
+            ]
+        );
+        for bad in ["gpu0", "cuda:x", "cpu,tpu", "-1"] {
+            let e = specs(bad).unwrap_err();
+            assert!(e.contains("auto, cpu, cuda:N"), "{bad}: {e}");
+        }
+        for empty in ["", "cpu,", "cpu,,cpu"] {
+            assert!(specs(empty).unwrap_err().contains("empty entry"), "{empty}");
+        }
+        let two_cpus = open_devices(&specs("cpu, cpu").unwrap()).unwrap();
+        assert!(two_cpus.len() == 2 && two_cpus.iter().all(Device::is_cpu));
+        assert!(open_devices(&[]).is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let e = open_devices(&specs("0,1").unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("cuda:0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn kernel_options_parse_like_the_old_env_vars() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            k: KernelOptions,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from([&["x"], args].concat()).map(|c| c.k);
+        assert_eq!(parse(&[]).unwrap(), KernelOptions::default());
+        let k = parse(&["--fused-kernels", "0", "--flash-attention", "off"]).unwrap();
+        assert_eq!(
+            (k.fused, k.flash_attention, k.lt_epilogue),
+            (Toggle::Off, false, true)
+        );
+        assert_eq!(parse(&["--fused-kernels", "1"]).unwrap().fused, Toggle::On);
+        assert!(!parse(&["--lt-epilogue", "0"]).unwrap().lt_epilogue);
+        assert!(parse(&["--fused-kernels", "maybe"]).is_err());
+        assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
     }
 }

@@ -3,14 +3,15 @@
 pub mod api;
 pub mod bench;
 pub mod classes;
+pub mod cli;
 pub mod config;
 pub mod diffusion;
+pub mod encode;
 pub mod engine;
 pub mod kernels;
 pub mod loadgen;
 pub mod model;
 pub mod pipeline;
 pub mod png;
-pub mod serve_bench;
 pub mod server;
 pub mod telemetry;

@@ -9,6 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::bench::stats::percentile;
+
 #[derive(Debug, Clone)]
 pub enum Workload {
     /// Every request sends this body.
@@ -33,7 +35,11 @@ pub struct LoadConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
+    /// Requests sent (fewer than planned when the time bound stopped the run).
     pub requests: usize,
+    pub planned: usize,
+    /// Why sending stopped before every planned request went out, or requests were cut off.
+    pub stopped_early: Option<String>,
     pub ok: usize,
     pub by_status: BTreeMap<u16, usize>,
     pub transport_errors: usize,
@@ -64,7 +70,11 @@ impl std::fmt::Display for LoadReport {
             self.p95_ms,
             self.p99_ms,
             self.max_ms
-        )
+        )?;
+        if let Some(why) = &self.stopped_early {
+            write!(f, "\nstopped early: {why}")?;
+        }
+        Ok(())
     }
 }
 
@@ -110,15 +120,6 @@ fn body_for(workload: &Workload, rng: &mut ChaCha8Rng) -> Value {
     }
 }
 
-/// The `p`-th percentile (nearest rank) of ascending values; 0 for none.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 /// Sends the workload to `POST {url}/generate` and measures each request end to end.
 pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     check_loopback(&cfg.url)?;
@@ -141,10 +142,11 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
             next_arrival += Duration::from_secs_f64(gap);
             tokio::time::sleep_until(next_arrival.into()).await;
         }
+        // Checked after waiting for a slot too: no request starts past the time limit.
+        let permit = sem.clone().acquire_owned().await?;
         if Instant::now() >= stop_at {
             break;
         }
-        let permit = sem.clone().acquire_owned().await?;
         let mut req = client
             .post(format!("{}/generate", cfg.url))
             .json(&body_for(&cfg.workload, &mut rng));
@@ -188,8 +190,26 @@ pub async fn run(cfg: &LoadConfig) -> anyhow::Result<LoadReport> {
     }
     let wall = start.elapsed().as_secs_f64();
     latencies.sort_by(|a, b| a.total_cmp(b));
+    let limit = format!(
+        "the time limit of {:.0} s (--max-secs)",
+        cfg.max_duration.as_secs_f64()
+    );
+    let stopped_early = if sent < cfg.requests {
+        Some(format!(
+            "{sent} of {} requests sent before {limit}",
+            cfg.requests
+        ))
+    } else if transport_errors > 0 && Instant::now() >= stop_at {
+        Some(format!(
+            "{transport_errors} request(s) were still running at {limit} and were cut off"
+        ))
+    } else {
+        None
+    };
     Ok(LoadReport {
         requests: sent,
+        planned: cfg.requests,
+        stopped_early,
         ok,
         by_status,
         transport_errors,
@@ -226,13 +246,5 @@ mod tests {
         ] {
             assert!(check_loopback(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 51.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&[], 99.0), 0.0);
     }
 }

@@ -13,9 +13,9 @@ use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::api::{self, AppState, HttpGuards};
-use crate::config::{resolve_model_paths, ServeArgs, Timeouts};
+use crate::config::{open_devices, resolve_model_paths, ServeArgs, Timeouts};
 use crate::engine::{self, EngineConfig, EngineHandle};
-use crate::pipeline::{parse_devices, parse_dtype, LoadOptions, Pipeline};
+use crate::pipeline::{LoadOptions, Pipeline};
 use crate::telemetry;
 use conn::{ConnLimits, Connections};
 
@@ -37,14 +37,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cors_origins = args.cors_origins()?;
     let metrics = telemetry::init_metrics()?;
     let (model, vae) = resolve_model_paths(args.model.clone(), args.vae.clone())?;
-    let devices = parse_devices(&args.device_specs())?;
+    let devices = open_devices(&args.device_specs())?;
     let opts = LoadOptions {
         model,
         vae,
         vae_config: args.vae_config.clone(),
         device: devices[0].clone(),
-        dtype: parse_dtype(&args.dtype)?,
+        dtype: args.dtype.into(),
         decode_chunk: args.decode_chunk,
+        kernels: args.kernels,
     };
     let t0 = Instant::now();
     let pipelines =

@@ -5,10 +5,14 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::config::LogFormat;
 
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Colour codes only for a person at a terminal: in files, pipes and log collectors they
+    // are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests, repeated calls) keeps the first subscriber.
     let _ = match format {
@@ -68,6 +72,11 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "diffit_encode_duration_seconds",
         Unit::Seconds,
         "PNG encode latency per image"
+    );
+    describe_histogram!(
+        "diffit_preview_duration_seconds",
+        Unit::Seconds,
+        "Time per denoising step spent on live previews (only steps that made some)"
     );
     describe_counter!(
         "diffit_rejections_total",

@@ -314,3 +314,86 @@ fn bench_kernels_checks_every_fused_op_and_refuses_a_bad_dtype() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("f8"));
 }
+
+fn stderr_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Mistakes a newcomer makes with `generate` are explained before any work starts.
+#[test]
+fn generate_explains_bad_arguments_up_front() {
+    let err = stderr_of(bin().args(["generate"]));
+    assert!(
+        err.contains("--class <CLASS>") && err.contains("--class-name <CLASS_NAME>"),
+        "{err}"
+    );
+    let err = stderr_of(bin().args(["generate", "--class", "1", "--seed", "-1"]));
+    assert!(
+        err.contains("a seed is an integer from 0 to 18446744073709551615"),
+        "{err}"
+    );
+    let err = stderr_of(bin().args([
+        "generate",
+        "--class",
+        "1",
+        "--seed",
+        "18446744073709551615",
+        "--n",
+        "2",
+    ]));
+    assert!(err.contains("image i uses seed + i"), "{err}");
+    let missing = out_dir().join("no-such-dir").join("x.png");
+    let start = std::time::Instant::now();
+    let err = stderr_of(bin().args(["generate", "--class", "1", "-o"]).arg(&missing));
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!missing.exists());
+    // Refused before the model is even loaded.
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+    let err = stderr_of(bin().args([
+        "generate",
+        "--class",
+        "1",
+        "--model",
+        "/nonexistent/model.safetensors",
+        "--vae",
+        "/nonexistent/vae.safetensors",
+    ]));
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
+/// `load` says when its time bound, not the server, ended the run.
+#[test]
+fn load_says_when_max_secs_stopped_it() {
+    // A loopback listener that accepts and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        drop(conns);
+    });
+    let out = bin()
+        .args([
+            "load",
+            "--requests",
+            "3",
+            "--concurrency",
+            "1",
+            "--max-secs",
+            "1",
+        ])
+        .args(["--url", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "stopped early: 1 of 3 requests sent before the time limit of 1 s (--max-secs)"
+        ),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    held.join().unwrap();
+}

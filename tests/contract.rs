@@ -129,10 +129,28 @@ async fn live_responses_match_openapi_for_every_route_and_status() {
         let r = s.client.get(s.url(path)).send().await.unwrap();
         assert_eq!(c.check("get", path, r).await.0, 401);
     }
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    for path in ["/healthz", "/readyz", "/metrics", "/", "/openapi.yaml"] {
         let r = s.client.get(s.url(path)).send().await.unwrap();
         assert_eq!(c.check("get", path, r).await.0, 200);
     }
+    let one = "/v1/models/{id}";
+    let r = auth(s.client.get(s.url("/v1/models/diffit_tiny_model")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.check("get", one, r).await.0, 200);
+    let r = auth(s.client.get(s.url("/v1/models/dall-e-3")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.check("get", one, r).await.0, 404);
+    let r = s
+        .client
+        .get(s.url("/v1/models/diffit_tiny_model"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.check("get", one, r).await.0, 401);
     let ok = json!({"class_label": 1, "steps": 3, "n": 2});
     assert_eq!(
         c.check("post", gen, post(gen, ok.clone()).send().await.unwrap())
@@ -146,11 +164,32 @@ async fn live_responses_match_openapi_for_every_route_and_status() {
         .await
         .unwrap();
     assert_eq!(c.check("post", gen, r).await.0, 200);
-    let r = post(gen, json!({"class_label": 1, "steps": 3, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        gen,
+        json!({"class_label": 1, "steps": 3, "stream": true, "preview": true}),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(c.check("post", gen, r).await.0, 200);
+    for accept in ["image/jpeg", "image/webp"] {
+        let r = post(gen, json!({"class_label": 1, "steps": 3}))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], accept);
+        assert_eq!(c.check("post", gen, r).await.0, 200);
+    }
+    let r = post(
+        oai,
+        json!({"prompt": "a photo of class 2", "steps": 3, "response_format": "url",
+               "output_format": "webp", "size": "auto"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(c.check("post", oai, r).await.0, 200);
     let r = post(oai, json!({"prompt": "class 2", "steps": 3, "n": 2}))
         .send()
         .await
@@ -187,6 +226,14 @@ async fn live_responses_match_openapi_for_every_route_and_status() {
         .await
         .unwrap();
     assert_eq!(c.check("post", gen, r).await.0, 422);
+    let r = post(
+        oai,
+        json!({"prompt": "class 1", "background": "transparent"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(c.check("post", oai, r).await.0, 422);
 
     // Deadlines: explicit on /generate, the server default (1 s) on the OpenAI route.
     let r = post(

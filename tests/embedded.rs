@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use common::server::{b64, decode_png, TestServer};
 use common::{fixture, golden, ints, rel_err, row, Replay};
+use diffit_server::config::KernelOptions;
 use diffit_server::diffusion::{denoise_step, Guidance, SampleState, Schedule};
 use diffit_server::model::{DiffiT, WeightsFile};
 use serde_json::{json, Value};
@@ -35,6 +36,7 @@ fn rust_sampler_matches_the_pytorch_sampler_on_the_embedded_model() {
         &WeightsFile::open(weights("diffit_fmnist.safetensors")).unwrap(),
         DType::F32,
         &Device::Cpu,
+        &KernelOptions::default(),
     )
     .unwrap();
     let cfg = model.config().clone();

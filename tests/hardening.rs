@@ -704,6 +704,7 @@ async fn an_engine_whose_warm_up_fails_reports_it() {
         device: candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
         decode_chunk: 8,
+        kernels: Default::default(),
     })
     .unwrap();
     pipe.info.defaults.guidance_scale = 1e30;

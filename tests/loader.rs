@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::fixture;
+use diffit_server::config::KernelOptions;
 use diffit_server::model::{DiffiT, DiffitConfig, VaeDecoder, WeightsError, WeightsFile};
 
 fn tmp(name: &str) -> PathBuf {
@@ -26,7 +27,7 @@ fn save(map: &HashMap<String, Tensor>, path: &Path) {
 fn load_err(path: &Path) -> String {
     let err = match WeightsFile::open(path) {
         Err(e) => e,
-        Ok(f) => match DiffiT::load(&f, DType::F32, &Device::Cpu) {
+        Ok(f) => match DiffiT::load(&f, DType::F32, &Device::Cpu, &KernelOptions::default()) {
             Err(e) => e,
             Ok(_) => panic!("{} loaded but should not", path.display()),
         },
@@ -112,7 +113,7 @@ fn imagenet_256_layout_is_inferred_and_loads() {
         (1000, 8, 32)
     );
     assert_eq!(cfg.grid(), 16);
-    let model = DiffiT::load(&file, DType::F32, &Device::Cpu).unwrap();
+    let model = DiffiT::load(&file, DType::F32, &Device::Cpu, &KernelOptions::default()).unwrap();
     let x = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &Device::Cpu).unwrap();
     let out = model.forward(&x, &[500], &[207]).unwrap();
     assert_eq!(out.dims(), &[1, 8, 32, 32]);
@@ -247,6 +248,7 @@ fn vae_loads_legacy_attention_names_and_conv_shapes() {
         None,
         DType::F32,
         &Device::Cpu,
+        &KernelOptions::default(),
     )
     .unwrap();
     let e = common::rel_err(&vae.decode(&g["z"]).unwrap(), &g["decoded"]);
@@ -274,6 +276,7 @@ fn vae_missing_decoder_tensor_is_named() {
         None,
         DType::F32,
         &Device::Cpu,
+        &KernelOptions::default(),
     )
     .err()
     .expect("missing tensor must be refused");

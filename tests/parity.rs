@@ -7,22 +7,22 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, golden, ints, rel_err, row, Replay};
+use diffit_server::config::KernelOptions;
 use diffit_server::diffusion::guidance::guide_doubled_batch;
 use diffit_server::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule,
 };
-use diffit_server::model::diffit::AttnBias;
 use diffit_server::model::{vae, DiffiT, VaeDecoder, WeightsFile};
 
-fn tiny_model(dtype: DType) -> DiffiT {
+fn tiny_model(dtype: DType, kernels: KernelOptions) -> DiffiT {
     let file = WeightsFile::open(fixture("diffit_tiny_model.safetensors")).unwrap();
-    DiffiT::load(&file, dtype, &Device::Cpu).unwrap()
+    DiffiT::load(&file, dtype, &Device::Cpu, &kernels).unwrap()
 }
 
 #[test]
 fn forward_and_every_activation_match_reference() {
     let g = golden("diffit_tiny_golden.safetensors");
-    let model = tiny_model(DType::F32);
+    let model = tiny_model(DType::F32, KernelOptions::plain());
     let mut acts: BTreeMap<String, Tensor> = BTreeMap::new();
     let out = model
         .forward_traced(
@@ -51,7 +51,7 @@ fn forward_and_every_activation_match_reference() {
 #[test]
 fn guided_forward_matches_reference() {
     let g = golden("diffit_tiny_golden.safetensors");
-    let model = tiny_model(DType::F32);
+    let model = tiny_model(DType::F32, KernelOptions::plain());
     let t = ints(&g["cfg.t"]);
     // As released, the guided forward runs on the first half of x twice: [x; x].
     let half = g["cfg.x"].narrow(0, 0, 2).unwrap();
@@ -71,31 +71,13 @@ fn guided_forward_matches_reference() {
     assert!(e <= 1e-4, "guided rel err {e}");
 }
 
-#[test]
-fn gpu_layout_expanded_bias_and_folded_biases_give_the_same_forward() {
-    let g = golden("diffit_tiny_golden.safetensors");
-    let mut model = tiny_model(DType::F32);
-    model.set_attn_bias(AttnBias::Expanded);
-    model.fold_biases().unwrap();
-    // Two batch sizes: the expanded bias is cached for the larger and narrowed for the smaller.
-    for rows in [4, 3] {
-        let x = g["fwd.x"].narrow(0, 0, rows).unwrap();
-        let t = &ints(&g["fwd.t"])[..rows];
-        let y = &ints(&g["fwd.y"])[..rows];
-        let out = model.forward(&x, t, y).unwrap();
-        let e = rel_err(&out, &g["fwd.out"].narrow(0, 0, rows).unwrap());
-        assert!(e <= 1e-4, "expanded-bias forward ({rows} rows) rel err {e}");
-    }
-}
-
 /// The fused-kernel block path (the default on CUDA), run here through the kernels' CPU
 /// fallbacks: the same outputs and activations as the reference.
 #[test]
 fn fused_kernel_path_matches_reference() {
     let g = golden("diffit_tiny_golden.safetensors");
     for dtype in [DType::F32, DType::BF16] {
-        let mut model = tiny_model(dtype);
-        model.set_fused(true).unwrap();
+        let model = tiny_model(dtype, KernelOptions::fused());
         assert!(model.is_fused());
         let mut acts: BTreeMap<String, Tensor> = BTreeMap::new();
         let out = model
@@ -131,7 +113,7 @@ fn fused_kernel_path_matches_reference() {
 #[test]
 fn bf16_forward_is_close_to_f32_reference() {
     let g = golden("diffit_tiny_golden.safetensors");
-    let model = tiny_model(DType::BF16);
+    let model = tiny_model(DType::BF16, KernelOptions::plain());
     let out = model
         .forward(&g["fwd.x"], &ints(&g["fwd.t"]), &ints(&g["fwd.y"]))
         .unwrap();
@@ -172,7 +154,7 @@ fn schedule_tables_match_reference() {
 #[test]
 fn full_250_step_guided_ddpm_run_matches_reference() {
     let g = golden("diffit_tiny_golden.safetensors");
-    let model = tiny_model(DType::F32);
+    let model = tiny_model(DType::F32, KernelOptions::plain());
     let schedule = Arc::new(Schedule::new(250).unwrap());
     let labels = ints(&g["samp.y"]);
     let guidance = Guidance::new(4.4, GuidanceSchedule::PowerCosine).unwrap();
@@ -228,7 +210,14 @@ fn worst_pixel_diff(decoded: &Tensor, want: &Tensor) -> u8 {
 fn vae_decode_matches_reference() {
     let g = golden("vae_tiny_golden.safetensors");
     let file = WeightsFile::open(fixture("vae_tiny_model.safetensors")).unwrap();
-    let vae = VaeDecoder::load(&file, None, DType::F32, &Device::Cpu).unwrap();
+    let vae = VaeDecoder::load(
+        &file,
+        None,
+        DType::F32,
+        &Device::Cpu,
+        &KernelOptions::plain(),
+    )
+    .unwrap();
     assert_eq!(
         vae.config().norm_num_groups,
         16,
@@ -254,8 +243,8 @@ fn fused_channels_last_vae_decode_matches_reference() {
     let g = golden("vae_tiny_golden.safetensors");
     let file = WeightsFile::open(fixture("vae_tiny_model.safetensors")).unwrap();
     for dtype in [DType::F32, DType::BF16] {
-        let mut vae = VaeDecoder::load(&file, None, dtype, &Device::Cpu).unwrap();
-        vae.set_fused(true).unwrap();
+        let vae =
+            VaeDecoder::load(&file, None, dtype, &Device::Cpu, &KernelOptions::fused()).unwrap();
         assert!(vae.is_fused());
         let decoded = vae.decode(&g["z"]).unwrap();
         assert_eq!(decoded.dims(), g["decoded"].dims());

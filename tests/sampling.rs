@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, rel_err};
+use diffit_server::config::KernelOptions;
 use diffit_server::diffusion::{
     denoise_step, Denoiser, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule,
     SeededNoise,
@@ -97,7 +98,7 @@ fn every_sampler_recovers_a_point_distribution() {
 
 fn tiny() -> DiffiT {
     let f = WeightsFile::open(fixture("diffit_tiny_model.safetensors")).unwrap();
-    DiffiT::load(&f, DType::F32, &Device::Cpu).unwrap()
+    DiffiT::load(&f, DType::F32, &Device::Cpu, &KernelOptions::default()).unwrap()
 }
 
 fn sample(label: i64, kind: SamplerKind, steps: usize, scale: f32, seed: u64) -> SampleState {

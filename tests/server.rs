@@ -149,7 +149,7 @@ async fn openai_sdk_request_and_response_shapes() {
         (json!({"prompt": "no such thing", "steps": 2}), "prompt"),
         (json!({"prompt": "class 7", "size": "1024x1024"}), "size"),
         (
-            json!({"prompt": "class 7", "response_format": "url"}),
+            json!({"prompt": "class 7", "response_format": "html"}),
             "response_format",
         ),
         (json!({"prompt": "class 7", "model": "dall-e-3"}), "model"),

@@ -1,4 +1,4 @@
-"""The three networks, written from /work/shared/spec/diffit.md and src/model/*.rs:
+"""The three networks, written from the DiffiT paper's description (as src/model/ implements it):
 
 * DiffiT: isotropic ViT with time-dependent self-attention (TMSA); parameter names are the
   official checkpoint's (`x_embedder.proj`, `blocks.i.attn.qkv_temb`, ...).

@@ -1,5 +1,6 @@
-//! `POST /generate`: JSON with base64 PNGs, the raw PNG for `Accept: image/png` and n = 1,
-//! or server-sent progress events with `"stream": true`.
+//! `POST /generate`: JSON with base64 images, the raw image for `Accept: image/png` (or
+//! `image/jpeg`, `image/webp`) and n = 1, or server-sent progress events with `"stream": true`,
+//! carrying live previews with `"preview": true`.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,12 +17,13 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::body::read_json;
 use super::error::ApiError;
-use super::jobs::{collect, submit, Outcome};
+use super::jobs::{collect, submit, Outcome, Update};
 use super::types::{
-    build_specs, check_timeout, resolve_class, resolve_name_off_runtime, GenerateRequest,
-    GenerateResponse, ImageJson, SamplingFields,
+    build_specs, check_encoding, check_timeout, resolve_class, resolve_name_off_runtime, Encoding,
+    GenerateRequest, GenerateResponse, ImageJson, SamplingFields,
 };
 use super::{AppState, RequestId};
+use crate::encode::OutputFormat;
 use crate::pipeline::ImageSpec;
 
 pub fn unix_now() -> u64 {
@@ -31,11 +33,13 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn wants_png(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|p| p.trim().starts_with("image/png")))
+/// The first image type the `Accept` header names, if any: the client wants the raw file.
+fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
+    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
+    accept
+        .split(',')
+        .filter_map(|p| p.split(';').next())
+        .find_map(|m| OutputFormat::from_mime(m.trim()))
 }
 
 pub async fn generate(
@@ -67,18 +71,36 @@ pub async fn generate(
         state.request_timeout,
         state.max_request_timeout,
     )?;
-    let (rx, deadline) = submit(&state, &id, specs.clone(), timeout, req.stream)?;
+    let raw = accepted_image(&headers).filter(|_| specs.len() == 1 && !req.stream);
+    let encoding = check_encoding(
+        req.output_format.as_deref(),
+        req.output_compression,
+        raw.unwrap_or_default(),
+    )?;
+    // Previews travel in progress events: without a stream there is nowhere to send them, so
+    // none are made (as OpenAI's partial_images without stream).
+    let previews = req.preview && req.stream;
+    let (rx, deadline) = submit(&state, &id, specs.clone(), timeout, req.stream, previews)?;
     let _inflight = state.inflight_guard();
 
     if req.stream {
-        return Ok(stream_response(state.clone(), id, rx, specs, deadline));
+        return Ok(stream_response(
+            state.clone(),
+            id,
+            rx,
+            specs,
+            deadline,
+            encoding,
+        ));
     }
-    let outcome = collect(&state, rx, &specs, deadline, |_, _| {}).await?;
-    if specs.len() == 1 && wants_png(&headers) {
-        let img = &outcome.images[0];
+    let outcome = collect(&state, rx, &specs, deadline, encoding, |_| {}).await?;
+    if let (Some(img), true) = (outcome.images.first(), raw.is_some()) {
         let mut resp = (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("image/png"))],
-            img.png.clone(),
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(encoding.format.mime()),
+            )],
+            img.bytes.clone(),
         )
             .into_response();
         let h = resp.headers_mut();
@@ -86,13 +108,14 @@ pub async fn generate(
         h.insert("x-class-label", HeaderValue::from(img.spec.label));
         return Ok(resp);
     }
-    Ok(axum::Json(response_body(&state, id, &specs, outcome)).into_response())
+    Ok(axum::Json(response_body(&state, id, &specs, encoding.format, outcome)).into_response())
 }
 
 pub fn response_body(
     state: &AppState,
     id: String,
     specs: &[ImageSpec],
+    format: OutputFormat,
     outcome: Outcome,
 ) -> GenerateResponse {
     let info = state.engine.info();
@@ -105,35 +128,75 @@ pub fn response_body(
         sampler: first.sampler.to_string(),
         guidance_scale: first.guidance.scale(),
         guidance_schedule: first.guidance.schedule().to_string(),
+        output_format: format.to_string(),
         images: outcome
             .images
             .into_iter()
-            .map(|img| ImageJson {
-                b64_png: base64::engine::general_purpose::STANDARD.encode(&img.png),
-                seed: img.spec.seed,
-                class_label: img.spec.label,
-                class_name: info.classes.label(img.spec.label).to_string(),
+            .map(|img| {
+                let b64 = Some(base64::engine::general_purpose::STANDARD.encode(&img.bytes));
+                let pick = |f: OutputFormat| if f == format { b64.clone() } else { None };
+                ImageJson {
+                    b64_png: pick(OutputFormat::Png),
+                    b64_jpeg: pick(OutputFormat::Jpeg),
+                    b64_webp: pick(OutputFormat::Webp),
+                    seed: img.spec.seed,
+                    seed_str: img.spec.seed.to_string(),
+                    class_label: img.spec.label,
+                    class_name: info.classes.label(img.spec.label).to_string(),
+                }
             })
             .collect(),
         timings: outcome.timings,
     }
 }
 
-/// `progress` events `{"step", "steps"}`, then one `result` (the JSON response) or `error`.
-/// If the client goes away the collector is dropped, and with it the job's samples.
+/// The `data` of one `progress` event: `{"step", "steps"}` (the job's slowest image), plus
+/// `"preview": {"index", "step", "width", "height", "b64_png"}` when it carries a preview of
+/// image `index` (its own step count; `step` stays the job's).
+fn progress_data(update: Update, job_step: &mut usize) -> serde_json::Value {
+    match update {
+        Update::Step { step, total } => {
+            *job_step = step;
+            serde_json::json!({ "step": step, "steps": total })
+        }
+        Update::Preview {
+            index,
+            step,
+            total,
+            png,
+            width,
+            height,
+        } => serde_json::json!({
+            "step": *job_step,
+            "steps": total,
+            "preview": {
+                "index": index,
+                "step": step,
+                "width": width,
+                "height": height,
+                "b64_png": base64::engine::general_purpose::STANDARD.encode(png),
+            },
+        }),
+    }
+}
+
+/// `progress` events, then one `result` (the JSON response) or `error`. If the client goes
+/// away the collector is dropped, and with it the job's samples.
 fn stream_response(
     state: AppState,
     id: String,
     rx: tokio::sync::mpsc::UnboundedReceiver<crate::engine::JobEvent>,
     specs: Vec<ImageSpec>,
     deadline: std::time::Instant,
+    encoding: Encoding,
 ) -> Response {
     let (tx, events) = tokio::sync::mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move {
         let _inflight = state.inflight_guard();
         let progress_tx = tx.clone();
-        let work = collect(&state, rx, &specs, deadline, move |step, steps| {
-            let data = serde_json::json!({ "step": step, "steps": steps }).to_string();
+        let mut job_step = 0;
+        let work = collect(&state, rx, &specs, deadline, encoding, move |update| {
+            let data = progress_data(update, &mut job_step).to_string();
             let _ = progress_tx.send(Event::default().event("progress").data(data));
         });
         let result = tokio::select! {
@@ -142,7 +205,7 @@ fn stream_response(
         };
         let event = match result {
             Ok(outcome) => {
-                let body = response_body(&state, id, &specs, outcome);
+                let body = response_body(&state, id, &specs, encoding.format, outcome);
                 Event::default()
                     .event("result")
                     .data(serde_json::to_string(&body).unwrap_or_default())

@@ -1,33 +1,58 @@
 //! Read-only routes: models, classes, health, readiness, metrics.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::error::ApiError;
 use super::generate::unix_now;
 use super::AppState;
+use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
+
+/// The served model as `/v1/models` lists it, with the request limits a client (the
+/// playground page) needs to build valid requests.
+fn model_json(state: &AppState) -> serde_json::Value {
+    let info = state.engine.info();
+    let limits = state.limits();
+    json!({
+        "id": info.name,
+        "object": "model",
+        "created": state.started_unix,
+        "owned_by": "diffit-server",
+        "image_size": info.image_size,
+        "num_classes": info.config.num_classes,
+        "config": info.config,
+        "defaults": info.defaults,
+        "sha256": info.model_sha256,
+        "dtype": info.dtype,
+        "device": info.device,
+        "devices": state.engine.devices(),
+        "limits": {
+            "max_images_per_request": limits.max_images.min(limits.max_queue),
+            "min_steps": MIN_STEPS,
+            "max_steps": MAX_STEPS,
+            "max_guidance_scale": crate::diffusion::guidance::MAX_GUIDANCE_SCALE,
+        },
+    })
+}
 
 pub async fn models(State(state): State<AppState>) -> Response {
+    axum::Json(json!({ "object": "list", "data": [model_json(&state)] })).into_response()
+}
+
+/// `GET /v1/models/{id}`, as OpenAI's SDK `models.retrieve(id)` calls it.
+pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let info = state.engine.info();
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": info.name,
-            "object": "model",
-            "created": state.started_unix,
-            "owned_by": "diffit-server",
-            "image_size": info.image_size,
-            "num_classes": info.config.num_classes,
-            "config": info.config,
-            "defaults": info.defaults,
-            "sha256": info.model_sha256,
-            "dtype": info.dtype,
-            "device": info.device,
-            "devices": state.engine.devices(),
-        }]
-    }))
-    .into_response()
+    if id != info.name {
+        return ApiError::not_found(format!(
+            "model '{id}' is not served here; GET /v1/models lists '{}'",
+            info.name
+        ))
+        .with_param("model")
+        .into_response();
+    }
+    axum::Json(model_json(&state)).into_response()
 }
 
 pub async fn classes(State(state): State<AppState>) -> Response {

@@ -1,19 +1,35 @@
-//! Submitting a validated request to the engine and collecting its images, PNG-encoded on
-//! the blocking pool.
+//! Submitting a validated request to the engine and collecting its images, encoded (PNG, JPEG
+//! or WebP, with metadata) on the blocking pool.
 
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::types::Timings;
+use super::types::{Encoding, Timings};
 use super::AppState;
 use crate::engine::{EngineError, Job, JobEvent, SubmitError};
 use crate::pipeline::ImageSpec;
 
 pub struct EncodedImage {
-    pub png: Vec<u8>,
+    /// The file, in the request's output format.
+    pub bytes: Vec<u8>,
     pub spec: ImageSpec,
+}
+
+/// What a streaming request hears while its images are made.
+pub enum Update {
+    /// The job's slowest image finished `step` of `total` steps.
+    Step { step: usize, total: usize },
+    /// A preview of image `index` after `step` of `total` steps, as a small PNG.
+    Preview {
+        index: usize,
+        step: usize,
+        total: usize,
+        png: Vec<u8>,
+        width: usize,
+        height: usize,
+    },
 }
 
 pub struct Outcome {
@@ -28,12 +44,14 @@ pub fn submit(
     specs: Vec<ImageSpec>,
     timeout: Duration,
     progress: bool,
+    previews: bool,
 ) -> Result<(mpsc::UnboundedReceiver<JobEvent>, Instant), ApiError> {
     // Timeouts are validated to at most a week, so this cannot overflow; stay safe anyway.
     let deadline = Instant::now()
         .checked_add(timeout)
         .ok_or_else(|| ApiError::invalid_field("timeout_secs", "timeout_secs is too large"))?;
     let (job, rx) = Job::new(id.to_string(), specs, deadline, progress);
+    let job = if previews { job.with_previews() } else { job };
     match state.engine.submit(job) {
         Ok(()) => Ok((rx, deadline)),
         Err(SubmitError::Draining) => {
@@ -53,13 +71,15 @@ pub fn submit(
     }
 }
 
-/// Waits for every image of the job. `on_progress` sees (step, total) for streaming requests.
+/// Waits for every image of the job, encoding each as `encoding` says. `on_update` sees the
+/// progress (and previews) of streaming requests.
 pub async fn collect(
     state: &AppState,
     mut rx: mpsc::UnboundedReceiver<JobEvent>,
     specs: &[ImageSpec],
     deadline: Instant,
-    mut on_progress: impl FnMut(usize, usize),
+    encoding: Encoding,
+    mut on_update: impl FnMut(Update),
 ) -> Result<Outcome, ApiError> {
     let start = Instant::now();
     let mut images: Vec<Option<EncodedImage>> = (0..specs.len()).map(|_| None).collect();
@@ -88,7 +108,32 @@ pub async fn collect(
                 ))
             }
             Some(JobEvent::Started { queue_wait }) => timings.queue_ms = ms(queue_wait),
-            Some(JobEvent::Progress { step, total }) => on_progress(step, total),
+            Some(JobEvent::Progress { step, total }) => on_update(Update::Step { step, total }),
+            Some(JobEvent::Preview {
+                index,
+                step,
+                total,
+                image,
+            }) => {
+                // A few dozen pixels: cheaper to encode here than to hop to the blocking pool.
+                match crate::png::encode_png(
+                    &image.pixels,
+                    image.channels,
+                    image.height,
+                    image.width,
+                    &[],
+                ) {
+                    Ok(png) => on_update(Update::Preview {
+                        index,
+                        step,
+                        total,
+                        png,
+                        width: image.width,
+                        height: image.height,
+                    }),
+                    Err(e) => tracing::warn!(error = %e, "cannot encode a preview"),
+                }
+            }
             Some(JobEvent::Failed(EngineError::Deadline)) => return Err(ApiError::deadline()),
             Some(JobEvent::Failed(EngineError::ShuttingDown)) => {
                 return Err(ApiError::unavailable("the server is shutting down"))
@@ -101,21 +146,42 @@ pub async fn collect(
                 pixels,
                 denoise,
                 decode,
+                decode_batch,
             }) => {
                 let spec = specs[index];
                 let info = state.engine.info().clone();
                 let t0 = Instant::now();
-                let png = tokio::task::spawn_blocking(move || info.encode(&pixels, &spec))
-                    .await
-                    .map_err(|e| ApiError::internal(format!("PNG encoder task failed: {e}")))?
-                    .map_err(|e| ApiError::internal(format!("PNG encoding failed: {e}")))?;
+                let format = encoding.format;
+                let bytes = tokio::task::spawn_blocking(move || {
+                    let side = info.image_size;
+                    crate::encode::encode(
+                        encoding.format,
+                        &pixels,
+                        info.image_channels,
+                        side,
+                        side,
+                        &info.png_text(&spec),
+                        encoding.quality,
+                    )
+                })
+                .await
+                .map_err(|e| ApiError::internal(format!("{format} encoder task failed: {e}")))?
+                .map_err(|e| ApiError::internal(format!("{format} encoding failed: {e}")))?;
                 let enc = t0.elapsed();
+                tracing::info!(
+                    image = index,
+                    seed = spec.seed,
+                    decode_ms = ms(decode),
+                    decode_batch,
+                    encode_ms = ms(enc),
+                    "image decoded and encoded"
+                );
                 metrics::histogram!("diffit_encode_duration_seconds").record(enc.as_secs_f64());
                 metrics::counter!("diffit_images_generated_total").increment(1);
                 timings.encode_ms += ms(enc);
                 timings.denoise_ms = timings.denoise_ms.max(ms(denoise));
                 timings.decode_ms = timings.decode_ms.max(ms(decode));
-                images[index] = Some(EncodedImage { png, spec });
+                images[index] = Some(EncodedImage { bytes, spec });
                 remaining -= 1;
             }
         }

@@ -8,6 +8,8 @@ mod guard;
 mod info;
 mod jobs;
 mod openai;
+mod page;
+mod spec;
 pub mod types;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,14 +108,18 @@ impl AppState {
 /// Routes that take generation work (their bad input counts as an `invalid` rejection).
 const GENERATE_ROUTES: [&str; 2] = ["/generate", "/v1/images/generations"];
 
-/// Routes that probes and scrapers reach without an API key.
-const OPEN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+/// Routes that probes and scrapers reach without an API key; the playground page and the
+/// contract too (the page asks for a key itself).
+const OPEN_ROUTES: [&str; 5] = ["/healthz", "/readyz", "/metrics", "/", "/openapi.yaml"];
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/generate", post(generate::generate))
         .route("/v1/images/generations", post(openai::images_generations))
+        .route("/", get(page::page))
+        .route("/openapi.yaml", get(spec::openapi))
         .route("/v1/models", get(info::models))
+        .route("/v1/models/{id}", get(info::model))
         .route("/v1/classes", get(info::classes))
         .route("/healthz", get(info::healthz))
         .route("/readyz", get(info::readyz))

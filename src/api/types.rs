@@ -7,6 +7,7 @@ use crate::config::MIN_REQUEST_TIMEOUT_SECS;
 use crate::diffusion::guidance::MAX_GUIDANCE_SCALE;
 use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
 use crate::diffusion::{Guidance, GuidanceSchedule, SamplerKind};
+use crate::encode::{OutputFormat, DEFAULT_QUALITY};
 use crate::pipeline::{ImageSpec, ModelInfo};
 
 /// `POST /generate`.
@@ -27,6 +28,12 @@ pub struct GenerateRequest {
     pub guidance_schedule: Option<String>,
     #[serde(default)]
     pub stream: bool,
+    /// Streamed `progress` events also carry previews of the denoised estimate.
+    #[serde(default)]
+    pub preview: bool,
+    pub output_format: Option<String>,
+    #[serde(default, deserialize_with = "super::body::opt_integer")]
+    pub output_compression: Option<i64>,
     pub timeout_secs: Option<f64>,
 }
 
@@ -100,23 +107,20 @@ pub fn build_specs(
     }
     let guidance = Guidance::new(scale as f32, schedule)
         .map_err(|e| ApiError::invalid_field("guidance_scale", e.to_string()))?;
-    // Image i uses seed + i: the last one must not wrap around to 0.
     let seed = match f.seed {
-        Some(seed) => {
-            if seed.checked_add(n as u64 - 1).is_none() {
-                return Err(ApiError::invalid_field(
-                    "seed",
-                    format!(
-                        "seed + n - 1 must fit in 64 bits (image i uses seed + i): seed must be \
-                         at most {} for n = {n}, got {seed}",
-                        u64::MAX - (n as u64 - 1)
-                    ),
-                ));
-            }
-            seed
-        }
-        None => rand::random::<u64>() % (u64::MAX - (n as u64 - 1)),
+        Some(seed) => seed,
+        None => random_seed(n as u64),
     };
+    // Image i uses seed + i: refuse rather than wrap past 2^64 − 1.
+    if seed.checked_add(n as u64 - 1).is_none() {
+        return Err(ApiError::invalid_field(
+            "seed",
+            format!(
+                "seed + n - 1 must be at most {} (image i uses seed + i); got seed {seed} with n {n}",
+                u64::MAX
+            ),
+        ));
+    }
     Ok((0..n as u64)
         .map(|i| ImageSpec {
             label,
@@ -126,6 +130,62 @@ pub fn build_specs(
             guidance,
         })
         .collect())
+}
+
+/// Random seeds stay at or below 2^53 − 1 together with the n − 1 after them, so that every
+/// echoed seed survives a float64 JSON parser (JavaScript, jq) unrounded and reproduces its
+/// image. Clients may still send any u64.
+pub const MAX_RANDOM_SEED: u64 = (1 << 53) - 1;
+
+fn random_seed(n: u64) -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(0..=MAX_RANDOM_SEED.saturating_sub(n.saturating_sub(1)))
+}
+
+/// How to encode the images: `output_format` (png, jpeg, webp; `jpg` too) and
+/// `output_compression` (0–100, the JPEG quality; PNG and WebP are lossless here).
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding {
+    pub format: OutputFormat,
+    pub quality: u8,
+}
+
+impl Default for Encoding {
+    fn default() -> Self {
+        Self {
+            format: OutputFormat::Png,
+            quality: DEFAULT_QUALITY,
+        }
+    }
+}
+
+/// Validates `output_format` and `output_compression`; `fallback` is the format when none is
+/// named (e.g. from the Accept header).
+pub fn check_encoding(
+    format: Option<&str>,
+    compression: Option<i64>,
+    fallback: OutputFormat,
+) -> Result<Encoding, ApiError> {
+    let format = match format {
+        None => fallback,
+        Some(f) => f.parse().map_err(|_| {
+            ApiError::invalid_field(
+                "output_format",
+                format!("output_format must be png, jpeg or webp; got '{f}'"),
+            )
+        })?,
+    };
+    let quality = match compression {
+        None => DEFAULT_QUALITY,
+        Some(c @ 0..=100) => (c as u8).max(1),
+        Some(c) => {
+            return Err(ApiError::invalid_field(
+                "output_compression",
+                format!("output_compression must be between 0 and 100, got {c}"),
+            ))
+        }
+    };
+    Ok(Encoding { format, quality })
 }
 
 /// Resolves `class_label` / `class_name` (exactly one) to a class index.
@@ -220,10 +280,18 @@ pub fn check_timeout(
     }
 }
 
+/// One image: its bytes in `b64_<output_format>` (one of the three), its seed as a number and
+/// as a string (`seed_str`, for clients whose JSON numbers are float64).
 #[derive(Debug, Serialize)]
 pub struct ImageJson {
-    pub b64_png: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_jpeg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_webp: Option<String>,
     pub seed: u64,
+    pub seed_str: String,
     pub class_label: usize,
     pub class_name: String,
 }
@@ -246,6 +314,7 @@ pub struct GenerateResponse {
     pub sampler: String,
     pub guidance_scale: f32,
     pub guidance_schedule: String,
+    pub output_format: String,
     pub images: Vec<ImageJson>,
     pub timings: Timings,
 }

@@ -6,7 +6,7 @@ pub mod sampler;
 pub mod schedule;
 
 pub use guidance::{Guidance, GuidanceSchedule};
-pub use noise::{NoiseSource, SeededNoise};
+pub use noise::{random_seed, NoiseSource, SeededNoise, MAX_RANDOM_SEED};
 pub use sampler::{denoise_step, Denoiser, SampleState, SamplerKind};
 pub use schedule::{Schedule, ScheduleCache};
 

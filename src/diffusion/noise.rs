@@ -5,6 +5,15 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+/// Largest seed drawn at random: 2^53 − 1, so a seed echoed in JSON survives clients that read
+/// numbers as float64 (JavaScript, jq) and reproduces the image. Any u64 is accepted as input.
+pub const MAX_RANDOM_SEED: u64 = (1 << 53) - 1;
+
+/// A random seed in 0..=`MAX_RANDOM_SEED`.
+pub fn random_seed() -> u64 {
+    rand::random::<u64>() & MAX_RANDOM_SEED
+}
+
 /// Where a sample's initial latent and per-step noise come from.
 pub trait NoiseSource: Send {
     /// The starting latent, `len` values.

@@ -100,6 +100,10 @@ pub struct SampleState {
     x0_prev: Option<Tensor>,
     done: usize,
     noise: Box<dyn NoiseSource>,
+    /// Keep the last step's denoised estimate (for live previews); costs no computation, as
+    /// every step computes it anyway, and never changes the sample's own path.
+    keep_estimate: bool,
+    estimate: Option<Tensor>,
 }
 
 impl SampleState {
@@ -124,7 +128,19 @@ impl SampleState {
             x0_prev: None,
             done: 0,
             noise,
+            keep_estimate: false,
+            estimate: None,
         })
+    }
+
+    /// Asks the sampler to keep each step's denoised estimate x̂0 (see [`Self::estimate`]).
+    pub fn keep_estimate(&mut self) {
+        self.keep_estimate = true;
+    }
+
+    /// The denoised estimate x̂0 [1, C, H, W] of the last step, if asked to keep it.
+    pub fn estimate(&self) -> Option<&Tensor> {
+        self.estimate.as_ref()
     }
 
     pub fn label(&self) -> i64 {
@@ -349,6 +365,9 @@ pub fn denoise_step(
         s.x = next.narrow(0, row, 1)?;
         if s.sampler == SamplerKind::DpmSolverPP {
             s.x0_prev = Some(x0.narrow(0, row, 1)?);
+        }
+        if s.keep_estimate {
+            s.estimate = Some(x0.narrow(0, row, 1)?);
         }
         s.done += 1;
     }

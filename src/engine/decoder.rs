@@ -35,8 +35,25 @@ pub(super) enum Decoder {
 }
 
 impl Decoder {
-    pub fn new(vae: Arc<VaeDecoder>, chunk: usize) -> Self {
+    /// Hands the VAE up to `chunk` (`--decode-chunk`) finished latents at once; it decodes
+    /// them in the passes `VaeDecoder::pass_sizes` decides, logged here for a full chunk of
+    /// `latent_side`² latents.
+    pub fn new(vae: Arc<VaeDecoder>, chunk: usize, latent_side: usize) -> Self {
         let chunk = chunk.max(1);
+        let hw = (latent_side, latent_side);
+        let passes = vae.pass_sizes(chunk, chunk, hw);
+        if passes.len() > 1 {
+            tracing::warn!(
+                chunk,
+                ?passes,
+                max_pass = vae.max_pass(hw),
+                "--decode-chunk {chunk} exceeds what one VAE pass can take at \
+                 {latent_side}×{latent_side} (its im2col buffers): a full chunk decodes in \
+                 passes of {passes:?}"
+            );
+        } else {
+            tracing::info!(chunk, "the VAE decodes up to {chunk} latents in one pass");
+        }
         if !vae.device().is_cpu() {
             return Self::Inline { vae, chunk };
         }
@@ -115,6 +132,7 @@ fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
         .and_then(|z| decode_pixels(vae, &z, chunk));
     let decode = t0.elapsed();
     metrics::histogram!("diffit_decode_duration_seconds").record(decode.as_secs_f64());
+    let decode_batch = batch.len();
     match result {
         Ok(pixels) => {
             for (w, px) in batch.into_iter().zip(pixels) {
@@ -123,6 +141,7 @@ fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
                     pixels: px,
                     denoise: w.denoise,
                     decode,
+                    decode_batch,
                 });
             }
         }
@@ -135,6 +154,44 @@ fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
                         "decode failed: {e}"
                     ))));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KernelOptions;
+    use crate::model::vae::tests::tiny_decoder;
+
+    /// The engine hands the VAE as many finished latents as `--decode-chunk` says, in one
+    /// pass, on the fused path too (it used to stop at 8).
+    #[test]
+    fn a_decode_chunk_of_16_is_one_pass_of_16() {
+        let vae = Arc::new(tiny_decoder(&KernelOptions::fused()));
+        for (requested, passes) in [(16, vec![16]), (5, vec![5, 5, 5, 1])] {
+            let decoder = Decoder::Inline {
+                chunk: requested,
+                vae: vae.clone(),
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let work = (0..16)
+                .map(|index| DecodeWork {
+                    latent: Tensor::randn(0f32, 1.0, (1, 4, 4, 4), &candle_core::Device::Cpu)
+                        .unwrap(),
+                    index,
+                    denoise: Duration::ZERO,
+                    events: tx.clone(),
+                })
+                .collect();
+            decoder.submit(work).unwrap();
+            assert_eq!(vae.take_passes(), passes, "--decode-chunk {requested}");
+            let mut images = 0;
+            while let Ok(event) = rx.try_recv() {
+                assert!(matches!(event, JobEvent::Image { .. }));
+                images += 1;
+            }
+            assert_eq!(images, 16);
         }
     }
 }

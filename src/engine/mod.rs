@@ -5,6 +5,7 @@
 //! leave on each job's event channel.
 
 mod decoder;
+pub mod preview;
 mod queue;
 mod scheduler;
 
@@ -44,12 +45,22 @@ pub enum JobEvent {
         step: usize,
         total: usize,
     },
-    /// One finished image: planar u8 pixels and how long its batch took to decode.
+    /// A preview of image `index`'s denoised estimate after `step` of `total` steps (jobs that
+    /// asked for previews only; see [`preview`]).
+    Preview {
+        index: usize,
+        step: usize,
+        total: usize,
+        image: preview::PreviewImage,
+    },
+    /// One finished image: planar u8 pixels and how long its batch (of `decode_batch` latents)
+    /// took to decode.
     Image {
         index: usize,
         pixels: Vec<u8>,
         denoise: Duration,
         decode: Duration,
+        decode_batch: usize,
     },
     Failed(EngineError),
 }
@@ -64,6 +75,8 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<JobEvent>,
     /// Send `Progress` events (only streaming requests want them).
     pub progress: bool,
+    /// Send `Preview` events every few steps (see [`Job::with_previews`]).
+    pub(crate) previews: bool,
     pub(crate) enqueued: Instant,
     /// Index (within the whole request) of `specs[0]`: non-zero for a later part.
     pub(crate) first_index: usize,
@@ -82,6 +95,10 @@ pub(crate) struct JobShared {
     steps_done: Vec<AtomicUsize>,
     /// Last progress step sent, so that parts on different engines never send it backwards.
     reported: AtomicUsize,
+    /// The span of the request that made the job (the current span at `Job::new`): the engine
+    /// logs the job's admission, steps, batch sizes and decode inside it, so a request id's log
+    /// lines tell its whole story, and each step's span follows from the jobs it ran.
+    pub(crate) span: tracing::Span,
 }
 
 impl JobShared {
@@ -93,6 +110,7 @@ impl JobShared {
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
             reported: AtomicUsize::new(0),
+            span: tracing::Span::current(),
         }
     }
 
@@ -139,11 +157,20 @@ impl Job {
             deadline,
             events,
             progress,
+            previews: false,
             enqueued: Instant::now(),
             first_index: 0,
             shared,
         };
         (job, rx)
+    }
+
+    /// Asks for `Preview` events: each image's denoised estimate, projected to pixels, about
+    /// [`scheduler::PREVIEWS_PER_IMAGE`] times over its steps. The images themselves are
+    /// unchanged (bit for bit): previews only read what each step computes anyway.
+    pub fn with_previews(mut self) -> Self {
+        self.previews = true;
+        self
     }
 
     /// Splits off the first `k` images as a part of their own (same id, deadline, events and
@@ -157,6 +184,7 @@ impl Job {
             deadline: self.deadline,
             events: self.events.clone(),
             progress: self.progress,
+            previews: self.previews,
             enqueued: self.enqueued,
             first_index: self.first_index,
             shared: self.shared.clone(),

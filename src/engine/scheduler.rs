@@ -9,10 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::decoder::{DecodeWork, Decoder};
+use super::preview::LatentPreview;
 use super::queue::{JobQueue, Take};
 use super::{EngineError, EngineSlot, EngineStats, Job, JobEvent};
 use crate::diffusion::{denoise_step, SampleState};
 use crate::pipeline::Pipeline;
+
+/// About how many previews an image that asked for them gets over its steps.
+pub const PREVIEWS_PER_IMAGE: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -44,6 +48,8 @@ pub(super) struct EngineContext {
 /// A part of a job while this engine holds it: all of its images are in the batch.
 struct Part {
     job: Job,
+    /// Batch sizes of the steps this part ran in (for its log line when it finishes).
+    batches: BatchSizes,
     /// Images not yet finished.
     in_flight: usize,
     started: Instant,
@@ -68,10 +74,17 @@ struct Scheduler {
     active: Vec<Active>,
     recent: VecDeque<Instant>,
     decoder: Decoder,
+    /// The latent → pixel projection for previews; None if its fit failed (then jobs get no
+    /// previews, and nothing else changes).
+    preview: Option<LatentPreview>,
 }
 
 pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
-    let decoder = Decoder::new(pipe.vae.clone(), pipe.decode_chunk);
+    let decoder = Decoder::new(
+        pipe.vae.clone(),
+        pipe.decode_chunk,
+        pipe.info.config.input_size,
+    );
     let mut s = Scheduler {
         decoder,
         engine_label: ctx.index.to_string(),
@@ -83,6 +96,7 @@ pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
         next_part: 0,
         active: Vec::new(),
         recent: VecDeque::new(),
+        preview: None,
     };
     let engine = s.ctx.index;
     let device = s.device_label.clone();
@@ -148,6 +162,18 @@ impl Scheduler {
         let mut s = self.pipe.new_sample(&spec)?;
         denoise_step(&self.pipe.diffit, &mut [&mut s])?;
         self.pipe.decode(s.latent())?;
+        let cfg = &self.pipe.info.config;
+        let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
+        let fit_start = Instant::now();
+        match LatentPreview::fit(&self.pipe.vae, latent, self.pipe.device()) {
+            Ok(p) => {
+                tracing::debug!(engine = self.ctx.index, elapsed = ?fit_start.elapsed(), "preview projection fitted");
+                self.preview = Some(p);
+            }
+            Err(e) => {
+                tracing::warn!(engine = self.ctx.index, error = %e, "no live previews: fitting the projection failed")
+            }
+        }
         tracing::info!(engine = self.ctx.index, elapsed = ?start.elapsed(), "warm-up done");
         Ok(())
     }
@@ -272,8 +298,17 @@ impl Scheduler {
     fn admit(&mut self, job: Job) {
         let n = job.specs.len();
         self.ctx.stats.queued_images.fetch_sub(n, Ordering::SeqCst);
-        let samples: anyhow::Result<Vec<SampleState>> =
-            job.specs.iter().map(|s| self.pipe.new_sample(s)).collect();
+        let samples: anyhow::Result<Vec<SampleState>> = job
+            .specs
+            .iter()
+            .map(|s| {
+                let mut sample = self.pipe.new_sample(s)?;
+                if job.previews && self.preview.is_some() {
+                    sample.keep_estimate();
+                }
+                Ok(sample)
+            })
+            .collect();
         let samples = match samples {
             Ok(s) => s,
             Err(e) => {
@@ -287,6 +322,15 @@ impl Scheduler {
             }
         };
         let now = Instant::now();
+        job.shared.span.in_scope(|| {
+            tracing::info!(
+                engine = self.ctx.index,
+                images = n,
+                queue_wait_ms = (now - job.enqueued).as_millis() as u64,
+                batch_before = self.active.len(),
+                "admitted to a batch"
+            )
+        });
         if job.shared.start() {
             let wait = now - job.enqueued;
             metrics::histogram!("diffit_queue_wait_seconds").record(wait.as_secs_f64());
@@ -305,6 +349,7 @@ impl Scheduler {
             id,
             Part {
                 job,
+                batches: BatchSizes::default(),
                 in_flight: n,
                 started: now,
             },
@@ -315,11 +360,24 @@ impl Scheduler {
     fn step(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let batch = self.active.len();
-        {
+        // One span per step, following from every job in it (TGI-style): a trace viewer links
+        // a request to the batches it joined; the jobs' own logs get the batch size at DEBUG.
+        let step_span = tracing::debug_span!("step", engine = self.ctx.index, batch);
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
+        for part in self.parts.values_mut() {
+            part.batches.record(batch);
+            if debug {
+                step_span.follows_from(&part.job.shared.span);
+                part.job.shared.span.in_scope(|| {
+                    tracing::debug!(engine = self.ctx.index, batch, "step");
+                });
+            }
+        }
+        step_span.in_scope(|| {
             let mut refs: Vec<&mut SampleState> =
                 self.active.iter_mut().map(|a| &mut a.sample).collect();
-            denoise_step(&self.pipe.diffit, &mut refs)?;
-        }
+            denoise_step(&self.pipe.diffit, &mut refs)
+        })?;
         let labels = [
             ("engine", self.engine_label.clone()),
             ("device", self.device_label.clone()),
@@ -328,6 +386,7 @@ impl Scheduler {
         metrics::histogram!("diffit_step_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());
         self.report_progress();
+        self.send_previews();
 
         let (done, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active)
             .into_iter()
@@ -361,6 +420,47 @@ impl Scheduler {
         }
     }
 
+    /// Sends a preview of every image that asked for them and reached a preview step
+    /// (`PREVIEWS_PER_IMAGE` spread over its steps; none after the last, whose image follows).
+    fn send_previews(&self) {
+        let Some(projection) = &self.preview else {
+            return;
+        };
+        let started = Instant::now();
+        // (job, image index, step, total, estimate) of every image at a preview step.
+        let due: Vec<_> = self
+            .active
+            .iter()
+            .filter_map(|a| {
+                let part = self.parts.get(&a.part)?;
+                let (step, total) = (a.sample.steps_done(), a.sample.steps_total());
+                let every = total.div_ceil(PREVIEWS_PER_IMAGE).max(1);
+                let due = part.job.previews && step % every == 0 && step < total;
+                let estimate = a.sample.estimate().filter(|_| due)?;
+                Some((&part.job, a.index, step, total, estimate))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let latents: Vec<&candle_core::Tensor> = due.iter().map(|d| d.4).collect();
+        match projection.render_many(&latents) {
+            Ok(images) => {
+                for ((job, index, step, total, _), image) in due.iter().zip(images) {
+                    let _ = job.events.send(JobEvent::Preview {
+                        index: *index,
+                        step: *step,
+                        total: *total,
+                        image,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "previews failed"),
+        }
+        metrics::histogram!("diffit_preview_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+    }
+
     /// Hands finished latents to the decode worker; a part leaves the engine once all of its
     /// images have been handed over.
     fn finish(&mut self, done: Vec<Active>) -> anyhow::Result<()> {
@@ -379,6 +479,18 @@ impl Scheduler {
             });
             self.recent.push_back(now);
             if part.in_flight == 0 {
+                let b = &part.batches;
+                part.job.shared.span.in_scope(|| {
+                    tracing::info!(
+                        engine = self.ctx.index,
+                        steps = b.steps,
+                        batch_min = b.min,
+                        batch_max = b.max,
+                        batch_mean = format_args!("{:.1}", b.mean()),
+                        denoise_ms = (now - part.started).as_millis() as u64,
+                        "denoised"
+                    )
+                });
                 self.parts.remove(&a.part);
             }
         }
@@ -415,5 +527,31 @@ impl Scheduler {
             }
         }
         self.set_gauges();
+    }
+}
+
+/// The batch sizes of the steps a part ran in.
+#[derive(Debug, Default)]
+struct BatchSizes {
+    steps: usize,
+    min: usize,
+    max: usize,
+    sum: usize,
+}
+
+impl BatchSizes {
+    fn record(&mut self, batch: usize) {
+        self.min = if self.steps == 0 {
+            batch
+        } else {
+            self.min.min(batch)
+        };
+        self.max = self.max.max(batch);
+        self.sum += batch;
+        self.steps += 1;
+    }
+
+    fn mean(&self) -> f64 {
+        self.sum as f64 / self.steps.max(1) as f64
     }
 }

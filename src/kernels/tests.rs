@@ -5,8 +5,9 @@
 use super::*;
 use crate::kernels::reference;
 use candle_core::Device;
+use candle_core::{DType, Tensor};
 
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
     reference::rel_err(a, b).unwrap()
 }
 

@@ -1,8 +1,8 @@
 //! The networks: DiffiT (denoiser) and the VAE decoder, plus the weights loader they share.
 
+mod checkpoint;
 pub mod diffit;
 pub mod vae;
-mod vae_nhwc;
 pub mod weights;
 
 pub use diffit::{DiffiT, DiffitConfig};

@@ -14,10 +14,12 @@ use sha2::{Digest, Sha256};
 /// Why a weights file was refused. Every variant that concerns one tensor names it.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("{path}: cannot read weights file: {source}")]
+    // The cause is part of the message and deliberately not a `source`: an error chain
+    // printed with `{:#}` would say it twice.
+    #[error("{path}: cannot read weights file: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a safetensors file: {reason}")]
     Header { path: PathBuf, reason: String },
@@ -62,11 +64,11 @@ pub enum WeightsError {
     NonFinite { path: PathBuf, tensor: String },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("{path}: tensor '{tensor}': {source}")]
+    #[error("{path}: tensor '{tensor}': {error}")]
     Tensor {
         path: PathBuf,
         tensor: String,
-        source: Box<candle_core::Error>,
+        error: Box<candle_core::Error>,
     },
 }
 
@@ -98,9 +100,9 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 impl WeightsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, WeightsError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| WeightsError::Io {
+        let io = |error| WeightsError::Io {
             path: path.clone(),
-            source,
+            error,
         };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the file is opened read-only and the map lives as long as this value;
@@ -324,7 +326,7 @@ impl WeightsFile {
         WeightsError::Tensor {
             path: self.path.clone(),
             tensor: tensor.to_string(),
-            source: Box::new(source),
+            error: Box::new(source),
         }
     }
 }

@@ -16,26 +16,9 @@ pub fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("fixture loads")
 }
 
-/// ‖a − b‖ / ‖b‖ over all elements, in f64.
+/// ‖a − b‖ / ‖b‖ over all elements, in f64 (the library's one measure).
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
+    diffit_server::kernels::reference::rel_err(a, b).expect("comparable tensors")
 }
 
 pub fn ints(t: &Tensor) -> Vec<i64> {

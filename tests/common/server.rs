@@ -29,6 +29,36 @@ impl TestServer {
 
     /// `serve` on the CPU with exactly these extra flags (no model flags: the embedded model).
     pub async fn start_with(extra: &[&str]) -> Self {
+        Self::spawn(extra, "warn", Stdio::inherit()).await
+    }
+
+    /// The fixture models with `RUST_LOG=rust_log`; the server's log lines arrive on the
+    /// returned channel (stderr, one line a message).
+    pub async fn start_logging(
+        extra: &[&str],
+        rust_log: &str,
+    ) -> (Self, std::sync::mpsc::Receiver<String>) {
+        let model = fixture("diffit_tiny_model.safetensors");
+        let vae = fixture("vae_tiny_model.safetensors");
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--vae",
+            vae.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut server = Self::spawn(&args, rust_log, Stdio::piped()).await;
+        let stderr = server.child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        (server, rx)
+    }
+
+    async fn spawn(extra: &[&str], rust_log: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_diffit-server"))
             .args([
                 "serve",
@@ -40,9 +70,9 @@ impl TestServer {
                 "cpu",
             ])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start server");
         let stdout = child.stdout.take().unwrap();

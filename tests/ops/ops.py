@@ -1079,6 +1079,8 @@ def specialised_openapi(spec_path, srv, auth, out_path, max_images, max_timeout,
     i["size"] = {"type": "string", "enum": [f"{model['image_size']}x{model['image_size']}"]}
     i["n"] = {"type": "integer", "minimum": 1, "maximum": max_images}
     i["steps"] = {"type": "integer", "minimum": 2, "maximum": max_steps}
+    spec["paths"]["/v1/models/{id}"]["get"]["parameters"][0]["schema"] = {
+        "type": "string", "enum": [model["id"]]}
     with open(out_path, "w") as f:
         json.dump(spec, f, indent=1)
     return out_path

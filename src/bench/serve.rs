@@ -19,11 +19,12 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::stats::percentile;
 use crate::api::{self, AppState};
+use crate::config::{open_devices, DeviceSpec, KernelOptions, Precision};
 use crate::diffusion::{Guidance, SamplerKind};
 use crate::engine::{self, EngineConfig, EngineHandle, Job, JobEvent, SubmitError};
-use crate::loadgen::percentile;
-use crate::pipeline::{parse_devices, parse_dtype, ImageSpec, LoadOptions, Pipeline};
+use crate::pipeline::{ImageSpec, LoadOptions, Pipeline};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeBenchArgs {
@@ -40,13 +41,14 @@ pub struct ServeBenchArgs {
     pub resolution: usize,
     /// auto | cpu | cuda:N
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// One engine per device, sharing one queue (cuda:0,cuda:1 | 0,1 | cpu,cpu); overrides --device.
     #[arg(long, value_delimiter = ',')]
-    pub devices: Vec<String>,
-    /// f32 | bf16 | f16
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub devices: Vec<DeviceSpec>,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+    #[command(flatten)]
+    pub kernels: KernelOptions,
     /// Denoising steps per image.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
@@ -69,7 +71,7 @@ pub struct ServeBenchArgs {
     #[arg(long)]
     pub guidance_scale: Option<f32>,
     /// Most latents the VAE decodes at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = crate::model::vae::DEFAULT_DECODE_CHUNK)]
     pub decode_chunk: usize,
     /// Longest any one pass may take.
     #[arg(long, default_value_t = 900.0)]
@@ -183,11 +185,11 @@ impl ServeBenchArgs {
         Ok(())
     }
 
-    fn device_specs(&self) -> Vec<String> {
-        if self.devices.iter().any(|d| !d.trim().is_empty()) {
-            self.devices.clone()
+    fn device_specs(&self) -> Vec<DeviceSpec> {
+        if self.devices.is_empty() {
+            vec![self.device]
         } else {
-            vec![self.device.clone()]
+            self.devices.clone()
         }
     }
 }
@@ -344,8 +346,8 @@ fn row(path: &str, requests: usize, (lat, images, wall): (Vec<f64>, usize, f64))
 }
 
 fn load_pipelines(a: &ServeBenchArgs) -> anyhow::Result<Vec<Pipeline>> {
-    let devices = parse_devices(&a.device_specs())?;
-    let dtype = parse_dtype(&a.dtype)?;
+    let devices = open_devices(&a.device_specs())?;
+    let dtype = a.dtype.into();
     match (&a.model, &a.vae) {
         (Some(model), Some(vae)) => Pipeline::load_on_each(
             &LoadOptions {
@@ -355,11 +357,12 @@ fn load_pipelines(a: &ServeBenchArgs) -> anyhow::Result<Vec<Pipeline>> {
                 device: devices[0].clone(),
                 dtype,
                 decode_chunk: a.decode_chunk,
+                kernels: a.kernels,
             },
             &devices,
         ),
         _ => Pipeline::build_on_each(&devices, |device| {
-            Pipeline::random(a.resolution / 8, dtype, device, a.decode_chunk)
+            Pipeline::random(a.resolution / 8, dtype, device, a.decode_chunk, &a.kernels)
         }),
     }
 }
@@ -386,6 +389,16 @@ async fn wait_ready(handle: &EngineHandle, engines: usize) -> anyhow::Result<()>
             "the engines did not warm up in 30 minutes"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// `bench serve`: the table, and the JSON report with `--json`.
+pub fn cli(a: ServeBenchArgs) -> anyhow::Result<()> {
+    let report = run(&a)?;
+    print!("{report}");
+    if let Some(p) = &a.json {
+        super::write_json(p, &report)?;
     }
     Ok(())
 }

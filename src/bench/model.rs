@@ -5,12 +5,76 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use clap::Args;
 use serde::Serialize;
 
+use super::stats::median;
+use crate::config::{device_name, DeviceSpec, KernelOptions, Precision};
 use crate::diffusion::{
     denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule, SeededNoise,
 };
 use crate::model::{DiffiT, DiffitConfig, VaeConfig, VaeDecoder};
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// 256 or 512 (the ImageNet checkpoint shapes).
+    #[arg(long, default_value_t = 256)]
+    pub resolution: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: Precision,
+    /// Images per guided step (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    pub batches: Vec<usize>,
+    /// VAE decode batch sizes (comma-separated; empty to skip).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub vae_batches: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Also time single ops at the B = 64 shapes (where a step's time goes).
+    #[arg(long)]
+    pub ops: bool,
+    #[command(flatten)]
+    pub kernels: KernelOptions,
+}
+
+/// `bench model`: the op table (with `--ops`), then the step and decode table.
+pub fn cli(a: ModelArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(a.resolution, 256 | 512),
+        "--resolution must be 256 or 512, got {}",
+        a.resolution
+    );
+    let (device, dtype) = (a.device.open()?, DType::from(a.dtype));
+    if a.ops {
+        println!("| op at the B = 64 shapes ({}) | ms |", a.dtype);
+        println!("|---|---|");
+        for (name, ms) in super::ops::op_micro(&device, dtype, a.iters)? {
+            println!("| {name} | {ms:.3} |");
+        }
+    }
+    let report = run(&ModelBench {
+        latent: a.resolution / 8,
+        device,
+        dtype,
+        batches: a.batches,
+        vae_batches: a.vae_batches,
+        warmup: a.warmup,
+        iters: a.iters,
+        kernels: a.kernels,
+    })?;
+    print!("{report}");
+    if let Some(p) = &a.json {
+        super::write_json(p, &report)?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone)]
 pub struct ModelBench {
@@ -22,6 +86,7 @@ pub struct ModelBench {
     pub vae_batches: Vec<usize>,
     pub warmup: usize,
     pub iters: usize,
+    pub kernels: KernelOptions,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,11 +119,6 @@ pub struct ModelBenchReport {
     pub decode: Vec<DecodeRow>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// 2·m·n·k FLOP of one forward for one image (all matmuls, attention included).
 pub fn forward_flop(cfg: &DiffitConfig) -> f64 {
     let (n, d, m) = (
@@ -81,7 +141,7 @@ pub fn forward_flop(cfg: &DiffitConfig) -> f64 {
 pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     let cfg = DiffitConfig::imagenet(b.latent);
     let t0 = Instant::now();
-    let model = DiffiT::random(cfg.clone(), b.dtype, &b.device)?;
+    let model = DiffiT::random(cfg.clone(), b.dtype, &b.device, &b.kernels)?;
     b.device.synchronize()?;
     eprintln!(
         "random ImageNet-{} DiffiT built in {:.1?}",
@@ -135,7 +195,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     drop(model);
     let mut decode = Vec::new();
     if !b.vae_batches.is_empty() {
-        let vae = VaeDecoder::random(VaeConfig::sd_kl_f8(), b.dtype, &b.device)?;
+        let vae = VaeDecoder::random(VaeConfig::sd_kl_f8(), b.dtype, &b.device, &b.kernels)?;
         for &n in &b.vae_batches {
             let z = Tensor::randn(0f32, 1.0, (n, 4, b.latent, b.latent), &b.device)?;
             let mut times = Vec::new();
@@ -161,7 +221,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     Ok(ModelBenchReport {
         latent: b.latent,
         dtype: format!("{:?}", b.dtype).to_lowercase(),
-        device: crate::pipeline::device_name(&b.device),
+        device: device_name(&b.device),
         gflop_per_image_forward: flop / 1e9,
         steps,
         decode,
@@ -209,153 +269,6 @@ impl std::fmt::Display for ModelBenchReport {
         }
         Ok(())
     }
-}
-
-/// Times one candle op formulation at the shapes of an ImageNet-256 guided step at B = 64
-/// (2B = 128 network rows), to find where the step's time goes and which rewrite is cheaper.
-pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<Vec<(String, f64)>> {
-    let rows = 128usize;
-    let (h, n, d, m) = (16usize, 256usize, 1152usize, 4608usize);
-    let t = rows * n;
-    let rnd = |shape: &[usize]| -> candle_core::Result<Tensor> {
-        Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)
-    };
-    let scores = rnd(&[rows, h, n, n])?;
-    let attn_bias = rnd(&[1, h, n, n])?;
-    let attn_bias_full = attn_bias.broadcast_as((rows, h, n, n))?.contiguous()?;
-    let y4 = rnd(&[t, m])?;
-    let b4 = rnd(&[m])?;
-    let b4_full = b4.broadcast_as((t, m))?.contiguous()?;
-    let qkv = rnd(&[rows, n, 3 * d])?;
-    let sample_bias = rnd(&[rows, 1, 3 * d])?;
-    let x = rnd(&[t, d])?;
-    let w1 = rnd(&[m, d])?;
-    let ones = rnd(&[d])?;
-    let zeros = rnd(&[d])?;
-    let ctx = rnd(&[rows, h, n, d / h])?;
-    let mut out = Vec::new();
-    let mut time =
-        |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> anyhow::Result<()> {
-            f()?;
-            device.synchronize()?;
-            let mut v = Vec::new();
-            for _ in 0..iters {
-                let s = Instant::now();
-                let r = f()?;
-                device.synchronize()?;
-                v.push(s.elapsed().as_secs_f64() * 1e3);
-                drop(r);
-            }
-            let ms = median(v);
-            eprintln!("{name}: {ms:.3} ms");
-            out.push((name.to_string(), ms));
-            Ok(())
-        };
-    time(
-        "attn bias: broadcast_add [128,16,256,256]+[1,16,256,256]",
-        &|| scores.broadcast_add(&attn_bias),
-    )?;
-    time("attn bias: add pre-expanded contiguous", &|| {
-        scores.add(&attn_bias_full)
-    })?;
-    time("attn bias: broadcast_as+contiguous (materialise)", &|| {
-        attn_bias.broadcast_as((rows, h, n, n))?.contiguous()
-    })?;
-    time("attn scale: scores * 0.118", &|| scores.affine(0.118, 0.0))?;
-    time("softmax_last_dim [128,16,256,256]", &|| {
-        candle_nn::ops::softmax_last_dim(&scores)
-    })?;
-    time("fc1 bias: broadcast_add [32768,4608]+[4608]", &|| {
-        y4.broadcast_add(&b4)
-    })?;
-    time("fc1 bias: add pre-expanded contiguous", &|| {
-        y4.add(&b4_full)
-    })?;
-    time("gelu (tanh) [32768,4608]", &|| y4.gelu())?;
-    time(
-        "qkv sample bias: broadcast_add [128,256,3456]+[128,1,3456]",
-        &|| qkv.broadcast_add(&sample_bias),
-    )?;
-    time("layer_norm [32768,1152]", &|| {
-        candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6)
-    })?;
-    time("matmul fc1 [32768,1152]x[1152,4608]ᵀ", &|| {
-        x.matmul(&w1.t()?)
-    })?;
-    time("residual add [32768,1152]", &|| x.add(&x))?;
-    time(
-        "merge heads: transpose + contiguous [128,16,256,72]",
-        &|| ctx.transpose(1, 2)?.contiguous(),
-    )?;
-    // The fused kernels that replace the passes above (crate::kernels).
-    use crate::kernels::{self, Activation};
-    let attn_bias_rows = attn_bias.reshape((h * n, n))?;
-    let sample_bias2 = sample_bias.squeeze(1)?;
-    let b1 = rnd(&[d])?.unsqueeze(0)?;
-    let b4_row = b4.unsqueeze(0)?;
-    time("fused: scale + bias + softmax [128,16,256,256]", &|| {
-        kernels::softmax_bias(&scores, &attn_bias_rows, 0.118)
-    })?;
-    time("fused: bias + GELU [32768,4608]", &|| {
-        kernels::bias_act(&y4, &b4_row, t, Activation::GeluTanh, None)
-    })?;
-    time("fused: bias + residual [32768,1152]", &|| {
-        kernels::bias_act(&x, &b1, t, Activation::Identity, Some(&x))
-    })?;
-    time(
-        "fused: per-sample qkv bias + head split [128,256,3456]",
-        &|| kernels::split_qkv(&qkv, &sample_bias2, h),
-    )?;
-    time("fused: merge heads [128,16,256,72]", &|| {
-        kernels::merge_heads(&ctx)
-    })?;
-    time(
-        "fused: attention from qkv (flash) [128,256,3456] -> [128,256,1152]",
-        &|| kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true),
-    )?;
-    time(
-        "same, unfused: split + QK^T + softmax + AV + merge",
-        &|| {
-            let split = kernels::split_qkv(&qkv, &sample_bias2, h)?;
-            let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
-            let p = kernels::softmax_bias(&q.matmul(&k.t()?)?, &attn_bias_rows, 0.118)?;
-            kernels::merge_heads(&p.matmul(&v)?)
-        },
-    )?;
-    time("fused: layer_norm [32768,1152]", &|| {
-        kernels::layer_norm(&x, 1e-6)
-    })?;
-    // A whole fused block as the model runs it, four in a row (one sync per four): against the
-    // sum of its ops timed one by one, this shows what running back to back costs or saves.
-    let x3 = x.reshape((rows, n, d))?;
-    let (w_qkv, w_proj, w2) = (rnd(&[3 * d, d])?, rnd(&[d, d])?, rnd(&[d, m])?);
-    let (b_proj, b2) = (rnd(&[d])?, rnd(&[d])?);
-    let block = |hin: &Tensor| -> candle_core::Result<Tensor> {
-        let qkv = kernels::layer_norm(hin, 1e-6)?
-            .reshape((t, d))?
-            .matmul(&w_qkv.t()?)?
-            .reshape((rows, n, 3 * d))?;
-        let ctx = kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true)?;
-        let h1 = kernels::linear_bias_residual(&ctx, &w_proj, &b_proj, hin)?;
-        let hidden = kernels::linear_bias_act(
-            &kernels::layer_norm(&h1, 1e-6)?,
-            &w1,
-            &b4,
-            Activation::GeluTanh,
-        )?;
-        kernels::linear_bias_residual(&hidden, &w2, &b2, &h1)
-    };
-    time(
-        "fused block x4 [128,256,1152] (per block: divide by 4)",
-        &|| {
-            let mut hcur = x3.clone();
-            for _ in 0..4 {
-                hcur = block(&hcur)?;
-            }
-            Ok(hcur)
-        },
-    )?;
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,183 @@
+//! Launchers for attention.cu (softmax_bias, split_qkv, merge_heads) and flash.cu.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, Result};
+
+use crate::kernels::launch::{
+    self, aligned, block_rows, config, dispatch, pack, ptx, strided_rows, view, warp_rows, In, Ptx,
+};
+use crate::kernels::tiling::{
+    ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_B_BK, ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES,
+    ATT_HEAD_DIMS, ATT_WARPS, SOFTMAX_PACKS,
+};
+
+const PTX: Ptx = ptx!("attention");
+const FLASH: Ptx = ptx!("flash");
+
+pub fn softmax_bias(
+    s: In,
+    bias: In,
+    rows: usize,
+    cols: usize,
+    bias_rows: usize,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = s.0.device().clone();
+    dispatch!(dev, s.0, |T| {
+        let (sv, bv) = (view::<T>(s)?, view::<T>(bias)?);
+        let out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let vector = cols.is_multiple_of(pack::<T>()) && aligned::<T>(s.1) && aligned::<T>(bias.1);
+        // Rows of up to SOFTMAX_PACKS packs a lane stay in registers.
+        let name = match vector {
+            true if cols <= 32 * SOFTMAX_PACKS * pack::<T>() => "softmax_bias_r",
+            true => "softmax_bias_v",
+            false => "softmax_bias",
+        };
+        let (cfg, sizes) = (warp_rows(rows), [rows, cols, bias_rows]);
+        // SAFETY: reads rows × cols scores and bias_rows × cols bias, writes rows × cols.
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&sv, &bv, &out], &sizes, &[scale]) }?;
+        out
+    })
+}
+
+/// `dims` = [batch, tokens, heads, head_dim].
+pub fn split_qkv(qkv: In, bias: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, tokens, heads, hd] = dims;
+    let cols = 3 * heads * hd;
+    let dev = qkv.0.device().clone();
+    let bias_stride = bias.1.stride()[0];
+    dispatch!(dev, qkv.0, |T| {
+        let qv = view::<T>(qkv)?;
+        let bv = strided_rows::<T>(bias, batch, cols, "split_qkv: bias")?;
+        let out = unsafe { dev.alloc::<T>(batch * tokens * cols)? };
+        let vector = hd.is_multiple_of(pack::<T>())
+            && bias_stride.is_multiple_of(pack::<T>())
+            && aligned::<T>(qkv.1)
+            && aligned::<T>(bias.1);
+        let name = if vector { "split_qkv_v" } else { "split_qkv" };
+        let sizes = [batch, tokens, heads, hd, bias_stride];
+        let cfg = block_rows(batch * tokens);
+        // SAFETY: reads batch·tokens rows of qkv and batch strided bias rows (bounds checked
+        // by strided_rows), writes 3 · batch · heads · tokens · hd.
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&qv, &bv, &out], &sizes, &[]) }?;
+        out
+    })
+}
+
+/// `dims` = [batch, tokens, heads, head_dim].
+pub fn merge_heads(ctx: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, tokens, heads, hd] = dims;
+    let dev = ctx.0.device().clone();
+    dispatch!(dev, ctx.0, |T| {
+        let cv = view::<T>(ctx)?;
+        let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
+        let vector = hd.is_multiple_of(pack::<T>()) && aligned::<T>(ctx.1);
+        let name = if vector {
+            "merge_heads_v"
+        } else {
+            "merge_heads"
+        };
+        let (cfg, sizes) = (block_rows(batch * tokens), [batch, tokens, heads, hd]);
+        // SAFETY: reads and writes batch · tokens · heads · hd.
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&cv, &out], &sizes, &[]) }?;
+        out
+    })
+}
+
+/// The padded head dim the flash kernel runs `hd` at: the next one it is compiled for.
+fn padded_head_dim(hd: usize) -> Option<usize> {
+    ATT_HEAD_DIMS.into_iter().find(|&p| p >= hd)
+}
+
+/// Whether the flash kernel's tiling for head dim `hd` fits the device's shared memory per
+/// block: sm_90 allows 227 KiB, sm_86/sm_89 only 99 KiB, below the 106 KiB of the hd-72 tiling
+/// (the model then takes the unfused ops).
+pub fn attention_fits_device(dev: &CudaDevice, hd: usize, elem: usize) -> bool {
+    let Some(hdp) = padded_head_dim(hd) else {
+        return false;
+    };
+    let need = AttTiling::for_head_dim(hdp).smem_bytes(hdp, elem);
+    dev.cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .is_ok_and(|max| need <= max as usize)
+}
+
+/// How the flash kernel tiles one (sample, head): flash.cu's instantiations, from the same
+/// constants (tiling.rs).
+struct AttTiling {
+    /// Kernel name suffix.
+    name: &'static str,
+    /// Query rows a CTA.
+    bq: usize,
+    /// Key rows a block.
+    bk: usize,
+    /// Key blocks in flight.
+    stages: usize,
+}
+
+impl AttTiling {
+    /// For a padded head dim: tiling "b" up to ATT_B_MAX_HDP, "a" above.
+    fn for_head_dim(hdp: usize) -> Self {
+        let (name, mt, bk, stages) = if hdp <= ATT_B_MAX_HDP {
+            ("b", ATT_B_MT, ATT_B_BK, ATT_B_STAGES)
+        } else {
+            ("a", ATT_A_MT, ATT_A_BK, ATT_A_STAGES)
+        };
+        Self {
+            name,
+            bq: ATT_WARPS * 16 * mt,
+            bk,
+            stages,
+        }
+    }
+
+    /// Dynamic shared memory: the Q tile and `stages` × (K and V blocks, the bias tile).
+    fn smem_bytes(&self, hdp: usize, elem: usize) -> usize {
+        let ld = hdp + 8;
+        (self.bq * ld + self.stages * (2 * self.bk * ld + self.bq * (self.bk + 8))) * elem
+    }
+}
+
+/// `dims` = [batch, tokens, heads, head_dim]; output [batch·tokens, heads·head_dim].
+pub fn attention(
+    qkv: In,
+    sbias: In,
+    abias: In,
+    dims: [usize; 4],
+    scale: f32,
+) -> Result<CudaStorage> {
+    let [batch, tokens, heads, hd] = dims;
+    let hdp = padded_head_dim(hd)
+        .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
+    let tiling = AttTiling::for_head_dim(hdp);
+    let dev = qkv.0.device().clone();
+    let sb_stride = sbias.1.stride()[0];
+    dispatch!(dev, qkv.0, |T| {
+        let qv = view::<T>(qkv)?;
+        let sbv = strided_rows::<T>(sbias, batch, 3 * heads * hd, "attention: sample bias")?;
+        let av = view::<T>(abias)?;
+        let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
+        let func = FLASH.func::<T>(&dev, &format!("attention_{hdp}{}", tiling.name))?;
+        let bytes = tiling.smem_bytes(hdp, std::mem::size_of::<T>());
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+        let grid = (
+            tokens.div_ceil(tiling.bq) as u32,
+            heads as u32,
+            batch as u32,
+        );
+        let cfg = config(grid, (ATT_WARPS * 32) as u32, bytes);
+        let sizes = [batch, tokens, heads, hd, sb_stride];
+        // SAFETY: reads batch·tokens rows of 3·heads·hd (qkv), batch strided bias rows (bounds
+        // checked by strided_rows) and the [heads·tokens, tokens] table; writes
+        // batch·tokens·heads·hd.
+        unsafe { launch::launch(&dev, &func, cfg, &[&qv, &sbv, &av, &out], &sizes, &[scale]) }?;
+        out
+    })
+}

@@ -1,0 +1,319 @@
+//! Attention: the DiffiT block's self-attention (`attention`: one flash-attention kernel, or
+//! `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`) and the softmax of the VAE
+//! decoder's mid-block attention (`softmax_bias` with a zero bias).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape};
+use candle_core::{Result, Tensor};
+
+use super::cpu::{cpu_f32, cpu_f32_strided_rows, cpu_store, rows_cols};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// `softmax(scale · scores + bias)` over the last dimension, where score row r takes bias row
+/// r mod bias.rows: for scores [B, heads, N, N] and the relative-position bias [heads·N, N] the
+/// bias is added per head without being broadcast in memory.
+pub fn softmax_bias(scores: &Tensor, bias: &Tensor, scale: f32) -> Result<Tensor> {
+    let cols = scores.dim(candle_core::D::Minus1)?;
+    let rows = scores.elem_count() / cols.max(1);
+    let (bias_rows, bcols) = bias.dims2()?;
+    if bcols != cols || bias_rows == 0 || !rows.is_multiple_of(bias_rows) {
+        candle_core::bail!(
+            "softmax_bias: bias {:?} does not tile {rows} rows of {cols}",
+            bias.dims()
+        );
+    }
+    scores
+        .contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &SoftmaxBias { scale })
+}
+
+/// Splits the qkv matmul output [B, N, 3·heads·hd] into q, k, v of [B, heads, N, hd] each,
+/// adding the per-sample bias [B, 3·heads·hd] (row stride free, so a column slice of a wider
+/// tensor works). Returns [3, B, heads, N, hd].
+pub fn split_qkv(qkv: &Tensor, sample_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = qkv.dims3()?;
+    if c % (3 * heads) != 0 {
+        candle_core::bail!("split_qkv: {c} columns are not 3 × {heads} heads");
+    }
+    if sample_bias.dims() != [b, c] || sample_bias.stride()[1] != 1 {
+        candle_core::bail!(
+            "split_qkv: sample bias {:?} (stride {:?}) is not [{b}, {c}] with unit column stride",
+            sample_bias.dims(),
+            sample_bias.stride()
+        );
+    }
+    let op = SplitQkv {
+        batch: b,
+        tokens: n,
+        heads,
+        head_dim: c / (3 * heads),
+    };
+    qkv.contiguous()?.apply_op2_no_bwd(sample_bias, &op)
+}
+
+/// Self-attention of one DiffiT block from the qkv matmul output: q, k, v are the column
+/// thirds of `qkv` [B, N, 3·D] plus the per-sample bias [B, 3·D] (any row stride), split into
+/// `heads`; scores are `scale · q·kᵀ + attn_bias` ([heads·N, N] table, row h·N + i); returns
+/// softmax(scores)·v merged back to [B, N, D]. With `flash`, on CUDA in bf16/f16 (head dim a
+/// multiple of 8, at most 128) this is one flash-attention kernel (mma.sync tensor cores,
+/// online softmax in registers): no head split, no scores in memory, no merge pass — 0.34
+/// against 0.78 ms a block at B = 64 on an H100 (docs/perf.md v0.12). Otherwise it is
+/// `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`.
+pub fn attention(
+    qkv: &Tensor,
+    sample_bias: &Tensor,
+    attn_bias: &Tensor,
+    heads: usize,
+    scale: f32,
+    flash: bool,
+) -> Result<Tensor> {
+    let (b, n, c) = qkv.dims3()?;
+    let hd = c / (3 * heads).max(1);
+    if attn_bias.dims() != [heads * n, n] {
+        candle_core::bail!(
+            "attention: bias {:?} is not [{}, {n}]",
+            attn_bias.dims(),
+            heads * n
+        );
+    }
+    if flash
+        && flash_attention_fits(qkv, sample_bias, hd)
+        && attn_bias.layout().start_offset().is_multiple_of(8)
+    {
+        let op = FlashAttention {
+            dims: [b, n, heads, hd],
+            scale,
+        };
+        return qkv
+            .contiguous()?
+            .apply_op3_no_bwd(sample_bias, &attn_bias.contiguous()?, &op);
+    }
+    let split = split_qkv(qkv, sample_bias, heads)?;
+    let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
+    let probs = softmax_bias(&q.matmul(&k.t()?)?, attn_bias, scale)?;
+    merge_heads(&probs.matmul(&v)?)
+}
+
+/// [B, heads, N, hd] → [B, N, heads·hd].
+pub fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
+    ctx.contiguous()?.apply_op1_no_bwd(&MergeHeads)
+}
+
+/// Whether the fused attention kernel takes these inputs (see `attention`).
+fn flash_attention_fits(qkv: &Tensor, sample_bias: &Tensor, hd: usize) -> bool {
+    let strides_ok = sample_bias.rank() == 2
+        && sample_bias.stride()[1] == 1
+        && sample_bias.stride()[0].is_multiple_of(8)
+        && sample_bias.layout().start_offset().is_multiple_of(8)
+        && qkv.layout().start_offset().is_multiple_of(8);
+    qkv.device().is_cuda()
+        && matches!(qkv.dtype(), DType::BF16 | DType::F16)
+        && hd.is_multiple_of(8)
+        && (8..=128).contains(&hd)
+        && strides_ok
+        && attention_fits_device(qkv.device(), hd)
+}
+
+#[cfg(feature = "cuda")]
+fn attention_fits_device(device: &Device, hd: usize) -> bool {
+    match device {
+        Device::Cuda(d) => cuda::attention_fits_device(d, hd, 2),
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn attention_fits_device(_: &Device, _: usize) -> bool {
+    false
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashAttention {
+    /// [batch, tokens, heads, head_dim]
+    dims: [usize; 4],
+    scale: f32,
+}
+
+struct SoftmaxBias {
+    scale: f32,
+}
+
+struct SplitQkv {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+struct MergeHeads;
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "diffit-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("attention routes the CPU through the unfused ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let [b, n, h, hd] = self.dims;
+        let out = cuda::attention((s1, l1), (s2, l2), (s3, l3), self.dims, self.scale)?;
+        Ok((out, Shape::from((b, n, h * hd))))
+    }
+}
+
+impl CustomOp2 for SoftmaxBias {
+    fn name(&self) -> &'static str {
+        "diffit-softmax-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l1);
+        let bias = cpu_f32(s2, l2)?;
+        let bias_rows = bias.len() / cols;
+        let mut out = cpu_f32(s1, l1)?;
+        for (r, row) in out.chunks_mut(cols).enumerate() {
+            let b = &bias[(r % bias_rows) * cols..][..cols];
+            let mut max = f32::NEG_INFINITY;
+            for (v, &bv) in row.iter_mut().zip(b) {
+                *v = *v * self.scale + bv;
+                max = max.max(*v);
+            }
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+        Ok((cpu_store(out, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l1);
+        let bias_rows = l2.shape().elem_count() / cols;
+        let out = cuda::softmax_bias((s1, l1), (s2, l2), rows, cols, bias_rows, self.scale)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl SplitQkv {
+    fn out_shape(&self) -> Shape {
+        Shape::from((3, self.batch, self.heads, self.tokens, self.head_dim))
+    }
+}
+
+impl CustomOp2 for SplitQkv {
+    fn name(&self) -> &'static str {
+        "diffit-split-qkv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = cpu_f32(s1, l1)?;
+        let (heads, hd, tokens, batch) = (self.heads, self.head_dim, self.tokens, self.batch);
+        let d = heads * hd;
+        let cols = 3 * d;
+        // The bias may be a column slice: read it row by row through its layout.
+        let bias_all = cpu_f32_strided_rows(s2, l2, batch, cols)?;
+        let mut out = vec![0f32; qkv.len()];
+        for b in 0..batch {
+            let brow = &bias_all[b * cols..][..cols];
+            for n in 0..tokens {
+                let row = &qkv[(b * tokens + n) * cols..][..cols];
+                for (c, (&v, &bv)) in row.iter().zip(brow).enumerate() {
+                    let (s, h, e) = (c / d, (c % d) / hd, c % hd);
+                    out[(((s * batch + b) * heads + h) * tokens + n) * hd + e] = v + bv;
+                }
+            }
+        }
+        Ok((cpu_store(out, s1.dtype())?, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::split_qkv(
+            (s1, l1),
+            (s2, l2),
+            [self.batch, self.tokens, self.heads, self.head_dim],
+        )?;
+        Ok((out, self.out_shape()))
+    }
+}
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "diffit-merge-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (batch, heads, tokens, hd) = l.shape().dims4()?;
+        let ctx = cpu_f32(s, l)?;
+        let d = heads * hd;
+        let mut out = vec![0f32; ctx.len()];
+        for b in 0..batch {
+            for h in 0..heads {
+                for n in 0..tokens {
+                    let src = &ctx[((b * heads + h) * tokens + n) * hd..][..hd];
+                    out[(b * tokens + n) * d + h * hd..][..hd].copy_from_slice(src);
+                }
+            }
+        }
+        Ok((cpu_store(out, s.dtype())?, Shape::from((batch, tokens, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (batch, heads, tokens, hd) = l.shape().dims4()?;
+        let out = cuda::merge_heads((s, l), [batch, tokens, heads, hd])?;
+        Ok((out, Shape::from((batch, tokens, heads * hd))))
+    }
+}

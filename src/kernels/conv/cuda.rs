@@ -1,0 +1,120 @@
+//! Launchers for conv.cu.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CudaStorage, Result};
+
+use crate::kernels::launch::{
+    aligned, config, dispatch, flat, grid_flat, pack, ptx, view, In, Ptx,
+};
+use crate::kernels::tiling::ROW_BLOCK;
+
+const PTX: Ptx = ptx!("conv");
+
+/// `dims` = input [batch, h, w, c].
+pub fn im2col3x3(x: In, dims: [usize; 4], up: usize) -> Result<CudaStorage> {
+    let [batch, h, w, c] = dims;
+    let total = batch * h * up * w * up * 9 * c;
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        let xv = view::<T>(x)?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let vector =
+            c.is_multiple_of(pack::<T>()) && aligned::<T>(x.1) && total < u32::MAX as usize;
+        let (name, items) = if vector {
+            ("im2col3x3_v", total / pack::<T>())
+        } else {
+            ("im2col3x3", total)
+        };
+        let sizes = [batch, h, w, c, up];
+        // SAFETY: reads batch·h·w·c, writes total = batch·(h·up)·(w·up)·9·c.
+        unsafe { PTX.launch::<T>(&dev, name, flat(items), &[&xv, &out], &sizes, &[]) }?;
+        out
+    })
+}
+
+/// `dims` = [batch, h, w, c] of the input; weight [cout, 9·c], bias [cout], cout ≤ 4.
+pub fn conv3x3_small(x: In, w: In, bias: In, dims: [usize; 4], cout: usize) -> Result<CudaStorage> {
+    let [batch, h, wd, c] = dims;
+    let pixels = batch * h * wd;
+    // conv.cu: the weights as [9·c] float4 in shared memory, within the default 48 KiB.
+    let smem = 9 * c * 16;
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        if cout == 0
+            || cout > 4
+            || !c.is_multiple_of(pack::<T>())
+            || !aligned::<T>(x.1)
+            || smem > 48 * 1024
+            || pixels * c >= u32::MAX as usize
+        {
+            candle_core::bail!(
+                "conv3x3_small: needs 1..=4 outputs, C a multiple of {} and at most 336",
+                pack::<T>()
+            );
+        }
+        let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(bias)?);
+        let out = unsafe { dev.alloc::<T>(pixels * cout)? };
+        let cfg = config((grid_flat(pixels), 1, 1), ROW_BLOCK, smem);
+        let sizes = [batch, h, wd, c, cout];
+        // SAFETY: reads batch·h·w·c, cout·9·c weights and cout biases; writes pixels·cout.
+        unsafe {
+            PTX.launch::<T>(
+                &dev,
+                "conv3x3_cout4_v",
+                cfg,
+                &[&xv, &wv, &bv, &out],
+                &sizes,
+                &[],
+            )
+        }?;
+        out
+    })
+}
+
+/// `dims` = low-resolution input [batch, h, w, c]; vectorised only.
+pub fn im2col_up2_phases(x: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, h, w, c] = dims;
+    let total = 4 * batch * h * w * 4 * c;
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        if !c.is_multiple_of(pack::<T>()) || !aligned::<T>(x.1) || total >= u32::MAX as usize {
+            candle_core::bail!(
+                "im2col_up2_phases: needs C a multiple of {} and a 32-bit size",
+                pack::<T>()
+            );
+        }
+        let xv = view::<T>(x)?;
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let cfg = flat(total / pack::<T>());
+        let (name, sizes) = ("im2col_up2_phases_v", [batch, h, w, c]);
+        // SAFETY: reads batch·h·w·c, writes total = 16·batch·h·w·c.
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&xv, &out], &sizes, &[]) }?;
+        out
+    })
+}
+
+/// `dims` = low-resolution [batch, h, w, c]; y is [4, batch·h·w, c]; vectorised only.
+pub fn pixel_shuffle_bias(y: In, bias: In, dims: [usize; 4]) -> Result<CudaStorage> {
+    let [batch, h, w, c] = dims;
+    let total = 4 * batch * h * w * c;
+    let dev = y.0.device().clone();
+    dispatch!(dev, y.0, |T| {
+        if !c.is_multiple_of(pack::<T>())
+            || !aligned::<T>(y.1)
+            || !aligned::<T>(bias.1)
+            || total >= u32::MAX as usize
+        {
+            candle_core::bail!(
+                "pixel_shuffle_bias: needs C a multiple of {} and a 32-bit size",
+                pack::<T>()
+            );
+        }
+        let (yv, bv) = (view::<T>(y)?, view::<T>(bias)?);
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let cfg = flat(total / pack::<T>());
+        let (name, sizes) = ("pixel_shuffle_bias_v", [batch, h, w, c]);
+        // SAFETY: reads 4·batch·h·w·c and c bias values, writes the same count.
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&yv, &bv, &out], &sizes, &[]) }?;
+        out
+    })
+}

@@ -1,0 +1,253 @@
+//! The linear layers with their epilogue inside one cuBLASLt matmul (bf16/f16 only): the bias
+//! and GELU through cudarc's matmul, the bias plus a residual (C with beta = 1) through the raw
+//! cuBLASLt API, which cudarc's wrapper does not expose.
+//!
+//! Row-major y [m, n] = x [m, k] · w [n, k]ᵀ is column-major yᵀ [n, m] = w · xᵀ: A = w (stored as
+//! column-major [k, n], used transposed), B = x (column-major [k, m]).
+
+use candle_core::backend::BackendStorage;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::cublaslt::result::{self as lt, CublasError};
+use candle_core::cuda_backend::cudarc::cublaslt::{
+    sys, Activation as LtActivation, CudaBlasLT, Matmul, MatmulConfig, MatmulShared,
+};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Result};
+
+use crate::kernels::launch::{view, In};
+
+/// The cuBLASLt workspace of the residual matmul.
+const LT_WORKSPACE: usize = 32 << 20;
+
+/// One value per device, made on first use (cuBLASLt handles, workspaces).
+fn per_device<V: Clone>(
+    cache: &'static OnceLock<Mutex<HashMap<DeviceId, V>>>,
+    dev: &CudaDevice,
+    make: impl FnOnce() -> Result<V>,
+) -> Result<V> {
+    let mut map = cache
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = map.get(&dev.id()) {
+        return Ok(v.clone());
+    }
+    let v = make()?;
+    map.insert(dev.id(), v.clone());
+    Ok(v)
+}
+
+/// One cuBLASLt handle (with its 32 MiB workspace) per device, on the device's stream.
+fn cublaslt(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>> = OnceLock::new();
+    per_device(&HANDLES, dev, || {
+        Ok(Arc::new(
+            CudaBlasLT::new(dev.cuda_stream()).map_err(candle_core::Error::wrap)?,
+        ))
+    })
+}
+
+/// A 32 MiB cuBLASLt workspace per device (cudarc keeps its own private to its matmul).
+fn lt_workspace(dev: &CudaDevice) -> Result<Arc<CudaSlice<u8>>> {
+    static SPACES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaSlice<u8>>>>> = OnceLock::new();
+    per_device(&SPACES, dev, || {
+        Ok(Arc::new(
+            dev.cuda_stream().alloc_zeros::<u8>(LT_WORKSPACE).w()?,
+        ))
+    })
+}
+
+/// y [m, n] = act(x [m, k] · w [n, k]ᵀ + b [n]) through cuBLASLt's BIAS or GELU_BIAS epilogue.
+pub fn linear_bias_act(x: In, w: In, b: In, dims: [usize; 3], gelu: bool) -> Result<CudaStorage> {
+    let dev = x.0.device();
+    let slice = match &x.0.slice {
+        CudaStorageSlice::BF16(_) => CudaStorageSlice::BF16(bias_act_lt(x, w, b, dims, gelu)?),
+        CudaStorageSlice::F16(_) => CudaStorageSlice::F16(bias_act_lt(x, w, b, dims, gelu)?),
+        _ => candle_core::bail!("linear_bias_act: cuBLASLt path is for bf16/f16"),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: dev.clone(),
+    })
+}
+
+fn bias_act_lt<T: CudaDType + DeviceRepr>(
+    x: In,
+    w: In,
+    b: In,
+    [m, n, k]: [usize; 3],
+    gelu: bool,
+) -> Result<CudaSlice<T>>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    let act = gelu.then_some(LtActivation::Gelu);
+    let dev = x.0.device();
+    let lt = cublaslt(dev)?;
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(b)?);
+    let mut out = unsafe { dev.alloc::<T>(m * n)? };
+    // SAFETY: the layouts above describe exactly the m·k, n·k and n elements the views hold;
+    // out holds m·n.
+    unsafe { lt.matmul(cfg, &wv, &xv, &mut out, Some(&bv), act.as_ref()) }
+        .map_err(candle_core::Error::wrap)?;
+    Ok(out)
+}
+
+/// Owns a cuBLASLt descriptor and destroys it on every path out.
+struct LtHandle<H: Copy>(H, unsafe fn(H) -> std::result::Result<(), CublasError>);
+
+impl<H: Copy> Drop for LtHandle<H> {
+    fn drop(&mut self) {
+        // SAFETY: created by the matching create function and destroyed only here.
+        let _ = unsafe { (self.1)(self.0) };
+    }
+}
+
+/// D [m, n] = x [m, k] · w [n, k]ᵀ + b [n] + res [m, n] in one cuBLASLt call (C = res with
+/// beta = 1, the BIAS epilogue, D a new buffer): the bias and the residual add cost no pass of
+/// their own. bf16/f16 only.
+pub fn linear_bias_residual(x: In, w: In, b: In, res: In, dims: [usize; 3]) -> Result<CudaStorage> {
+    let dev = x.0.device();
+    let slice = match &x.0.slice {
+        CudaStorageSlice::BF16(_) => CudaStorageSlice::BF16(residual_lt(x, w, b, res, dims)?),
+        CudaStorageSlice::F16(_) => CudaStorageSlice::F16(residual_lt(x, w, b, res, dims)?),
+        _ => candle_core::bail!("linear_bias_residual: cuBLASLt path is for bf16/f16"),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: dev.clone(),
+    })
+}
+
+fn residual_lt<T: CudaDType + DeviceRepr>(
+    x: In,
+    w: In,
+    b: In,
+    res: In,
+    [m, n, k]: [usize; 3],
+) -> Result<CudaSlice<T>>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    let dev = x.0.device();
+    let handle = cublaslt(dev)?;
+    let ws = lt_workspace(dev)?;
+    let stream = dev.cuda_stream();
+    let wrap = candle_core::Error::wrap;
+    let dt = <CudaBlasLT as Matmul<T>>::matrix_type();
+    let (xv, wv, bv, rv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(b)?, view::<T>(res)?);
+    let mut out = unsafe { dev.alloc::<T>(m * n)? };
+    let layout = |rows: usize, cols: usize, ld: usize| {
+        lt::create_matrix_layout(dt, rows as u64, cols as u64, ld as i64)
+            .map(|l| LtHandle(l, lt::destroy_matrix_layout))
+            .map_err(wrap)
+    };
+    // A = w stored column-major [k, n], used transposed; B = x column-major [k, m];
+    // C = res and D = out column-major [n, m].
+    let (a_l, b_l, c_l) = (layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?);
+    let desc = lt::create_matmul_desc(
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cudaDataType_t::CUDA_R_32F,
+    )
+    .map(|d| LtHandle(d, lt::destroy_matmul_desc))
+    .map_err(wrap)?;
+    let (bias_ptr, _bias_sync) = bv.device_ptr(&stream);
+    let transpose: i32 = 1;
+    let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+    // SAFETY: attribute values of the documented types, live for the calls.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc.0,
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            (&transpose) as *const i32 as *const _,
+            std::mem::size_of::<i32>(),
+        )
+        .map_err(wrap)?;
+        lt::set_matmul_desc_attribute(
+            desc.0,
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            (&epilogue) as *const _ as *const _,
+            std::mem::size_of::<sys::cublasLtEpilogue_t>(),
+        )
+        .map_err(wrap)?;
+        lt::set_matmul_desc_attribute(
+            desc.0,
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            (&bias_ptr) as *const _ as *const _,
+            std::mem::size_of_val(&bias_ptr),
+        )
+        .map_err(wrap)?;
+    }
+    let pref = lt::create_matmul_pref()
+        .map(|p| LtHandle(p, lt::destroy_matmul_pref))
+        .map_err(wrap)?;
+    let ws_size = LT_WORKSPACE;
+    // SAFETY: as above.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws_size) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )
+        .map_err(wrap)?;
+    }
+    // SAFETY: the descriptors are live; the layouts describe exactly the views' sizes.
+    let heuristic = unsafe {
+        lt::get_matmul_algo_heuristic(*handle.handle(), desc.0, a_l.0, b_l.0, c_l.0, c_l.0, pref.0)
+    }
+    .map_err(wrap)?;
+    let (alpha, beta) = (1f32, 1f32);
+    {
+        let (a_ptr, _a) = wv.device_ptr(&stream);
+        let (b_ptr, _b) = xv.device_ptr(&stream);
+        let (c_ptr, _c) = rv.device_ptr(&stream);
+        let (ws_ptr, _w) = ws.device_ptr(&stream);
+        let (d_ptr, _d) = out.device_ptr_mut(&stream);
+        // SAFETY: every pointer is a live allocation of the size its layout states, on
+        // this stream; the workspace is LT_WORKSPACE bytes.
+        unsafe {
+            lt::matmul(
+                *handle.handle(),
+                desc.0,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                a_ptr as *const _,
+                a_l.0,
+                b_ptr as *const _,
+                b_l.0,
+                c_ptr as *const _,
+                c_l.0,
+                d_ptr as *mut _,
+                c_l.0,
+                (&heuristic.algo) as *const _,
+                ws_ptr as *mut _,
+                ws_size,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(wrap)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,103 @@
+//! Launchers for norm.cu.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, Result};
+
+use crate::kernels::launch::{
+    aligned, config, dispatch, flat, pack, ptx, view, warp_rows, Buf, In, Ptx,
+};
+use crate::kernels::tiling::{LN_PACKS, ROW_BLOCK};
+
+const PTX: Ptx = ptx!("norm");
+
+/// Pixels a block of the scalar statistics kernel sums.
+const GN_TILE: usize = 32;
+
+pub fn layer_norm(x: In, rows: usize, cols: usize, eps: f32) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    dispatch!(dev, x.0, |T| {
+        let xv = view::<T>(x)?;
+        let out = unsafe { dev.alloc::<T>(rows * cols)? };
+        let vector = cols.is_multiple_of(pack::<T>()) && aligned::<T>(x.1);
+        // The register-resident kernel holds up to LN_PACKS packs a lane.
+        let name = match vector {
+            true if cols <= 32 * LN_PACKS * pack::<T>() => "layer_norm_r",
+            true => "layer_norm_v",
+            false => "layer_norm",
+        };
+        // SAFETY: reads and writes rows × cols.
+        unsafe {
+            PTX.launch::<T>(
+                &dev,
+                name,
+                warp_rows(rows),
+                &[&xv, &out],
+                &[rows, cols],
+                &[eps],
+            )
+        }?;
+        out
+    })
+}
+
+/// `dims` = [batch, hw, channels, groups].
+pub fn group_norm(
+    x: In,
+    gamma: In,
+    beta: In,
+    dims: [usize; 4],
+    eps: f32,
+    silu: bool,
+) -> Result<CudaStorage> {
+    let [batch, hw, c, groups] = dims;
+    let dev = x.0.device().clone();
+    let stream = dev.cuda_stream();
+    // Per-(sample, group) shifted moments, then (in place) mean and 1/std, in f32.
+    let sums = stream.alloc_zeros::<f32>(batch * groups).w()?;
+    let sq = stream.alloc_zeros::<f32>(batch * groups).w()?;
+    dispatch!(dev, x.0, |T| {
+        let (xv, gv, bv) = (view::<T>(x)?, view::<T>(gamma)?, view::<T>(beta)?);
+        let out = unsafe { dev.alloc::<T>(batch * hw * c)? };
+        // Packs where the channels allow: tiles of up to 256 pixels, smaller where that would
+        // leave fewer than ~512 blocks.
+        let vector = c.is_multiple_of(pack::<T>()) && aligned::<T>(x.1);
+        let (name, threads, tile) = if vector {
+            ("gn_moments_v", ROW_BLOCK, (hw * batch / 512).clamp(16, 256))
+        } else {
+            (
+                "gn_moments",
+                c.next_multiple_of(32).min(512) as u32,
+                GN_TILE,
+            )
+        };
+        let grid = (hw.div_ceil(tile).max(1) as u32, batch as u32, 1);
+        let cfg = config(grid, threads, 2 * groups * std::mem::size_of::<f32>());
+        let sizes = [hw, c, groups, tile];
+        // SAFETY: reads batch·hw·c, adds into the batch·groups sums.
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&xv, &sums, &sq], &sizes, &[]) }?;
+        let (cfg, sizes) = (flat(batch * groups), [batch, hw, c, groups]);
+        // SAFETY: reads one value of x per (sample, group), rewrites sums and sq in place.
+        unsafe { PTX.launch::<T>(&dev, "gn_finalize", cfg, &[&xv, &sums, &sq], &sizes, &[eps]) }?;
+        let vector = c.is_multiple_of(pack::<T>())
+            && batch * hw * c < u32::MAX as usize
+            && aligned::<T>(x.1)
+            && aligned::<T>(gamma.1)
+            && aligned::<T>(beta.1);
+        let name = match (silu, vector) {
+            (true, true) => "gn_apply_silu_v",
+            (false, true) => "gn_apply_v",
+            (true, false) => "gn_apply_silu",
+            (false, false) => "gn_apply",
+        };
+        let items = if vector {
+            batch * hw * c / pack::<T>()
+        } else {
+            batch * hw * c
+        };
+        let bufs = [&xv as &dyn Buf, &sums, &sq, &gv, &bv, &out];
+        // SAFETY: reads batch·hw·c and c-long gamma/beta, writes batch·hw·c.
+        unsafe { PTX.launch::<T>(&dev, name, flat(items), &bufs, &sizes, &[eps]) }?;
+        out
+    })
+}

@@ -1,0 +1,326 @@
+// Normalisation: LayerNorm (DiffiT) and GroupNorm + SiLU (VAE, channels-last).
+// What each op computes and why: mod.rs beside this file. Compiled to PTX by build.rs with the
+// same nvcc as candle's kernels; loaded at run time as a custom module.
+
+#include "../common.cuh"
+
+#ifndef LN_PACKS
+#error "LN_PACKS comes from src/kernels/tiling.rs through build.rs"
+#endif
+
+// LayerNorm over the last dimension without affine parameters; one warp per row, mean and
+// variance in two passes (the second from cache) as the reference computes them.
+template <typename T>
+__device__ void layer_norm(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *xr = x + (size_t)r * cols;
+        float sum = 0.0f;
+        for (uint32_t c = lane; c < cols; c += 32) sum += ld(xr, c);
+        const float mean = warp_sum(sum) / (float)cols;
+        float sq = 0.0f;
+        for (uint32_t c = lane; c < cols; c += 32) {
+            const float d = ld(xr, c) - mean;
+            sq += d * d;
+        }
+        const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+        T *orow = out + (size_t)r * cols;
+        for (uint32_t c = lane; c < cols; c += 32) st(orow, c, (ld(xr, c) - mean) * rstd);
+    }
+}
+
+// layer_norm over packs; one warp per row.
+template <typename T>
+__device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t packs = cols / N;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *xr = x + (size_t)r * cols;
+        float sum = 0.0f;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(xr, (size_t)p * N);
+#pragma unroll
+            for (int k = 0; k < N; ++k) sum += f(a.v[k]);
+        }
+        const float mean = warp_sum(sum) / (float)cols;
+        float sq = 0.0f;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(xr, (size_t)p * N);
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                const float d = f(a.v[k]) - mean;
+                sq += d * d;
+            }
+        }
+        const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+        T *orow = out + (size_t)r * cols;
+        for (uint32_t p = lane; p < packs; p += 32) {
+            const Pack<T> a = ldp(xr, (size_t)p * N);
+            Pack<T> o;
+#pragma unroll
+            for (int k = 0; k < N; ++k) o.v[k] = cast<T>((f(a.v[k]) - mean) * rstd);
+            stp(orow, (size_t)p * N, o);
+        }
+    }
+}
+
+// layer_norm_v with the row in registers (cols ≤ 32 · LN_PACKS packs): every load of a row is
+// issued at once, then two reductions and one write, instead of three passes over memory
+// each waiting on its loads (on an H100 the pass version moved 1.8 of ~3 TB/s).
+template <typename T>
+__device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t warps = blockDim.x / 32;
+    const uint32_t lane = threadIdx.x % 32;
+    const uint32_t packs = cols / N;
+    for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
+        const T *xr = x + (size_t)r * cols;
+        float v[LN_PACKS][N];
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < LN_PACKS; ++k) {
+            const uint32_t p = lane + 32 * k;
+            if (p < packs) {
+                const Pack<T> a = ldp(xr, (size_t)p * N);
+#pragma unroll
+                for (int e = 0; e < N; ++e) v[k][e] = f(a.v[e]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < N; ++e) v[k][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < LN_PACKS; ++k)
+#pragma unroll
+            for (int e = 0; e < N; ++e) sum += v[k][e];
+        const float mean = warp_sum(sum) / (float)cols;
+        float sq = 0.0f;
+#pragma unroll
+        for (int k = 0; k < LN_PACKS; ++k) {
+            if (lane + 32 * k < packs) {
+#pragma unroll
+                for (int e = 0; e < N; ++e) {
+                    const float d = v[k][e] - mean;
+                    sq += d * d;
+                }
+            }
+        }
+        const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+        T *orow = out + (size_t)r * cols;
+#pragma unroll
+        for (int k = 0; k < LN_PACKS; ++k) {
+            const uint32_t p = lane + 32 * k;
+            if (p < packs) {
+                Pack<T> o;
+#pragma unroll
+                for (int e = 0; e < N; ++e) o.v[e] = cast<T>((v[k][e] - mean) * rstd);
+                stp(orow, (size_t)p * N, o);
+            }
+        }
+    }
+}
+
+// The GroupNorm statistics kernels sum a block's share per group in shared memory sh
+// [2·groups] (sums, then sums of squares), zeroed first and added to s1/s2[b·G + g] last.
+__device__ __forceinline__ void gn_zero_block_sums(float *sh, uint32_t groups) {
+    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
+    __syncthreads();
+}
+
+__device__ __forceinline__ void gn_add_block_sums(const float *sh, float *s1, float *s2, uint32_t b,
+                                                  uint32_t groups) {
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
+        atomicAdd(&s1[b * groups + i], sh[i]);
+        atomicAdd(&s2[b * groups + i], sh[groups + i]);
+    }
+}
+
+// GroupNorm statistics over x [B, HW, C] (channels-last) in one pass: blockIdx.y = sample,
+// blockIdx.x = a tile of pixels; each thread owns channels and sums (x − x0) and (x − x0)² over
+// its tile, the block reduces per group in shared memory and adds to s1/s2[b·G + g]. x0 is the
+// group's first value (pixel 0, first channel): shifting by it keeps E[(x−x0)²] − E[x−x0]² from
+// cancelling when the mean is large against the spread.
+template <typename T>
+__device__ void gn_moments(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
+                           uint32_t groups, uint32_t tile) {
+    extern __shared__ float sh[];  // [2·groups]
+    gn_zero_block_sums(sh, groups);
+    const uint32_t b = blockIdx.y;
+    const uint32_t p0 = blockIdx.x * tile;
+    const uint32_t p1 = min(p0 + tile, hw);
+    const uint32_t cg = c / groups;
+    for (uint32_t ch = threadIdx.x; ch < c; ch += blockDim.x) {
+        const uint32_t g = ch / cg;
+        const float x0 = ld(x, (size_t)b * hw * c + g * cg);
+        float a = 0.0f, q = 0.0f;
+        for (uint32_t p = p0; p < p1; ++p) {
+            const float v = ld(x, ((size_t)b * hw + p) * c + ch) - x0;
+            a += v;
+            q += v * v;
+        }
+        atomicAdd(&sh[g], a);
+        atomicAdd(&sh[groups + g], q);
+    }
+    gn_add_block_sums(sh, s1, s2, b, groups);
+}
+
+// gn_moments over 16-byte packs (C a multiple of the pack): a thread sums one pack of
+// channels over every `lanes`-th pixel of the tile, per element, then adds them into its
+// channels' groups. The scalar version (one 2-byte load a thread a pixel, 32-pixel tiles)
+// moved ~1 TB/s on an H100, 10 % of a VAE decode.
+template <typename T>
+__device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
+                             uint32_t groups, uint32_t tile) {
+    constexpr int N = Pack<T>::N;
+    extern __shared__ float sh[];  // [2·groups]
+    gn_zero_block_sums(sh, groups);
+    const uint32_t b = blockIdx.y;
+    const uint32_t p0 = blockIdx.x * tile;
+    const uint32_t p1 = min(p0 + tile, hw);
+    const uint32_t cg = c / groups, packs = c / N;
+    const uint32_t lanes = max(1u, blockDim.x / packs);
+    const T *xb = x + (size_t)b * hw * c;
+    for (uint32_t i = threadIdx.x; i < packs * lanes; i += blockDim.x) {
+        const uint32_t q = i % packs, lane = i / packs;
+        float x0[N], a[N], sq[N];
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            x0[e] = ld(xb, ((q * N + e) / cg) * cg);
+            a[e] = 0.0f;
+            sq[e] = 0.0f;
+        }
+        for (uint32_t p = p0 + lane; p < p1; p += lanes) {
+            const Pack<T> v = ldp(xb, (size_t)p * c + q * N);
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                const float d = f(v.v[e]) - x0[e];
+                a[e] += d;
+                sq[e] += d * d;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            const uint32_t g = (q * N + e) / cg;
+            atomicAdd(&sh[g], a[e]);
+            atomicAdd(&sh[groups + g], sq[e]);
+        }
+    }
+    gn_add_block_sums(sh, s1, s2, b, groups);
+}
+
+// Shifted moments → mean and 1/std per (sample, group), in place (s1 ← mean, s2 ← 1/std), so
+// the apply passes do no division or square root per element.
+template <typename T>
+__device__ void gn_finalize(const T *x, float *s1, float *s2, uint32_t batch, uint32_t hw,
+                            uint32_t c, uint32_t groups, float eps) {
+    const uint32_t cg = c / groups;
+    const float count = (float)hw * (float)cg;
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < batch * groups;
+         i += gridDim.x * blockDim.x) {
+        const uint32_t b = i / groups, g = i % groups;
+        const float x0 = ld(x, (size_t)b * hw * c + g * cg);
+        const float m1 = s1[i] / count;
+        const float var = fmaxf(s2[i] / count - m1 * m1, 0.0f);
+        s1[i] = x0 + m1;
+        s2[i] = rsqrtf(var + eps);
+    }
+}
+
+// out = (x − mean)·rstd·gamma[c] + beta[c], then SiLU if asked; grid-stride over elements.
+template <typename T, bool SILU>
+__device__ void gn_apply(const T *x, const float *sums, const float *sq, const T *gamma,
+                         const T *beta, T *out, uint32_t batch, uint32_t hw, uint32_t c,
+                         uint32_t groups, float eps) {
+    const uint32_t cg = c / groups;
+    const size_t total = (size_t)batch * hw * c;
+    const size_t per_sample = (size_t)hw * c;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t ch = (uint32_t)(i % c);
+        const uint32_t b = (uint32_t)(i / per_sample);
+        const uint32_t k = b * groups + ch / cg;
+        const float mean = sums[k];  // finalised by gn_finalize
+        const float rstd = sq[k];
+        float v = (ld(x, i) - mean) * rstd * ld(gamma, ch) + ld(beta, ch);
+        if (SILU) v = v / (1.0f + __expf(-v));
+        st(out, i, v);
+    }
+}
+
+// gn_apply over 16-byte packs with 32-bit indices (C a multiple of the pack; the launcher
+// checks the element count fits): the scalar version's 64-bit divisions per element made it
+// as slow as the im2col pass.
+template <typename T, bool SILU>
+__device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, const T *gamma,
+                           const T *beta, T *out, uint32_t batch, uint32_t hw, uint32_t c,
+                           uint32_t groups, float eps) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t cg = c / groups;
+    const uint32_t per_sample = hw * c;
+    const uint32_t packs = batch * (per_sample / N);
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += gridDim.x * blockDim.x) {
+        const uint32_t i = p * N;
+        const uint32_t b = i / per_sample;
+        const uint32_t ch0 = i % c;
+        const Pack<T> a = ldp(x, i);
+        const Pack<T> gm = ldp(gamma, ch0);
+        const Pack<T> bt = ldp(beta, ch0);
+        // Walk the pack's channels through their groups without a division per element.
+        uint32_t g = ch0 / cg;
+        uint32_t in_group = ch0 - g * cg;
+        g += b * groups;
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            float v = (f(a.v[k]) - mean[g]) * rstd[g] * f(gm.v[k]) + f(bt.v[k]);
+            if (SILU) v = __fdividef(v, 1.0f + __expf(-v));
+            o.v[k] = cast<T>(v);
+            if (++in_group == cg) {
+                in_group = 0;
+                ++g;
+            }
+        }
+        stp(out, i, o);
+    }
+}
+
+// layer_norm scalar, over packs (_v) and with the row in registers (_r); the GroupNorm
+// statistics (scalar and over packs), their finalisation, and the apply pass without and with
+// SiLU, scalar and over packs.
+#define INSTANTIATE_LAYER_NORM(T, SFX, NAME)                                                       \
+    extern "C" __global__ void NAME##_##SFX(const T *x, T *out, uint32_t rows, uint32_t cols,      \
+                                            float eps) {                                           \
+        NAME<T>(x, out, rows, cols, eps);                                                          \
+    }
+#define INSTANTIATE_GN_MOMENTS(T, SFX, NAME)                                                       \
+    extern "C" __global__ void NAME##_##SFX(const T *x, float *s1, float *s2, uint32_t hw,         \
+                                            uint32_t c, uint32_t groups, uint32_t tile) {          \
+        NAME<T>(x, s1, s2, hw, c, groups, tile);                                                   \
+    }
+#define INSTANTIATE_GN_APPLY(T, SFX, NAME, KERNEL, SILU)                                           \
+    extern "C" __global__ void NAME##_##SFX(const T *x, const float *sums, const float *sq,        \
+                                            const T *gamma, const T *beta, T *out, uint32_t batch, \
+                                            uint32_t hw, uint32_t c, uint32_t groups, float eps) { \
+        KERNEL<T, SILU>(x, sums, sq, gamma, beta, out, batch, hw, c, groups, eps);                 \
+    }
+#define INSTANTIATE_NORM(T, SFX)                                                                   \
+    INSTANTIATE_LAYER_NORM(T, SFX, layer_norm)                                                     \
+    INSTANTIATE_LAYER_NORM(T, SFX, layer_norm_v)                                                   \
+    INSTANTIATE_LAYER_NORM(T, SFX, layer_norm_r)                                                   \
+    INSTANTIATE_GN_MOMENTS(T, SFX, gn_moments)                                                     \
+    INSTANTIATE_GN_MOMENTS(T, SFX, gn_moments_v)                                                   \
+    extern "C" __global__ void gn_finalize_##SFX(const T *x, float *s1, float *s2, uint32_t batch, \
+                                                 uint32_t hw, uint32_t c, uint32_t groups,         \
+                                                 float eps) {                                      \
+        gn_finalize<T>(x, s1, s2, batch, hw, c, groups, eps);                                      \
+    }                                                                                              \
+    INSTANTIATE_GN_APPLY(T, SFX, gn_apply, gn_apply, false)                                        \
+    INSTANTIATE_GN_APPLY(T, SFX, gn_apply_silu, gn_apply, true)                                    \
+    INSTANTIATE_GN_APPLY(T, SFX, gn_apply_v, gn_apply_v, false)                                    \
+    INSTANTIATE_GN_APPLY(T, SFX, gn_apply_silu_v, gn_apply_v, true)
+
+FOR_EACH_DTYPE(INSTANTIATE_NORM)

@@ -1,0 +1,51 @@
+// The constants that a kernel is compiled with and its launcher sizes grids, register paths and
+// shared memory by. They are defined here once: build.rs `include!`s this file and passes every
+// entry of `CUDA_DEFINES` to nvcc as `-DNAME=value`, so a `.cu` file cannot drift from its
+// launcher (the `.cu` files `#error` when a define is missing). This file is compiled by build.rs
+// too, so it holds constants only.
+
+/// Threads per block of the row-wise kernels (8 warps, one row each) and the grid-stride ones.
+pub const ROW_BLOCK: u32 = 256;
+
+/// Packs a lane holds in registers in `softmax_bias_r`: rows of up to 32 · 4 packs are read from
+/// memory once; longer rows take `softmax_bias_v`.
+pub const SOFTMAX_PACKS: usize = 4;
+
+/// Packs a lane holds in registers in `layer_norm_r` (rows of up to 32 · 8 packs).
+pub const LN_PACKS: usize = 8;
+
+/// Warps of a flash-attention CTA.
+pub const ATT_WARPS: usize = 4;
+
+/// The padded head dims the flash-attention kernel is compiled for (`hd` is zero-padded to the
+/// next one; flash.cu instantiates each, and build.rs fails when the two lists differ).
+pub const ATT_HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
+
+/// Flash-attention tiling "b", for padded head dims up to [`ATT_B_MAX_HDP`]: 2 m-tiles of 16
+/// query rows a warp (each K/V fragment feeds two m-tiles), key blocks of 32 in a ring of 4
+/// stages (two CTAs an SM).
+pub const ATT_B_MT: usize = 2;
+pub const ATT_B_BK: usize = 32;
+pub const ATT_B_STAGES: usize = 4;
+pub const ATT_B_MAX_HDP: usize = 80;
+
+/// Flash-attention tiling "a", above [`ATT_B_MAX_HDP`]: 1 m-tile a warp (32 query rows would not
+/// fit the registers at head dim 128), key blocks of 64 in 2 stages.
+pub const ATT_A_MT: usize = 1;
+pub const ATT_A_BK: usize = 64;
+pub const ATT_A_STAGES: usize = 2;
+
+/// What nvcc gets as `-DNAME=value` (read by build.rs only).
+#[allow(dead_code)]
+pub const CUDA_DEFINES: &[(&str, usize)] = &[
+    ("SOFTMAX_PACKS", SOFTMAX_PACKS),
+    ("LN_PACKS", LN_PACKS),
+    ("ATT_WARPS", ATT_WARPS),
+    ("ATT_B_MT", ATT_B_MT),
+    ("ATT_B_BK", ATT_B_BK),
+    ("ATT_B_STAGES", ATT_B_STAGES),
+    ("ATT_B_MAX_HDP", ATT_B_MAX_HDP),
+    ("ATT_A_MT", ATT_A_MT),
+    ("ATT_A_BK", ATT_A_BK),
+    ("ATT_A_STAGES", ATT_A_STAGES),
+];
