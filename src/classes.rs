@@ -218,11 +218,13 @@ fn histogram_bin(c: char) -> usize {
     }
 }
 
-/// Levenshtein distance of `a` and `b` (for the prompt matcher's one-typo rule).
-fn levenshtein(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
+/// Whether `a` and `b` are at most `limit` edits apart (the prompt matcher's typo rule). Cheap
+/// whatever the lengths: only `b`'s length plus `limit` + 1 characters of `a` are looked at,
+/// and the banded search stops as soon as the limit is passed.
+fn within_edits(a: &str, b: &str, limit: usize) -> bool {
     let b: Vec<char> = b.chars().collect();
-    levenshtein_within(&a, &b, usize::MAX).unwrap_or(usize::MAX)
+    let a: Vec<char> = a.chars().take(b.len() + limit + 1).collect();
+    levenshtein_within(&a, &b, limit).is_some()
 }
 
 /// Levenshtein distance of `a` and `b` if it is at most `limit`; stops as soon as a whole row

@@ -355,7 +355,7 @@ def cmd_names(a, ck, res):
                     t.join()
             time.sleep(0.5)
         summ = p.summary()
-        statuses = sorted({st for st, *_ in lat})
+        statuses = sorted({st for st, *_ in lat}, key=str)
         worst = max(dt for _, dt, *_ in lat)
         med = statistics.median(dt for _, dt, *_ in lat)
         print(f"    {len(lat)} hostile-name requests (16 at a time): statuses {statuses}, median "
