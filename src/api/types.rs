@@ -6,7 +6,7 @@ use super::error::ApiError;
 use crate::config::MIN_REQUEST_TIMEOUT_SECS;
 use crate::diffusion::guidance::MAX_GUIDANCE_SCALE;
 use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
-use crate::diffusion::{Guidance, GuidanceSchedule, SamplerKind};
+use crate::diffusion::{random_seed, Guidance, GuidanceSchedule, SamplerKind};
 use crate::encode::{OutputFormat, DEFAULT_QUALITY};
 use crate::pipeline::{ImageSpec, ModelInfo};
 
@@ -130,16 +130,6 @@ pub fn build_specs(
             guidance,
         })
         .collect())
-}
-
-/// Random seeds stay at or below 2^53 − 1 together with the n − 1 after them, so that every
-/// echoed seed survives a float64 JSON parser (JavaScript, jq) unrounded and reproduces its
-/// image. Clients may still send any u64.
-pub const MAX_RANDOM_SEED: u64 = (1 << 53) - 1;
-
-fn random_seed(n: u64) -> u64 {
-    use rand::Rng;
-    rand::thread_rng().gen_range(0..=MAX_RANDOM_SEED.saturating_sub(n.saturating_sub(1)))
 }
 
 /// How to encode the images: `output_format` (png, jpeg, webp; `jpg` too) and

@@ -91,7 +91,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let seed = a.seed.unwrap_or_else(random_seed);
+    let seed = a.seed.unwrap_or_else(|| random_seed(a.n as u64));
     anyhow::ensure!(
         seed.checked_add(a.n as u64 - 1).is_some(),
         "--seed {seed} with --n {}: image i uses seed + i, which passes {}",

@@ -9,9 +9,10 @@ use rand_distr::{Distribution, StandardNormal};
 /// numbers as float64 (JavaScript, jq) and reproduces the image. Any u64 is accepted as input.
 pub const MAX_RANDOM_SEED: u64 = (1 << 53) - 1;
 
-/// A random seed in 0..=`MAX_RANDOM_SEED`.
-pub fn random_seed() -> u64 {
-    rand::random::<u64>() & MAX_RANDOM_SEED
+/// A random first seed for `n` images (seeds s … s + n − 1), all at or below `MAX_RANDOM_SEED`.
+pub fn random_seed(n: u64) -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(0..=MAX_RANDOM_SEED.saturating_sub(n.saturating_sub(1)))
 }
 
 /// Where a sample's initial latent and per-step noise come from.
