@@ -290,6 +290,31 @@ pub struct ServeArgs {
     /// After SIGTERM, how long in-flight work may take before the process exits anyway.
     #[arg(long, env = "DIFFIT_DRAIN_TIMEOUT_SECS", default_value_t = 120.0)]
     pub drain_timeout_secs: f64,
+    /// A connection must send a complete request head within this long of its first byte
+    /// (or of being accepted); slower ones are closed.
+    #[arg(long, env = "DIFFIT_HEADER_READ_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub header_read_timeout_secs: f64,
+    /// A request's whole body must arrive within this long of its head; else 408.
+    #[arg(long, env = "DIFFIT_BODY_READ_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub body_read_timeout_secs: f64,
+    /// A keep-alive connection with no request for this long is closed.
+    #[arg(long, env = "DIFFIT_IDLE_TIMEOUT_SECS", default_value_t = 75.0)]
+    pub idle_timeout_secs: f64,
+    /// Most open client connections. At the limit the oldest idle one is closed to make room;
+    /// if none is idle the new one is refused with 503.
+    #[arg(long, env = "DIFFIT_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Most HTTP requests handled at once (probes and /metrics not counted); beyond it 503.
+    #[arg(long, env = "DIFFIT_MAX_INFLIGHT_REQUESTS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight_requests: u32,
+    /// Browser origins (e.g. `https://app.example.com`, or `*`) allowed to call the API
+    /// cross-origin. None by default: cross-origin browser requests get 403.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "DIFFIT_CORS_ALLOW_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origins: Vec<String>,
     /// Largest request body accepted.
     #[arg(long, env = "DIFFIT_MAX_BODY_BYTES", default_value_t = 65536)]
     pub max_body_bytes: usize,
@@ -305,22 +330,84 @@ pub struct ServeArgs {
     pub request_level_batching: bool,
 }
 
+/// Shortest deadline a request (or `--request-timeout-secs`) may set: catches milliseconds
+/// given for seconds, and a deadline no server could meet.
+pub const MIN_REQUEST_TIMEOUT_SECS: f64 = 0.1;
+/// Longest any configured duration may be (a week): far beyond any sane setting, and small
+/// enough that adding it to an `Instant` can never overflow.
+pub const MAX_DURATION_SECS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// A duration flag in seconds, checked to be finite and within `[min, max]`.
+pub fn duration_secs(flag: &str, secs: f64, min: f64, max: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        secs.is_finite() && (min..=max).contains(&secs),
+        "--{flag} must be a number of seconds between {min} and {max}, got {secs}"
+    );
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Every duration setting of `serve`, validated.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub request: Duration,
+    pub max_request: Duration,
+    pub drain: Duration,
+    pub header_read: Duration,
+    pub body_read: Duration,
+    pub idle: Duration,
+}
+
 impl ServeArgs {
-    /// The default deadline, never longer than the maximum.
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_secs_f64(
-            self.request_timeout_secs
-                .min(self.max_request_timeout_secs)
-                .max(0.001),
-        )
+    /// Checks every duration (finite, bounded, above its minimum) before anything is loaded,
+    /// so a bad value ends start-up at once with the flag's name.
+    pub fn timeouts(&self) -> anyhow::Result<Timeouts> {
+        let max_request = duration_secs(
+            "max-request-timeout-secs",
+            self.max_request_timeout_secs,
+            MIN_REQUEST_TIMEOUT_SECS,
+            MAX_DURATION_SECS,
+        )?;
+        let request = duration_secs(
+            "request-timeout-secs",
+            self.request_timeout_secs,
+            MIN_REQUEST_TIMEOUT_SECS,
+            MAX_DURATION_SECS,
+        )?;
+        Ok(Timeouts {
+            // The default deadline is never longer than the maximum.
+            request: request.min(max_request),
+            max_request,
+            drain: duration_secs("drain-timeout-secs", self.drain_timeout_secs, 0.0, 86400.0)?,
+            header_read: duration_secs(
+                "header-read-timeout-secs",
+                self.header_read_timeout_secs,
+                0.1,
+                3600.0,
+            )?,
+            body_read: duration_secs(
+                "body-read-timeout-secs",
+                self.body_read_timeout_secs,
+                0.1,
+                3600.0,
+            )?,
+            idle: duration_secs("idle-timeout-secs", self.idle_timeout_secs, 0.1, 86400.0)?,
+        })
     }
 
-    pub fn max_request_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.max_request_timeout_secs.max(0.001))
-    }
-
-    pub fn drain_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.drain_timeout_secs.max(0.0))
+    /// The allowed cross-origin browser origins, normalised (no trailing slash, lower case).
+    pub fn cors_origins(&self) -> anyhow::Result<Vec<String>> {
+        self.cors_allow_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|o| !o.is_empty())
+            .map(|o| {
+                anyhow::ensure!(
+                    o == "*" || o.starts_with("http://") || o.starts_with("https://"),
+                    "--cors-allow-origin takes origins like https://app.example.com (or *), got '{o}'"
+                );
+                Ok(o)
+            })
+            .collect()
     }
 
     /// The devices to start an engine on: `--devices` if given, else `--device`.

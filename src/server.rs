@@ -1,17 +1,23 @@
 //! `serve`: load the model, start the engine, serve HTTP, drain on SIGTERM.
 
-use std::sync::atomic::Ordering;
+mod conn;
+mod drain;
+mod fdlimit;
+mod io;
+mod trim;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::api::{self, AppState};
-use crate::config::{open_devices, resolve_model_paths, ServeArgs};
+use crate::api::{self, AppState, HttpGuards};
+use crate::config::{open_devices, resolve_model_paths, ServeArgs, Timeouts};
 use crate::engine::{self, EngineConfig, EngineHandle};
 use crate::pipeline::{LoadOptions, Pipeline};
 use crate::telemetry;
+use conn::{ConnLimits, Connections};
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init_logging(args.log_format);
@@ -19,10 +25,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("diffit-http")
         .build()?;
-    runtime.block_on(serve(args))
+    let result = runtime.block_on(serve(args));
+    // A PNG encode still running on the blocking pool must not hold the exit past the drain.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Settings first: a bad value ends start-up before seconds of model loading.
+    let timeouts = args.timeouts()?;
+    let cors_origins = args.cors_origins()?;
     let metrics = telemetry::init_metrics()?;
     let (model, vae) = resolve_model_paths(args.model.clone(), args.vae.clone())?;
     let devices = open_devices(&args.device_specs())?;
@@ -54,8 +66,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "image_size" => info.image_size.to_string(), "num_classes" => info.config.num_classes.to_string())
     .set(1.0);
 
-    let state = app_state(engine.clone(), metrics.clone(), &args);
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+    let (cutoff, cutoff_rx) = tokio::sync::watch::channel(false);
+    let mut state = app_state(engine.clone(), metrics.clone(), &args, &timeouts);
+    state.http = HttpGuards {
+        body_read_timeout: timeouts.body_read,
+        inflight_requests: Arc::new(tokio::sync::Semaphore::new(
+            args.max_inflight_requests as usize,
+        )),
+        cors_origins: Arc::new(cors_origins),
+        cutoff: cutoff_rx,
+    };
+    let listener = conn::bind(&args.host, args.port)
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
@@ -63,28 +84,82 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("diffit-server listening on http://{addr}");
     tracing::info!(%addr, "listening");
 
+    let conns = Connections::new(ConnLimits {
+        max_connections: fdlimit::fit_connections(args.max_connections as usize),
+        header_read: timeouts.header_read,
+        idle: timeouts.idle,
+    });
     let upkeep = metrics.clone();
+    let watched = conns.clone();
     tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
+        let mut peak = 0;
+        for tick in 1u64.. {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if tick % 5 == 0 {
+                upkeep.run_upkeep();
+            }
+            peak = trim::after_connection_surge(peak, watched.open()).await;
         }
     });
 
-    let drain_state = state.clone();
-    let drain_timeout = args.drain_timeout();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(drain(drain_state, drain_timeout))
-        .await?;
-    // Dropping the last handle lets every engine finish what it holds and exit.
+    let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
+    let accept = tokio::spawn(conn::accept_loop(
+        listener,
+        api::router(state.clone()),
+        conns.clone(),
+        async {
+            let _ = stop.await;
+        },
+    ));
+
+    // Serve until SIGTERM, or until an engine cannot start: a server whose model never gets
+    // ready must not linger half-alive (listening, healthy, never ready).
+    let failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        reason = engine.failed() => Some(reason),
+    };
+    if let Some(reason) = failure {
+        engine.start_draining();
+        let _ = stop_accepting.send(());
+        conns.close_all();
+        let _ = accept.await;
+        anyhow::bail!("{reason}; exiting");
+    }
+    let outcome = drain::run(&state, &conns, timeouts.drain, &cutoff, stop_accepting).await;
+    let _ = accept.await;
+    drop(state);
     drop(engine);
-    let _ = tokio::task::spawn_blocking(move || engines.join()).await;
+    if let drain::Outcome::CutOff {
+        requests,
+        generations,
+    } = outcome
+    {
+        anyhow::bail!(
+            "the drain timeout ({} s) passed: {requests} requests cut off ({generations} generations)",
+            timeouts.drain.as_secs_f64()
+        );
+    }
+    // Dropping the last handle lets every engine finish what it holds and exit; nothing is
+    // left to finish, but a step may be running.
+    let joined = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::task::spawn_blocking(move || engines.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("an engine did not stop within 2 s; exiting anyway");
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }
 
 /// The HTTP side's shared state for `serve`'s settings.
-pub fn app_state(engine: EngineHandle, metrics: PrometheusHandle, args: &ServeArgs) -> AppState {
+pub fn app_state(
+    engine: EngineHandle,
+    metrics: PrometheusHandle,
+    args: &ServeArgs,
+    timeouts: &Timeouts,
+) -> AppState {
     AppState {
         engine,
         metrics,
@@ -97,10 +172,11 @@ pub fn app_state(engine: EngineHandle, metrics: PrometheusHandle, args: &ServeAr
         ),
         max_images_per_request: args.max_images_per_request as usize,
         max_body_bytes: args.max_body_bytes,
-        request_timeout: args.request_timeout(),
-        max_request_timeout: args.max_request_timeout(),
+        request_timeout: timeouts.request,
+        max_request_timeout: timeouts.max_request,
         started_unix: api_unix_now(),
         inflight: Default::default(),
+        http: HttpGuards::default(),
     }
 }
 
@@ -115,37 +191,17 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install a SIGTERM handler; only Ctrl-C drains");
+                let _ = ctrl_c.await;
+            }
         }
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-/// After SIGTERM: stop admitting (readyz and new requests get 503) but keep answering, until
-/// every accepted request is answered or the drain timeout passes; then stop the listener.
-async fn drain(state: AppState, timeout: Duration) {
-    shutdown_signal().await;
-    let engine: &EngineHandle = &state.engine;
-    engine.start_draining();
-    metrics::gauge!("diffit_ready").set(0.0);
-    tracing::info!(
-        inflight = state.inflight.load(Ordering::SeqCst),
-        "SIGTERM: draining"
-    );
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        let busy = state.inflight.load(Ordering::SeqCst)
-            + engine.stats().queued_images.load(Ordering::SeqCst)
-            + engine.stats().active_samples();
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tracing::info!("drained; closing the listener");
 }

@@ -87,6 +87,15 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "1 when the model is loaded, warmed up and not draining"
     );
     describe_gauge!("diffit_model_info", "The loaded model (labels) ; always 1");
+    describe_gauge!("diffit_connections_open", "Open client connections");
+    describe_counter!(
+        "diffit_connections_refused_total",
+        "Connections refused because every open connection was busy"
+    );
+    describe_counter!(
+        "diffit_connections_closed_total",
+        "Connections closed by the server, by reason (header_timeout, idle_timeout, evicted)"
+    );
     for reason in [
         "queue_full",
         "deadline",
@@ -94,6 +103,9 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "unauthorized",
         "draining",
         "invalid",
+        "overloaded",
+        "cross_origin",
+        "drain_timeout",
     ] {
         metrics::counter!("diffit_rejections_total", "reason" => reason).absolute(0);
     }
@@ -101,5 +113,10 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics::gauge!("diffit_queue_depth").set(0.0);
     metrics::gauge!("diffit_active_samples").set(0.0);
     metrics::gauge!("diffit_ready").set(0.0);
+    metrics::gauge!("diffit_connections_open").set(0.0);
+    metrics::counter!("diffit_connections_refused_total").absolute(0);
+    for reason in ["header_timeout", "idle_timeout", "evicted"] {
+        metrics::counter!("diffit_connections_closed_total", "reason" => reason).absolute(0);
+    }
     Ok(handle)
 }

@@ -6,8 +6,15 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = read_limited(body, limit).await?;
+pub async fn read_json<T: DeserializeOwned>(
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<T, ApiError> {
+    // A client that announces more than it sends (or sends a byte a minute) is cut off.
+    let bytes = tokio::time::timeout(timeout, read_limited(body, limit))
+        .await
+        .map_err(|_| ApiError::body_timeout(timeout))??;
     if bytes.is_empty() {
         return Err(ApiError::bad_request(
             "request body is empty; send a JSON object",
@@ -24,9 +31,14 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
-        // serde names unknown fields in its message; otherwise the path names the field.
-        let param = if let Some(rest) = msg.strip_prefix("unknown field `") {
-            rest.split('`').next().map(str::to_string)
+        // serde names unknown, duplicate and missing fields only in its message.
+        let named = ["unknown field `", "duplicate field `", "missing field `"]
+            .iter()
+            .find_map(|p| msg.strip_prefix(p))
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        let param = if named.is_some() {
+            named
         } else if path != "." && path != "?" && !path.is_empty() {
             Some(path)
         } else {

@@ -19,8 +19,8 @@ use super::body::read_json;
 use super::error::ApiError;
 use super::jobs::{collect, submit, Outcome, Update};
 use super::types::{
-    build_specs, check_encoding, check_timeout, resolve_class, Encoding, GenerateRequest,
-    GenerateResponse, ImageJson, SamplingFields,
+    build_specs, check_encoding, check_timeout, resolve_class, resolve_name_off_runtime, Encoding,
+    GenerateRequest, GenerateResponse, ImageJson, SamplingFields,
 };
 use super::{AppState, RequestId};
 use crate::encode::OutputFormat;
@@ -48,9 +48,15 @@ pub async fn generate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: GenerateRequest = read_json(body, state.max_body_bytes).await?;
+    let req: GenerateRequest =
+        read_json(body, state.max_body_bytes, state.http.body_read_timeout).await?;
     let info = state.engine.info().clone();
-    let label = resolve_class(&info, req.class_label, req.class_name.as_deref())?;
+    let label = match (req.class_label, &req.class_name) {
+        (None, Some(name)) => {
+            resolve_name_off_runtime(info.clone(), name.clone(), "class_name").await?
+        }
+        (label, name) => resolve_class(&info, label, name.as_deref())?,
+    };
     let fields = SamplingFields {
         n: req.n,
         seed: req.seed,
@@ -204,10 +210,7 @@ fn stream_response(
                     .event("result")
                     .data(serde_json::to_string(&body).unwrap_or_default())
             }
-            Err(e) => Event::default().event("error").data(
-                serde_json::json!({"error": {"type": e.kind, "message": e.message, "param": e.param}})
-                    .to_string(),
-            ),
+            Err(e) => Event::default().event("error").data(e.to_json()),
         };
         let _ = tx.send(event);
     });

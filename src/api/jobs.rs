@@ -46,7 +46,10 @@ pub fn submit(
     progress: bool,
     previews: bool,
 ) -> Result<(mpsc::UnboundedReceiver<JobEvent>, Instant), ApiError> {
-    let deadline = Instant::now() + timeout;
+    // Timeouts are validated to at most a week, so this cannot overflow; stay safe anyway.
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .ok_or_else(|| ApiError::invalid_field("timeout_secs", "timeout_secs is too large"))?;
     let (job, rx) = Job::new(id.to_string(), specs, deadline, progress);
     let job = if previews { job.with_previews() } else { job };
     match state.engine.submit(job) {
@@ -83,11 +86,21 @@ pub async fn collect(
     let mut timings = Timings::default();
     let mut remaining = specs.len();
     // The engine enforces the deadline between steps; this guards a step that overruns it.
-    let hard_deadline = tokio::time::Instant::from_std(deadline + Duration::from_secs(5));
+    let hard_deadline = tokio::time::Instant::from_std(deadline)
+        .checked_add(Duration::from_secs(5))
+        .unwrap_or_else(|| tokio::time::Instant::from_std(deadline));
     while remaining > 0 {
-        let event = tokio::time::timeout_at(hard_deadline, rx.recv())
-            .await
-            .map_err(|_| ApiError::deadline())?;
+        let event = tokio::select! {
+            event = tokio::time::timeout_at(hard_deadline, rx.recv()) => {
+                event.map_err(|_| ApiError::deadline())?
+            }
+            _ = state.http.cut_off() => {
+                return Err(ApiError::unavailable(
+                    "the server is shutting down and its drain timeout passed before the \
+                     images were finished; retry on another replica",
+                ))
+            }
+        };
         match event {
             None => {
                 return Err(ApiError::unavailable(

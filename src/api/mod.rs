@@ -4,6 +4,7 @@
 mod body;
 pub mod error;
 mod generate;
+mod guard;
 mod info;
 mod jobs;
 mod openai;
@@ -43,6 +44,43 @@ pub struct AppState {
     pub started_unix: u64,
     /// Generation requests not yet answered: the drain waits for zero.
     pub inflight: Arc<AtomicUsize>,
+    pub http: HttpGuards,
+}
+
+/// Limits and switches that protect the HTTP side from slow, numerous or foreign clients.
+#[derive(Clone)]
+pub struct HttpGuards {
+    /// A request body must arrive within this long (408 otherwise).
+    pub body_read_timeout: Duration,
+    /// One permit per request handled at once (probes and /metrics take none).
+    pub inflight_requests: Arc<tokio::sync::Semaphore>,
+    /// Origins allowed to call the API from a browser on another site (`*`: any).
+    pub cors_origins: Arc<Vec<String>>,
+    /// Becomes true when the drain timeout is about to pass: every request still waiting for
+    /// its images is answered 503 at once.
+    pub cutoff: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Default for HttpGuards {
+    fn default() -> Self {
+        Self {
+            body_read_timeout: Duration::from_secs(30),
+            inflight_requests: Arc::new(tokio::sync::Semaphore::new(512)),
+            cors_origins: Arc::new(Vec::new()),
+            cutoff: tokio::sync::watch::channel(false).1,
+        }
+    }
+}
+
+impl HttpGuards {
+    /// Resolves once the drain timeout cuts off the remaining requests (never, if the server
+    /// has no drain).
+    pub async fn cut_off(&self) {
+        let mut rx = self.cutoff.clone();
+        if rx.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 pub struct InflightGuard(Arc<AtomicUsize>);
@@ -92,17 +130,79 @@ pub fn router(state: AppState) -> Router {
                 .with_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
         })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::cross_origin,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::limit_inflight,
+        ))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
 
+/// Most characters of a client's `x-request-id`.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The client's `x-request-id` if it is short and made only of characters that need no
+/// escaping in any log format or header (letters, digits, `-_.:/+=@`), else a new UUID.
 fn request_id(req: &Request) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+        })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Records a request's metrics and its `done` log line exactly once: when its response is
+/// ready, or, if the client leaves first and the handler is dropped, as status 499 (nginx's
+/// "client closed request").
+struct Completion {
+    route: String,
+    span: tracing::Span,
+    start: Instant,
+    recorded: bool,
+}
+
+impl Completion {
+    fn record(&mut self, code: u16) {
+        self.recorded = true;
+        let elapsed = self.start.elapsed();
+        if GENERATE_ROUTES.contains(&self.route.as_str()) && matches!(code, 400 | 413 | 422) {
+            metrics::counter!("diffit_rejections_total", "reason" => "invalid").increment(1);
+        }
+        let status = code.to_string();
+        metrics::counter!("diffit_requests_total", "route" => self.route.clone(), "status" => status.clone())
+            .increment(1);
+        metrics::histogram!("diffit_request_duration_seconds", "route" => self.route.clone())
+            .record(elapsed.as_secs_f64());
+        let ms = elapsed.as_millis() as u64;
+        self.span.in_scope(|| {
+            if code == CLIENT_CLOSED {
+                tracing::info!(status = %status, elapsed_ms = ms, "done: the client disconnected")
+            } else {
+                tracing::info!(status = %status, elapsed_ms = ms, "done")
+            }
+        });
+    }
+}
+
+/// The status recorded for a request whose client left before its answer.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(CLIENT_CLOSED);
+        }
+    }
 }
 
 /// Request id, one tracing span per request, and the request metrics.
@@ -116,25 +216,14 @@ async fn observe(mut req: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let span = tracing::info_span!("request", id = %id, %method, route = %route);
-    let start = Instant::now();
-    let mut resp = {
-        let _enter = span.enter();
-        drop(_enter);
-        tracing::Instrument::instrument(next.run(req), span.clone()).await
+    let mut completion = Completion {
+        route,
+        span: span.clone(),
+        start: Instant::now(),
+        recorded: false,
     };
-    let elapsed = start.elapsed();
-    let code = resp.status().as_u16();
-    if GENERATE_ROUTES.contains(&route.as_str()) && matches!(code, 400 | 413 | 422) {
-        metrics::counter!("diffit_rejections_total", "reason" => "invalid").increment(1);
-    }
-    let status = code.to_string();
-    metrics::counter!("diffit_requests_total", "route" => route.clone(), "status" => status.clone())
-        .increment(1);
-    metrics::histogram!("diffit_request_duration_seconds", "route" => route.clone())
-        .record(elapsed.as_secs_f64());
-    span.in_scope(
-        || tracing::info!(status = %status, elapsed_ms = elapsed.as_millis() as u64, "done"),
-    );
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    completion.record(resp.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -149,8 +238,7 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .unwrap_or("");
     // Compare against every key without stopping early, in constant time per key.
     let ok = state
@@ -164,5 +252,30 @@ async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -
     } else {
         metrics::counter!("diffit_rejections_total", "reason" => "unauthorized").increment(1);
         ApiError::unauthorized().into_response()
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme name is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("BEARER   k1 "), Some("k1"));
+        assert_eq!(bearer_token("Basic k1"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearerk1"), None);
     }
 }

@@ -198,6 +198,9 @@ const MAX_USER_LEN: usize = 256;
 const MAX_QUOTED_PROMPT: usize = 80;
 
 /// The prompt's class, or a 400 naming `prompt` with the candidates or close matches.
+/// Characters of a prompt that the class matcher reads.
+const MAX_PROMPT_MATCH_CHARS: usize = 1000;
+
 fn prompt_class(info: &crate::pipeline::ModelInfo, prompt: &str) -> Result<usize, ApiError> {
     info.classes.match_prompt(prompt).map_err(|e| {
         // Quote (the start of) the prompt: the client may not know what its SDK sent.
@@ -223,7 +226,8 @@ pub async fn images_generations(
     Extension(RequestId(id)): Extension<RequestId>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: ImagesRequest = read_json(body, state.max_body_bytes).await?;
+    let req: ImagesRequest =
+        read_json(body, state.max_body_bytes, state.http.body_read_timeout).await?;
     let info = state.engine.info().clone();
     if let Some(m) = &req.model {
         if m != &info.name {
@@ -245,7 +249,20 @@ pub async fn images_generations(
     if let Some(user) = req.safety_identifier.as_ref().or(req.user.as_ref()) {
         tracing::info!(user = %user, "images request");
     }
-    let label = prompt_class(&info, &req.prompt)?;
+    // Matching a prompt walks every class name: on the blocking pool, so that no prompt, however
+    // long or odd, holds up the async runtime.
+    let label = {
+        // Only the start of a prompt is matched (DALL-E 2's whole limit): a class named later
+        // in 60 KB of text is not worth the seconds of CPU such a prompt would cost.
+        let prompt = match req.prompt.char_indices().nth(MAX_PROMPT_MATCH_CHARS) {
+            Some((end, _)) => req.prompt[..end].to_string(),
+            None => req.prompt.clone(),
+        };
+        let info = info.clone();
+        tokio::task::spawn_blocking(move || prompt_class(&info, &prompt))
+            .await
+            .map_err(|e| ApiError::internal(format!("prompt matching failed: {e}")))??
+    };
     let fields = SamplingFields {
         n: req.n,
         seed: req.seed,

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use crate::config::MIN_REQUEST_TIMEOUT_SECS;
+use crate::diffusion::guidance::MAX_GUIDANCE_SCALE;
 use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
 use crate::diffusion::{random_seed, Guidance, GuidanceSchedule, SamplerKind};
 use crate::encode::{OutputFormat, DEFAULT_QUALITY};
@@ -93,14 +95,18 @@ pub fn build_specs(
         })?,
     };
     let scale = f.guidance_scale.unwrap_or(d.guidance_scale as f64);
-    let guidance = Guidance::new(scale as f32, schedule)
-        .map_err(|e| ApiError::invalid_field("guidance_scale", e.to_string()))?;
-    if !scale.is_finite() {
+    // Checked as given (f64): converting 1e308 to f32 first would report it as "inf".
+    if !scale.is_finite() || !(0.0..=MAX_GUIDANCE_SCALE as f64).contains(&scale) {
         return Err(ApiError::invalid_field(
             "guidance_scale",
-            "guidance_scale must be finite",
+            format!(
+                "guidance_scale must be between 0 and {MAX_GUIDANCE_SCALE}, got {}",
+                show_number(scale)
+            ),
         ));
     }
+    let guidance = Guidance::new(scale as f32, schedule)
+        .map_err(|e| ApiError::invalid_field("guidance_scale", e.to_string()))?;
     let seed = match f.seed {
         Some(seed) => seed,
         None => random_seed(n as u64),
@@ -217,6 +223,32 @@ pub fn resolve_name(info: &ModelInfo, s: &str, param: &str) -> Result<usize, Api
     })
 }
 
+/// [`resolve_name`], with the close-match search of an unknown name run on the blocking pool
+/// so that no name, however long or odd, holds up the async runtime.
+pub async fn resolve_name_off_runtime(
+    info: std::sync::Arc<ModelInfo>,
+    name: String,
+    param: &'static str,
+) -> Result<usize, ApiError> {
+    if name.len() <= 256 {
+        if let Some(i) = info.classes.resolve(&name) {
+            return Ok(i);
+        }
+    }
+    tokio::task::spawn_blocking(move || resolve_name(&info, &name, param))
+        .await
+        .map_err(|e| ApiError::internal(format!("class name lookup failed: {e}")))?
+}
+
+/// A number as a person would write it back: 1e308 rather than 309 digits.
+fn show_number(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 pub fn check_timeout(
     secs: Option<f64>,
     default: std::time::Duration,
@@ -224,14 +256,15 @@ pub fn check_timeout(
 ) -> Result<std::time::Duration, ApiError> {
     match secs {
         None => Ok(default),
-        Some(s) if s.is_finite() && s > 0.0 && s <= max.as_secs_f64() => {
+        Some(s) if s.is_finite() && s >= MIN_REQUEST_TIMEOUT_SECS && s <= max.as_secs_f64() => {
             Ok(std::time::Duration::from_secs_f64(s))
         }
         Some(s) => Err(ApiError::invalid_field(
             "timeout_secs",
             format!(
-                "timeout_secs must be > 0 and at most {}, got {s}",
-                max.as_secs_f64()
+                "timeout_secs must be at least {MIN_REQUEST_TIMEOUT_SECS} and at most {}, got {}",
+                max.as_secs_f64(),
+                show_number(s)
             ),
         )),
     }

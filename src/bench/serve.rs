@@ -469,6 +469,7 @@ async fn measure(
         max_request_timeout: max,
         started_unix: 0,
         inflight: Default::default(),
+        http: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use super::{levenshtein, ClassNames};
+use super::{within_edits, ClassNames};
 
 /// Why a prompt names no single class.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -179,7 +179,7 @@ impl ClassNames {
                 }
                 if text
                     .iter()
-                    .any(|w| w.chars().count() >= MIN_TYPO_LEN && levenshtein(w, &joined) <= 1)
+                    .any(|w| w.chars().count() >= MIN_TYPO_LEN && within_edits(w, &joined, 1))
                 {
                     classes.insert(class);
                 }

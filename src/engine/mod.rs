@@ -261,6 +261,9 @@ pub struct EngineStats {
     engines: Vec<EngineSlot>,
     /// Engine threads still running.
     alive: AtomicUsize,
+    /// Why an engine could not start (warm-up failed or it panicked): the server exits.
+    failure: std::sync::Mutex<Option<String>>,
+    failed: tokio::sync::Notify,
 }
 
 impl EngineStats {
@@ -269,7 +272,25 @@ impl EngineStats {
             queued_images: AtomicUsize::new(0),
             engines: (0..engines).map(|_| EngineSlot::default()).collect(),
             alive: AtomicUsize::new(engines),
+            failure: std::sync::Mutex::new(None),
+            failed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Records why an engine cannot run (the first reason is kept) and wakes the server.
+    pub(crate) fn report_failure(&self, reason: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(reason);
+        drop(f);
+        self.failed.notify_waiters();
+    }
+
+    /// Why an engine could not start, if one could not.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn engines(&self) -> &[EngineSlot] {
@@ -341,6 +362,20 @@ impl EngineHandle {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Waits until an engine reports that it cannot run, and returns why.
+    pub async fn failed(&self) -> String {
+        loop {
+            let notified = self.stats.failed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a report between the two is not missed.
+            notified.as_mut().enable();
+            if let Some(reason) = self.stats.failure() {
+                return reason;
+            }
+            notified.await;
+        }
     }
 
     /// Stop admitting work; what is queued or running still finishes.
@@ -448,7 +483,14 @@ pub fn start(
         let config = config.clone();
         let thread = std::thread::Builder::new()
             .name(format!("diffit-engine-{index}"))
-            .spawn(move || scheduler::run(pipeline, config, ctx))
+            .spawn(move || {
+                let stats = ctx.stats.clone();
+                let device = pipeline.info.device.clone();
+                let run = std::panic::AssertUnwindSafe(|| scheduler::run(pipeline, config, ctx));
+                if std::panic::catch_unwind(run).is_err() {
+                    stats.report_failure(format!("engine {index} on {device} panicked"));
+                }
+            })
             .context("cannot spawn an engine thread")?;
         threads.push(thread);
     }

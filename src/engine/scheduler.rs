@@ -110,7 +110,12 @@ pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
             s.serve();
             s.slot().ready.store(false, Ordering::SeqCst);
         }
-        Err(e) => tracing::error!(engine, %device, error = %e, "engine warm-up failed"),
+        Err(e) => {
+            tracing::error!(engine, %device, error = %e, "engine warm-up failed");
+            s.ctx.stats.report_failure(format!(
+                "engine {engine} on {device} could not start: warm-up failed: {e:#}"
+            ));
+        }
     }
     let Scheduler {
         decoder, ctx, pipe, ..

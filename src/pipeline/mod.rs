@@ -18,6 +18,22 @@ use crate::diffusion::{
 };
 use crate::model::{vae, DiffiT, DiffitConfig, VaeDecoder, WeightsFile};
 
+impl SamplingDefaults {
+    /// Checks settings read from a checkpoint: a request that leaves a field out gets these,
+    /// so a bad one would fail every such request (and the engine's warm-up) at run time.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use crate::diffusion::schedule::{MAX_STEPS, MIN_STEPS};
+        anyhow::ensure!(
+            (MIN_STEPS..=MAX_STEPS).contains(&self.steps),
+            "steps must be between {MIN_STEPS} and {MAX_STEPS}, got {}",
+            self.steps
+        );
+        Guidance::new(self.guidance_scale, self.guidance_schedule)
+            .map_err(|e| anyhow::anyhow!("guidance_scale: {e}"))?;
+        Ok(())
+    }
+}
+
 /// Where the weights come from and how to run them.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -68,9 +84,15 @@ impl Pipeline {
         let diffit = DiffiT::load(&file, opts.dtype, &opts.device, &opts.kernels)?;
         let cfg = diffit.config().clone();
         let defaults = match file.metadata().get("defaults") {
-            Some(text) => serde_json::from_str(text).with_context(|| {
-                format!("{}: metadata 'defaults' is not valid", opts.model.display())
-            })?,
+            Some(text) => {
+                let d: SamplingDefaults = serde_json::from_str(text).with_context(|| {
+                    format!("{}: metadata 'defaults' is not valid", opts.model.display())
+                })?;
+                d.validate().with_context(|| {
+                    format!("{}: metadata 'defaults' is not valid", opts.model.display())
+                })?;
+                d
+            }
             None => SamplingDefaults::release(cfg.input_size),
         };
         let classes = info::class_names(&file, cfg.num_classes)?;

@@ -24,6 +24,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -1332,6 +1333,28 @@ def cmd_soak(a, ck, res):
               f"{floor_first / 1024:.2f} -> {floor_last / 1024:.2f} MiB ({floor_growth:+.2f} %) < 5 %")
         res.update(rss_floor_first_kb=floor_first, rss_floor_last_kb=floor_last,
                    rss_floor_growth_pct=round(floor_growth, 2))
+        # The plateau: median RSS under load per window of 500 requests after the warm-up. A
+        # leak keeps climbing window after window; glibc malloc's per-thread arenas rise in steps
+        # to a plateau and then stay there (freed chunks are reused, rarely returned to the OS).
+        windows = []
+        for lo in range(warm, n_req, 500):
+            w = [kb for _, n, kb in samples if lo <= n < lo + 500]
+            if len(w) >= 3:
+                windows.append((lo, statistics.median(w), min(w), max(w)))
+        if len(windows) >= 2:
+            first, last = windows[0][1], windows[-1][1]
+            plateau = (last - first) / first * 100
+            tail = [m for _, m, _, _ in windows[len(windows) // 2:]]
+            tail_spread = (max(tail) - min(tail)) / min(tail) * 100
+            print("    RSS median per 500 requests after warm-up: " + ", ".join(
+                f"{lo}: {m / 1024:.1f}" for lo, m, _, _ in windows) + " MiB")
+            ck.ok(plateau < 10.0, f"RSS plateau: median under load in the first window after "
+                  f"warm-up {first / 1024:.2f} MiB vs the last {last / 1024:.2f} MiB "
+                  f"({plateau:+.2f} %) < 10 %")
+            ck.info(f"second half of the run: window medians within {tail_spread:.2f} % of each other")
+            res.update(rss_windows=[[lo, m, lo_, hi] for lo, m, lo_, hi in windows],
+                       rss_plateau_growth_pct=round(plateau, 2),
+                       rss_tail_spread_pct=round(tail_spread, 2))
         ck.ok(fe <= fw, f"no file descriptor leak ({fw} -> {fe} at rest)")
         m = srv.metrics()
         gen = m.get("diffit_images_generated_total", 0)

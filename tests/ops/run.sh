@@ -9,7 +9,11 @@
 #   4 faults      killed clients free their samples; SIGTERM drains and exits 0; broken weights
 #                 and a bad --vae fail start-up naming the tensor/path
 #   5 hostile     explicit bad input (4xx with clear messages) + schemathesis on openapi.yaml
-#   6 soak        2,000 requests at steady concurrency: RSS growth after warm-up < 5 %
+#   6 soak        3,000 requests at steady concurrency: RSS floor and plateau after warm-up
+#   7 slowloris   slowloris + descriptor flood (bounded) while /healthz and generate are timed
+#   8 drain       SIGTERM with held partial requests: the drain ends within its timeout
+#   9 names       a 1,860-name model with hostile names; hostile class names stay cheap
+#  10 zombie      bad metadata / duration settings: non-zero exit at once, never half-alive
 #
 #   tests/ops/run.sh [path/to/diffit-server]      (default target/debug/diffit-server; build it first)
 #
@@ -29,7 +33,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN=${1:-$ROOT/target/debug/diffit-server}
 TOOLS=${DIFFIT_OPS_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/diffit-ops-tools}
 OUT=${DIFFIT_OPS_OUT:-$ROOT/target/ops}
-STEPS=${OPS_STEPS:-prom load overload faults hostile soak}
+STEPS=${OPS_STEPS:-prom load overload faults hostile soak slowloris drain names zombie}
 REQS=$ROOT/tests/ops/requirements.txt
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -120,6 +124,7 @@ mkdir -p "$WORK"
 PASSED=()
 FAILED=()
 OPS=("$VENV/bin/python" "$ROOT/tests/ops/ops.py")
+HARDENING=("$VENV/bin/python" "$ROOT/tests/ops/hardening.py")
 
 step() {  # step NAME LIMIT_SECONDS TITLE ARGS...
   local name=$1 limit=$2 title=$3
@@ -128,7 +133,9 @@ step() {  # step NAME LIMIT_SECONDS TITLE ARGS...
   log "$name: $title"
   local t0 rc=0
   t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "${OPS[@]}" "$name" --bin "$BIN" --workdir "$WORK/$name" \
+  local script=("${OPS[@]}")
+  case " slowloris drain names zombie " in *" $name "*) script=("${HARDENING[@]}") ;; esac
+  timeout --kill-after=10 "$limit" "${script[@]}" "$name" --bin "$BIN" --workdir "$WORK/$name" \
     --results "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
   local dt=$(($(date +%s) - t0))
   if [ "$rc" = 0 ]; then
@@ -148,7 +155,11 @@ step overload 180 "bursts of 40 against max batch 2, max queue 4"
 step faults 180 "killed clients, SIGTERM drain, broken weights, bad --vae"
 step hostile 360 "explicit hostile input + schemathesis" \
   --schemathesis "$VENV/bin/schemathesis" --max-examples 30 --st-timeout 150
-step soak 300 "2,000 requests, steps 2, concurrency 8: RSS growth" --requests 2000
+step soak 600 "3,000 requests, steps 2, concurrency 8: RSS plateau" --requests 3000
+step slowloris 240 "slowloris (4,000) + descriptor flood (6,000) while /healthz and generate are timed"
+step drain 120 "SIGTERM with held partial requests and long generations: bounded drain"
+step names 180 "a 1,860-name model with hostile names; hostile class names"
+step zombie 180 "bad metadata and settings: start-up fails fast"
 
 T_END=$(date +%s)
 echo "ops: ${#PASSED[@]} passed (${PASSED[*]:-none}), ${#FAILED[@]} failed (${FAILED[*]:-none}); \

@@ -3,8 +3,8 @@
 `no_server_error` replaces the built-in `not_a_server_error` (run.sh excludes that one) with the
 same rule and one documented exception: a 504 from POST /generate is the answer the API promises
 when the request's *own* `timeout_secs` passed before its images were finished (openapi.yaml:
-"Deadline"). Schemathesis draws `timeout_secs` from `exclusiveMinimum: 0`, so it sends deadlines
-such as 5e-324 s that no server can meet. The exception holds only when the body set
+"Deadline"). Schemathesis draws `timeout_secs` from its minimum (0.1 s) up, so it sends deadlines
+shorter than the work it asks for. The exception holds only when the body set
 `timeout_secs`, the client waited at least that long, and the error is a `timeout_error`; any
 other 5xx fails. Every response checked is also appended to $OPS_ST_LOG (operation, status,
 and for 504s the deadline asked for) so ops.py can report status counts.
