@@ -174,17 +174,10 @@ pub fn app_state(
         max_body_bytes: args.max_body_bytes,
         request_timeout: timeouts.request,
         max_request_timeout: timeouts.max_request,
-        started_unix: api_unix_now(),
+        started_unix: api::unix_now(),
         inflight: Default::default(),
         http: HttpGuards::default(),
     }
-}
-
-fn api_unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 async fn shutdown_signal() {

@@ -54,6 +54,7 @@ async fn page_and_contract_are_served_without_a_key() {
         .unwrap();
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
     assert!(e["error"]["message"]
         .as_str()
         .unwrap()

@@ -1,4 +1,5 @@
-//! One error shape for every route: `{"error": {"type", "message", "param"}}` (OpenAI's too).
+//! One error shape for every route: `{"error": {"type", "message", "param", "code"}}` (OpenAI's
+//! too).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -10,6 +11,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub message: String,
     pub param: Option<String>,
+    /// A machine-readable reason where one helps a client branch (OpenAI's `code`).
+    pub code: Option<&'static str>,
     pub retry_after: Option<u64>,
 }
 
@@ -34,6 +37,7 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
+            code: None,
             retry_after: None,
         }
     }
@@ -113,6 +117,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
     }
 
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_string());
         self
@@ -131,7 +140,7 @@ impl ApiError {
                 kind: self.kind,
                 message: &self.message,
                 param: self.param.as_deref(),
-                code: None,
+                code: self.code,
             },
         }
     }

@@ -50,6 +50,7 @@ pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Res
             info.name
         ))
         .with_param("model")
+        .with_code("model_not_found")
         .into_response();
     }
     axum::Json(model_json(&state)).into_response()

@@ -4,6 +4,7 @@
 mod body;
 pub mod error;
 mod generate;
+pub use generate::unix_now;
 mod guard;
 mod info;
 mod jobs;
