@@ -53,32 +53,39 @@ pub fn group_norm(
     let [batch, hw, c, groups] = dims;
     let dev = x.0.device().clone();
     let stream = dev.cuda_stream();
-    // Per-(sample, group) shifted moments, then (in place) mean and 1/std, in f32.
+    // Per-(sample, group) mean and 1/std, in f32, from each tile's shifted moments.
     let sums = stream.alloc_zeros::<f32>(batch * groups).w()?;
     let sq = stream.alloc_zeros::<f32>(batch * groups).w()?;
     dispatch!(dev, x.0, |T| {
         let (xv, gv, bv) = (view::<T>(x)?, view::<T>(gamma)?, view::<T>(beta)?);
         let out = unsafe { dev.alloc::<T>(batch * hw * c)? };
         // Packs where the channels allow: tiles of up to 256 pixels, smaller where that would
-        // leave fewer than ~512 blocks.
+        // leave fewer than ~512 blocks. Shared memory holds each thread's per-channel sums
+        // (per lane of pixels for packs): the block adds them in a fixed order (deterministic).
         let vector = c.is_multiple_of(pack::<T>()) && aligned::<T>(x.1);
-        let (name, threads, tile) = if vector {
-            ("gn_moments_v", ROW_BLOCK, (hw * batch / 512).clamp(16, 256))
+        let (name, threads, tile, slots) = if vector {
+            let lanes = (ROW_BLOCK as usize / (c / pack::<T>())).max(1);
+            let tile = (hw * batch / 512).clamp(16, 256);
+            ("gn_moments_v", ROW_BLOCK, tile, lanes)
         } else {
-            (
-                "gn_moments",
-                c.next_multiple_of(32).min(512) as u32,
-                GN_TILE,
-            )
+            let threads = c.next_multiple_of(32).min(512) as u32;
+            ("gn_moments", threads, GN_TILE, 1)
         };
-        let grid = (hw.div_ceil(tile).max(1) as u32, batch as u32, 1);
-        let cfg = config(grid, threads, 2 * groups * std::mem::size_of::<f32>());
+        let tiles = hw.div_ceil(tile).max(1);
+        let partial_a = stream.alloc_zeros::<f32>(batch * tiles * groups).w()?;
+        let partial_q = stream.alloc_zeros::<f32>(batch * tiles * groups).w()?;
+        let grid = (tiles as u32, batch as u32, 1);
+        let cfg = config(grid, threads, 2 * slots * c * std::mem::size_of::<f32>());
         let sizes = [hw, c, groups, tile];
-        // SAFETY: reads batch·hw·c, adds into the batch·groups sums.
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&xv, &sums, &sq], &sizes, &[]) }?;
-        let (cfg, sizes) = (flat(batch * groups), [batch, hw, c, groups]);
-        // SAFETY: reads one value of x per (sample, group), rewrites sums and sq in place.
-        unsafe { PTX.launch::<T>(&dev, "gn_finalize", cfg, &[&xv, &sums, &sq], &sizes, &[eps]) }?;
+        // SAFETY: reads batch·hw·c, writes every one of the batch·tiles·groups partials.
+        let bufs = [&xv as &dyn Buf, &partial_a, &partial_q];
+        unsafe { PTX.launch::<T>(&dev, name, cfg, &bufs, &sizes, &[]) }?;
+        let cfg = flat(batch * groups);
+        let sizes = [batch, hw, c, groups, tiles];
+        // SAFETY: reads the partials and one value of x per (sample, group), writes sums and sq.
+        let bufs = [&xv as &dyn Buf, &partial_a, &partial_q, &sums, &sq];
+        unsafe { PTX.launch::<T>(&dev, "gn_finalize", cfg, &bufs, &sizes, &[eps]) }?;
+        let sizes = [batch, hw, c, groups];
         let vector = c.is_multiple_of(pack::<T>())
             && batch * hw * c < u32::MAX as usize
             && aligned::<T>(x.1)

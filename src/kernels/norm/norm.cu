@@ -123,66 +123,73 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
     }
 }
 
-// The GroupNorm statistics kernels sum a block's share per group in shared memory sh
-// [2·groups] (sums, then sums of squares), zeroed first and added to s1/s2[b·G + g] last.
-__device__ __forceinline__ void gn_zero_block_sums(float *sh, uint32_t groups) {
-    for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) sh[i] = 0.0f;
+// The GroupNorm statistics are deterministic: no float atomics anywhere, so the same input gives
+// the same bits on every run (atomic adds summed in whatever order the blocks and threads came,
+// and a bf16 decode differed from run to run by up to 0.012). A block owns one tile of pixels of
+// one sample; its threads keep per-channel partial sums in shared memory (each slot written by
+// one thread), the block then adds them per group in a fixed order and writes its tile's partial
+// to p1/p2[(b·tiles + tile)·G + g]; gn_finalize adds the tiles in order.
+__device__ __forceinline__ void gn_write_tile_sums(const float *ch_a, const float *ch_q, float *p1,
+                                                   float *p2, uint32_t b, uint32_t c,
+                                                   uint32_t groups, uint32_t slots) {
     __syncthreads();
-}
-
-__device__ __forceinline__ void gn_add_block_sums(const float *sh, float *s1, float *s2, uint32_t b,
-                                                  uint32_t groups) {
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < groups; i += blockDim.x) {
-        atomicAdd(&s1[b * groups + i], sh[i]);
-        atomicAdd(&s2[b * groups + i], sh[groups + i]);
+    const uint32_t cg = c / groups;
+    const size_t base = ((size_t)b * gridDim.x + blockIdx.x) * groups;
+    for (uint32_t g = threadIdx.x; g < groups; g += blockDim.x) {
+        float a = 0.0f, q = 0.0f;
+        for (uint32_t s = 0; s < slots; ++s) {
+            for (uint32_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+                a += ch_a[s * c + ch];
+                q += ch_q[s * c + ch];
+            }
+        }
+        p1[base + g] = a;
+        p2[base + g] = q;
     }
 }
 
 // GroupNorm statistics over x [B, HW, C] (channels-last) in one pass: blockIdx.y = sample,
 // blockIdx.x = a tile of pixels; each thread owns channels and sums (x − x0) and (x − x0)² over
-// its tile, the block reduces per group in shared memory and adds to s1/s2[b·G + g]. x0 is the
-// group's first value (pixel 0, first channel): shifting by it keeps E[(x−x0)²] − E[x−x0]² from
-// cancelling when the mean is large against the spread.
+// the tile. x0 is the group's first value (pixel 0, first channel): shifting by it keeps
+// E[(x−x0)²] − E[x−x0]² from cancelling when the mean is large against the spread.
 template <typename T>
-__device__ void gn_moments(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
+__device__ void gn_moments(const T *x, float *p1, float *p2, uint32_t hw, uint32_t c,
                            uint32_t groups, uint32_t tile) {
-    extern __shared__ float sh[];  // [2·groups]
-    gn_zero_block_sums(sh, groups);
+    extern __shared__ float sh[];  // [2·C]: per-channel sums, then sums of squares
     const uint32_t b = blockIdx.y;
     const uint32_t p0 = blockIdx.x * tile;
-    const uint32_t p1 = min(p0 + tile, hw);
+    const uint32_t pe = min(p0 + tile, hw);
     const uint32_t cg = c / groups;
     for (uint32_t ch = threadIdx.x; ch < c; ch += blockDim.x) {
         const uint32_t g = ch / cg;
         const float x0 = ld(x, (size_t)b * hw * c + g * cg);
         float a = 0.0f, q = 0.0f;
-        for (uint32_t p = p0; p < p1; ++p) {
+        for (uint32_t p = p0; p < pe; ++p) {
             const float v = ld(x, ((size_t)b * hw + p) * c + ch) - x0;
             a += v;
             q += v * v;
         }
-        atomicAdd(&sh[g], a);
-        atomicAdd(&sh[groups + g], q);
+        sh[ch] = a;
+        sh[c + ch] = q;
     }
-    gn_add_block_sums(sh, s1, s2, b, groups);
+    gn_write_tile_sums(sh, sh + c, p1, p2, b, c, groups, 1);
 }
 
 // gn_moments over 16-byte packs (C a multiple of the pack): a thread sums one pack of
-// channels over every `lanes`-th pixel of the tile, per element, then adds them into its
-// channels' groups. The scalar version (one 2-byte load a thread a pixel, 32-pixel tiles)
-// moved ~1 TB/s on an H100, 10 % of a VAE decode.
+// channels over every `lanes`-th pixel of the tile, per element; the block then adds the lanes
+// and channels of each group. The scalar version (one 2-byte load a thread a pixel, 32-pixel
+// tiles) moved ~1 TB/s on an H100, 10 % of a VAE decode.
 template <typename T>
-__device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint32_t c,
+__device__ void gn_moments_v(const T *x, float *p1, float *p2, uint32_t hw, uint32_t c,
                              uint32_t groups, uint32_t tile) {
     constexpr int N = Pack<T>::N;
-    extern __shared__ float sh[];  // [2·groups]
-    gn_zero_block_sums(sh, groups);
+    extern __shared__ float sh[];  // [2·lanes·C]: per (lane, channel) sums, then squares
     const uint32_t b = blockIdx.y;
     const uint32_t p0 = blockIdx.x * tile;
-    const uint32_t p1 = min(p0 + tile, hw);
+    const uint32_t pe = min(p0 + tile, hw);
     const uint32_t cg = c / groups, packs = c / N;
     const uint32_t lanes = max(1u, blockDim.x / packs);
+    float *ch_a = sh, *ch_q = sh + (size_t)lanes * c;
     const T *xb = x + (size_t)b * hw * c;
     for (uint32_t i = threadIdx.x; i < packs * lanes; i += blockDim.x) {
         const uint32_t q = i % packs, lane = i / packs;
@@ -193,7 +200,7 @@ __device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint
             a[e] = 0.0f;
             sq[e] = 0.0f;
         }
-        for (uint32_t p = p0 + lane; p < p1; p += lanes) {
+        for (uint32_t p = p0 + lane; p < pe; p += lanes) {
             const Pack<T> v = ldp(xb, (size_t)p * c + q * N);
 #pragma unroll
             for (int e = 0; e < N; ++e) {
@@ -204,27 +211,32 @@ __device__ void gn_moments_v(const T *x, float *s1, float *s2, uint32_t hw, uint
         }
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-            const uint32_t g = (q * N + e) / cg;
-            atomicAdd(&sh[g], a[e]);
-            atomicAdd(&sh[groups + g], sq[e]);
+            ch_a[(size_t)lane * c + q * N + e] = a[e];
+            ch_q[(size_t)lane * c + q * N + e] = sq[e];
         }
     }
-    gn_add_block_sums(sh, s1, s2, b, groups);
+    gn_write_tile_sums(ch_a, ch_q, p1, p2, b, c, groups, lanes);
 }
 
-// Shifted moments → mean and 1/std per (sample, group), in place (s1 ← mean, s2 ← 1/std), so
-// the apply passes do no division or square root per element.
+// The tiles' shifted moments (p1, p2 [B, tiles, G]), added in tile order → mean and 1/std per
+// (sample, group) in s1, s2, so the apply passes do no division or square root per element.
 template <typename T>
-__device__ void gn_finalize(const T *x, float *s1, float *s2, uint32_t batch, uint32_t hw,
-                            uint32_t c, uint32_t groups, float eps) {
+__device__ void gn_finalize(const T *x, const float *p1, const float *p2, float *s1, float *s2,
+                            uint32_t batch, uint32_t hw, uint32_t c, uint32_t groups,
+                            uint32_t tiles, float eps) {
     const uint32_t cg = c / groups;
     const float count = (float)hw * (float)cg;
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < batch * groups;
          i += gridDim.x * blockDim.x) {
         const uint32_t b = i / groups, g = i % groups;
+        float a = 0.0f, q = 0.0f;
+        for (uint32_t t = 0; t < tiles; ++t) {
+            a += p1[((size_t)b * tiles + t) * groups + g];
+            q += p2[((size_t)b * tiles + t) * groups + g];
+        }
         const float x0 = ld(x, (size_t)b * hw * c + g * cg);
-        const float m1 = s1[i] / count;
-        const float var = fmaxf(s2[i] / count - m1 * m1, 0.0f);
+        const float m1 = a / count;
+        const float var = fmaxf(q / count - m1 * m1, 0.0f);
         s1[i] = x0 + m1;
         s2[i] = rsqrtf(var + eps);
     }
@@ -297,9 +309,9 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
         NAME<T>(x, out, rows, cols, eps);                                                          \
     }
 #define INSTANTIATE_GN_MOMENTS(T, SFX, NAME)                                                       \
-    extern "C" __global__ void NAME##_##SFX(const T *x, float *s1, float *s2, uint32_t hw,         \
+    extern "C" __global__ void NAME##_##SFX(const T *x, float *p1, float *p2, uint32_t hw,         \
                                             uint32_t c, uint32_t groups, uint32_t tile) {          \
-        NAME<T>(x, s1, s2, hw, c, groups, tile);                                                   \
+        NAME<T>(x, p1, p2, hw, c, groups, tile);                                                   \
     }
 #define INSTANTIATE_GN_APPLY(T, SFX, NAME, KERNEL, SILU)                                           \
     extern "C" __global__ void NAME##_##SFX(const T *x, const float *sums, const float *sq,        \
@@ -313,10 +325,11 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
     INSTANTIATE_LAYER_NORM(T, SFX, layer_norm_r)                                                   \
     INSTANTIATE_GN_MOMENTS(T, SFX, gn_moments)                                                     \
     INSTANTIATE_GN_MOMENTS(T, SFX, gn_moments_v)                                                   \
-    extern "C" __global__ void gn_finalize_##SFX(const T *x, float *s1, float *s2, uint32_t batch, \
+    extern "C" __global__ void gn_finalize_##SFX(const T *x, const float *p1, const float *p2,     \
+                                                 float *s1, float *s2, uint32_t batch,             \
                                                  uint32_t hw, uint32_t c, uint32_t groups,         \
-                                                 float eps) {                                      \
-        gn_finalize<T>(x, s1, s2, batch, hw, c, groups, eps);                                      \
+                                                 uint32_t tiles, float eps) {                      \
+        gn_finalize<T>(x, p1, p2, s1, s2, batch, hw, c, groups, tiles, eps);                       \
     }                                                                                              \
     INSTANTIATE_GN_APPLY(T, SFX, gn_apply, gn_apply, false)                                        \
     INSTANTIATE_GN_APPLY(T, SFX, gn_apply_silu, gn_apply, true)                                    \
