@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::fixture;
@@ -332,18 +332,7 @@ fn checkpoint_with_defaults(defaults: &str, name: &str) -> std::path::PathBuf {
 /// Runs `serve` with these flags until it exits (at most 20 s): (exit code, stdout, stderr).
 fn serve_until_exit(extra: &[&str]) -> (Option<i32>, String, String, Duration) {
     let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_diffit-server"))
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "warn")
+    let mut child = common::server::serve_command(extra, "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -396,42 +396,17 @@ async fn the_last_preview_looks_like_the_final_image() {
 }
 
 /// Text logs into a pipe (not a terminal) carry no ANSI colour codes.
-#[test]
-fn logs_off_a_terminal_have_no_colour_codes() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let model = common::fixture("diffit_tiny_model.safetensors");
-    let vae = common::fixture("vae_tiny_model.safetensors");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_diffit-server"))
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("--vae")
-        .arg(&vae)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start server");
-    let stderr = child.stderr.take().unwrap();
+#[tokio::test]
+async fn logs_off_a_terminal_have_no_colour_codes() {
+    let (_server, logs) = TestServer::start_logging(&[], "info").await;
     let mut seen = Vec::new();
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+    while let Ok(line) = logs.recv_timeout(std::time::Duration::from_secs(10)) {
         let ready = line.contains("engine ready");
         seen.push(line);
         if ready || seen.len() > 200 {
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         seen.iter().any(|l| l.contains(" INFO ")),
         "info lines logged: {seen:?}"

@@ -12,19 +12,40 @@ pub struct TestServer {
     pub client: reqwest::Client,
 }
 
+/// `serve` on a free loopback port on the CPU with `extra` flags and `RUST_LOG=rust_log`.
+pub fn serve_command<S: AsRef<std::ffi::OsStr>>(extra: &[S], rust_log: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffit-server"));
+    cmd.args([
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+    ])
+    .args(extra)
+    .env("RUST_LOG", rust_log);
+    cmd
+}
+
+/// `--model` and `--vae` for the tiny fixture models, then `extra`.
+pub fn fixture_args(extra: &[&str]) -> Vec<String> {
+    let path = |name: &str| fixture(name).to_str().unwrap().to_string();
+    let mut args = vec![
+        "--model".to_string(),
+        path("diffit_tiny_model.safetensors"),
+        "--vae".to_string(),
+        path("vae_tiny_model.safetensors"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 impl TestServer {
     /// Tiny fixture models on the CPU, any extra `serve` flags.
     pub async fn start(extra: &[&str]) -> Self {
-        let model = fixture("diffit_tiny_model.safetensors");
-        let vae = fixture("vae_tiny_model.safetensors");
-        let mut args = vec![
-            "--model",
-            model.to_str().unwrap(),
-            "--vae",
-            vae.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        Self::start_with(&args).await
+        Self::spawn(&fixture_args(extra), "warn", Stdio::inherit()).await
     }
 
     /// `serve` on the CPU with exactly these extra flags (no model flags: the embedded model).
@@ -38,16 +59,7 @@ impl TestServer {
         extra: &[&str],
         rust_log: &str,
     ) -> (Self, std::sync::mpsc::Receiver<String>) {
-        let model = fixture("diffit_tiny_model.safetensors");
-        let vae = fixture("vae_tiny_model.safetensors");
-        let mut args = vec![
-            "--model",
-            model.to_str().unwrap(),
-            "--vae",
-            vae.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let mut server = Self::spawn(&args, rust_log, Stdio::piped()).await;
+        let mut server = Self::spawn(&fixture_args(extra), rust_log, Stdio::piped()).await;
         let stderr = server.child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -58,19 +70,8 @@ impl TestServer {
         (server, rx)
     }
 
-    async fn spawn(extra: &[&str], rust_log: &str, stderr: Stdio) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_diffit-server"))
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-            ])
-            .args(extra)
-            .env("RUST_LOG", rust_log)
+    async fn spawn<S: AsRef<std::ffi::OsStr>>(extra: &[S], rust_log: &str, stderr: Stdio) -> Self {
+        let mut child = serve_command(extra, rust_log)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
