@@ -425,28 +425,7 @@ def main():
     a.bin = os.path.abspath(a.bin)
     a.workdir = a.workdir or f"/tmp/ops-{a.step}"
     os.makedirs(a.workdir, exist_ok=True)
-    ck, res = Checks(), {"step": a.step}
-    t0 = time.monotonic()
-    try:
-        globals()["cmd_" + a.step](a, ck, res)
-    except SystemExit:
-        raise
-    except Exception as e:
-        import traceback
-
-        traceback.print_exc()
-        ck.ok(False, f"step crashed: {e!r}")
-    finally:
-        for p in ops.LIVE:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    res.update(wall_s_total=round(time.monotonic() - t0, 1), passed=ck.passed, failed=ck.failed)
-    if a.results:
-        with open(a.results, "w") as f:
-            json.dump(res, f, indent=1)
-    sys.exit(1 if ck.failed or ck.passed == 0 else 0)
-
+    ops.run_step(a, globals()["cmd_" + a.step])
 
 if __name__ == "__main__":
     main()

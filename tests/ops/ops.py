@@ -1394,10 +1394,16 @@ def main():
     os.makedirs(a.workdir, exist_ok=True)
     if a.requests is None:
         a.requests = {"load": 200, "soak": 2000}.get(a.step, 0)
+    run_step(a, globals()["cmd_" + a.step])
+
+
+def run_step(a, step):
+    """Runs one step function `step(a, ck, res)`, kills every server it left running, writes its
+    results to `a.results` and exits 1 unless it passed at least one check and failed none."""
     ck, res = Checks(), {"step": a.step}
     t0 = time.monotonic()
     try:
-        globals()["cmd_" + a.step](a, ck, res)
+        step(a, ck, res)
     except SystemExit:
         raise
     except Exception as e:
