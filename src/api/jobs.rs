@@ -153,16 +153,7 @@ pub async fn collect(
                 let t0 = Instant::now();
                 let format = encoding.format;
                 let bytes = tokio::task::spawn_blocking(move || {
-                    let side = info.image_size;
-                    crate::encode::encode(
-                        encoding.format,
-                        &pixels,
-                        info.image_channels,
-                        side,
-                        side,
-                        &info.png_text(&spec),
-                        encoding.quality,
-                    )
+                    info.encode_as(&pixels, &spec, encoding.format, encoding.quality)
                 })
                 .await
                 .map_err(|e| ApiError::internal(format!("{format} encoder task failed: {e}")))?

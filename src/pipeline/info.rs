@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::ImageSpec;
 use crate::classes::ClassNames;
 use crate::diffusion::{GuidanceSchedule, SamplerKind};
+use crate::encode::{encode, OutputFormat, DEFAULT_QUALITY};
 use crate::model::{DiffitConfig, WeightsFile};
-use crate::png::encode_png;
 
 /// Sampling settings used when a request leaves them out.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -73,14 +73,30 @@ impl ModelInfo {
         ]
     }
 
+    /// One image of this model as a PNG, with its metadata.
     pub fn encode(&self, pixels: &[u8], spec: &ImageSpec) -> anyhow::Result<Vec<u8>> {
+        self.encode_as(pixels, spec, OutputFormat::Png, DEFAULT_QUALITY)
+    }
+
+    /// One image of this model in `format` (`quality`: JPEG's), with its metadata in that
+    /// format's own place.
+    pub fn encode_as(
+        &self,
+        pixels: &[u8],
+        spec: &ImageSpec,
+        format: OutputFormat,
+        quality: u8,
+    ) -> anyhow::Result<Vec<u8>> {
         let side = self.image_size;
-        Ok(encode_png(
+        let text = self.png_text(spec);
+        Ok(encode(
+            format,
             pixels,
             self.image_channels,
             side,
             side,
-            &self.png_text(spec),
+            &text,
+            quality,
         )?)
     }
 }
