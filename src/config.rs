@@ -321,6 +321,15 @@ pub struct ServeArgs {
     /// Most latents decoded by the VAE at once (bounds decoder memory).
     #[arg(long, env = "DIFFIT_DECODE_CHUNK", default_value_t = crate::model::vae::DEFAULT_DECODE_CHUNK)]
     pub decode_chunk: usize,
+    /// Deflate effort of PNG responses: fast (fdeflate, the default), default (zlib 6) or best
+    /// (zlib 9, adaptive filters). Lossless at every level; only time and size change.
+    #[arg(
+        long,
+        env = "DIFFIT_PNG_COMPRESSION",
+        value_enum,
+        default_value = "fast"
+    )]
+    pub png_compression: crate::png::PngCompression,
     #[arg(long, env = "DIFFIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     #[command(flatten)]

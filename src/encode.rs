@@ -8,7 +8,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::codecs::webp::WebPEncoder;
 use image::{ExtendedColorType, ImageEncoder};
 
-use crate::png::{encode_png, PngError};
+use crate::png::{encode_png, PngCompression, PngError};
 
 /// `output_format`, as OpenAI's Images API names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,17 +83,41 @@ pub enum EncodeError {
     CommentTooLong(usize),
 }
 
-/// Encodes planar (C, H, W) 8-bit pixels. `quality` (1–100) applies to JPEG; PNG and WebP are
-/// lossless here (the image crate's WebP encoder is lossless only).
+/// How to write one image: the format and its knobs (the request picks the format and JPEG
+/// quality, the server the PNG deflate effort).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeOptions {
+    pub format: OutputFormat,
+    /// JPEG quality, 1–100 (PNG and WebP are lossless here: the image crate's WebP encoder is
+    /// lossless only).
+    pub quality: u8,
+    pub png: PngCompression,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        Self {
+            format: OutputFormat::Png,
+            quality: DEFAULT_QUALITY,
+            png: PngCompression::default(),
+        }
+    }
+}
+
+/// Encodes planar (C, H, W) 8-bit pixels as `options` say.
 pub fn encode(
-    format: OutputFormat,
     planar: &[u8],
     channels: usize,
     height: usize,
     width: usize,
     text: &[(&str, String)],
-    quality: u8,
+    options: EncodeOptions,
 ) -> Result<Vec<u8>, EncodeError> {
+    let EncodeOptions {
+        format,
+        quality,
+        png,
+    } = options;
     let (w, h) = (width as u32, height as u32);
     let failed = |e: image::ImageError| EncodeError::Encoder {
         format,
@@ -101,7 +125,7 @@ pub fn encode(
     };
     let mut out = Vec::new();
     match format {
-        OutputFormat::Png => Ok(encode_png(planar, channels, height, width, text)?),
+        OutputFormat::Png => Ok(encode_png(planar, channels, height, width, text, png)?),
         OutputFormat::Jpeg => {
             let (pixels, color) = interleaved(planar, channels, height * width)?;
             JpegEncoder::new_with_quality(Cursor::new(&mut out), quality.clamp(1, 100))
@@ -288,6 +312,14 @@ mod tests {
             .collect()
     }
 
+    fn opts(format: OutputFormat, quality: u8) -> EncodeOptions {
+        EncodeOptions {
+            format,
+            quality,
+            ..Default::default()
+        }
+    }
+
     fn meta() -> Vec<(&'static str, String)> {
         vec![
             ("seed", "9007199254740993".into()),
@@ -300,7 +332,7 @@ mod tests {
         for channels in [1, 3] {
             let px = gradient(channels, 16);
             for format in OutputFormat::ALL {
-                let bytes = encode(format, &px, channels, 16, 16, &meta(), 90).unwrap();
+                let bytes = encode(&px, channels, 16, 16, &meta(), opts(format, 90)).unwrap();
                 let found = match format {
                     // PNG: decoded and its tEXt read in png.rs's tests and over HTTP.
                     OutputFormat::Png => {
@@ -324,9 +356,41 @@ mod tests {
     }
 
     #[test]
+    fn every_png_compression_is_lossless_and_best_is_smallest() {
+        // Smooth with a little texture, like a generated image: deflate has something to find.
+        let side = 64;
+        let px: Vec<u8> = (0..3 * side * side)
+            .map(|i| {
+                let (c, y, x) = (i / (side * side), (i / side) % side, i % side);
+                ((x * 3 + y * 2 + c * 40 + (i * 31 % 7)) % 256) as u8
+            })
+            .collect();
+        let mut sizes = Vec::new();
+        for png in PngCompression::ALL {
+            let options = EncodeOptions {
+                png,
+                ..Default::default()
+            };
+            let bytes = encode(&px, 3, side, side, &meta(), options).unwrap();
+            let mut reader = ::png::Decoder::new(Cursor::new(&bytes))
+                .read_info()
+                .unwrap();
+            let mut rgb = vec![0; reader.output_buffer_size()];
+            reader.next_frame(&mut rgb).unwrap();
+            assert_eq!(rgb, interleave(&px, 3, side * side).unwrap(), "{png}");
+            sizes.push((png, bytes.len()));
+        }
+        let size = |level| sizes.iter().find(|(p, _)| *p == level).unwrap().1;
+        assert!(
+            size(PngCompression::Best) <= size(PngCompression::Fast),
+            "{sizes:?}"
+        );
+    }
+
+    #[test]
     fn webp_is_lossless_and_xmp_is_escaped() {
         let px = gradient(3, 8);
-        let bytes = encode(OutputFormat::Webp, &px, 3, 8, 8, &meta(), 100).unwrap();
+        let bytes = encode(&px, 3, 8, 8, &meta(), opts(OutputFormat::Webp, 100)).unwrap();
         let rgb = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(rgb.as_raw(), &interleave(&px, 3, 64).unwrap());
         let xmp = read::webp_xmp(&bytes).unwrap();
@@ -342,7 +406,7 @@ mod tests {
             OutputFormat::from_mime("image/webp"),
             Some(OutputFormat::Webp)
         );
-        assert!(encode(OutputFormat::Jpeg, &[0; 8], 2, 2, 2, &[], 90).is_err());
-        assert!(encode(OutputFormat::Webp, &[0; 5], 1, 2, 2, &[], 90).is_err());
+        assert!(encode(&[0; 8], 2, 2, 2, &[], opts(OutputFormat::Jpeg, 90)).is_err());
+        assert!(encode(&[0; 5], 1, 2, 2, &[], opts(OutputFormat::Webp, 90)).is_err());
     }
 }

@@ -12,6 +12,39 @@ pub enum PngError {
     Encode(#[from] png::EncodingError),
 }
 
+/// How hard the PNG encoder's deflate works. Our images are the bottleneck's by-product, not an
+/// archive: `fast` (fdeflate) is the default because it costs a fraction of zlib's time for
+/// files a little larger (`bench encode` measures both; docs/perf.md has the numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PngCompression {
+    /// fdeflate: one pass, Huffman plus short matches.
+    #[default]
+    Fast,
+    /// zlib level 6.
+    Default,
+    /// zlib level 9 with per-row adaptive filtering: smallest files, slowest.
+    Best,
+}
+
+impl PngCompression {
+    pub const ALL: [PngCompression; 3] = [Self::Fast, Self::Default, Self::Best];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Default => "default",
+            Self::Best => "best",
+        }
+    }
+}
+
+impl std::fmt::Display for PngCompression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Encodes planar (C, H, W) 8-bit pixels as a gray or RGB PNG with the given tEXt entries.
 pub fn encode_png(
     planar: &[u8],
@@ -19,6 +52,7 @@ pub fn encode_png(
     height: usize,
     width: usize,
     text: &[(&str, String)],
+    compression: PngCompression,
 ) -> Result<Vec<u8>, PngError> {
     let color = match channels {
         1 => png::ColorType::Grayscale,
@@ -43,6 +77,14 @@ pub fn encode_png(
         let mut enc = png::Encoder::new(Cursor::new(&mut out), width as u32, height as u32);
         enc.set_color(color);
         enc.set_depth(png::BitDepth::Eight);
+        match compression {
+            PngCompression::Fast => enc.set_compression(png::Compression::Fast),
+            PngCompression::Default => enc.set_compression(png::Compression::Default),
+            PngCompression::Best => {
+                enc.set_compression(png::Compression::Best);
+                enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+            }
+        }
         for (k, v) in text {
             enc.add_text_chunk(k.to_string(), v.clone())?;
         }
@@ -60,7 +102,15 @@ mod tests {
     #[test]
     fn round_trip_with_text() {
         let planar: Vec<u8> = (0..3 * 4 * 2).map(|i| i as u8 * 10).collect();
-        let bytes = encode_png(&planar, 3, 4, 2, &[("seed", "42".into())]).unwrap();
+        let bytes = encode_png(
+            &planar,
+            3,
+            4,
+            2,
+            &[("seed", "42".into())],
+            PngCompression::Fast,
+        )
+        .unwrap();
         let dec = png::Decoder::new(Cursor::new(bytes));
         let mut reader = dec.read_info().unwrap();
         let info = reader.info();
@@ -75,6 +125,6 @@ mod tests {
 
     #[test]
     fn rejects_bad_channel_count() {
-        assert!(encode_png(&[0; 8], 2, 2, 2, &[]).is_err());
+        assert!(encode_png(&[0; 8], 2, 2, 2, &[], PngCompression::Fast).is_err());
     }
 }

@@ -172,6 +172,7 @@ pub fn app_state(
         ),
         max_images_per_request: args.max_images_per_request as usize,
         max_body_bytes: args.max_body_bytes,
+        png_compression: args.png_compression,
         request_timeout: timeouts.request,
         max_request_timeout: timeouts.max_request,
         started_unix: api::unix_now(),

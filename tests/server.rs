@@ -600,3 +600,49 @@ async fn request_level_batching_still_batches_queued_requests() {
         images / batches
     );
 }
+
+/// `--png-compression` changes only how hard deflate works: a multi-image request gives the same
+/// pixels and metadata at every level, and the level is what the file's zlib header says.
+#[tokio::test]
+async fn png_compression_levels_are_lossless_and_take_effect() {
+    let body = json!({"class_label": 2, "seed": 77, "steps": 6, "n": 3});
+    let mut decoded = Vec::new();
+    for level in ["fast", "best"] {
+        let s = TestServer::start(&["--png-compression", level]).await;
+        let v: Value = s
+            .post("/generate", body.clone())
+            .await
+            .json()
+            .await
+            .unwrap();
+        let images = v["images"].as_array().unwrap();
+        assert_eq!(images.len(), 3);
+        let files: Vec<Vec<u8>> = images
+            .iter()
+            .map(|i| b64(i["b64_png"].as_str().unwrap()))
+            .collect();
+        for f in &files {
+            // The zlib header's FLEVEL bits (top two of its second byte): fdeflate writes 0
+            // (fastest) or 1, zlib at level 9 writes 3 (maximum).
+            let idat = f.windows(4).position(|w| w == b"IDAT").unwrap();
+            let flevel = f[idat + 5] >> 6;
+            match level {
+                "best" => assert_eq!(flevel, 3, "{level}"),
+                _ => assert!(flevel <= 1, "{level}: FLEVEL {flevel}"),
+            }
+        }
+        decoded.push(
+            files
+                .iter()
+                .map(|f| {
+                    let (_, _, _, px, text) = decode_png(f);
+                    (px, text["seed"].clone())
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        decoded[0], decoded[1],
+        "same pixels and seeds at every level"
+    );
+}

@@ -8,8 +8,10 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::types::{Encoding, Timings};
 use super::AppState;
+use crate::encode::EncodeOptions;
 use crate::engine::{EngineError, Job, JobEvent, SubmitError};
 use crate::pipeline::ImageSpec;
+use crate::png::PngCompression;
 
 pub struct EncodedImage {
     /// The file, in the request's output format.
@@ -85,6 +87,13 @@ pub async fn collect(
     let mut images: Vec<Option<EncodedImage>> = (0..specs.len()).map(|_| None).collect();
     let mut timings = Timings::default();
     let mut remaining = specs.len();
+    let options = EncodeOptions {
+        format: encoding.format,
+        quality: encoding.quality,
+        png: state.png_compression,
+    };
+    let mut encoding_tasks = Vec::with_capacity(specs.len());
+    let mut decode_info = vec![(Duration::ZERO, 0); specs.len()];
     // The engine enforces the deadline between steps; this guards a step that overruns it.
     let hard_deadline = tokio::time::Instant::from_std(deadline)
         .checked_add(Duration::from_secs(5))
@@ -122,6 +131,7 @@ pub async fn collect(
                     image.height,
                     image.width,
                     &[],
+                    PngCompression::Fast,
                 ) {
                     Ok(png) => on_update(Update::Preview {
                         index,
@@ -148,34 +158,44 @@ pub async fn collect(
                 decode,
                 decode_batch,
             }) => {
+                // Encoded on the blocking pool while the loop waits for the job's other images:
+                // a request's images arrive together after their shared decode, so they encode
+                // side by side, and the engine never waits for any of them.
                 let spec = specs[index];
                 let info = state.engine.info().clone();
-                let t0 = Instant::now();
-                let format = encoding.format;
-                let bytes = tokio::task::spawn_blocking(move || {
-                    info.encode_as(&pixels, &spec, encoding.format, encoding.quality)
-                })
-                .await
-                .map_err(|e| ApiError::internal(format!("{format} encoder task failed: {e}")))?
-                .map_err(|e| ApiError::internal(format!("{format} encoding failed: {e}")))?;
-                let enc = t0.elapsed();
-                tracing::info!(
-                    image = index,
-                    seed = spec.seed,
-                    decode_ms = ms(decode),
-                    decode_batch,
-                    encode_ms = ms(enc),
-                    "image decoded and encoded"
-                );
-                metrics::histogram!("diffit_encode_duration_seconds").record(enc.as_secs_f64());
-                metrics::counter!("diffit_images_generated_total").increment(1);
-                timings.encode_ms += ms(enc);
+                encoding_tasks.push(tokio::task::spawn_blocking(move || {
+                    let t0 = Instant::now();
+                    let bytes = info.encode_as(&pixels, &spec, options);
+                    (index, bytes, t0.elapsed())
+                }));
                 timings.denoise_ms = timings.denoise_ms.max(ms(denoise));
                 timings.decode_ms = timings.decode_ms.max(ms(decode));
-                images[index] = Some(EncodedImage { bytes, spec });
+                decode_info[index] = (decode, decode_batch);
                 remaining -= 1;
             }
         }
+    }
+    let format = options.format;
+    for task in encoding_tasks {
+        let (index, bytes, took) = task
+            .await
+            .map_err(|e| ApiError::internal(format!("{format} encoder task failed: {e}")))?;
+        let bytes =
+            bytes.map_err(|e| ApiError::internal(format!("{format} encoding failed: {e}")))?;
+        let spec = specs[index];
+        let (decode, decode_batch) = decode_info[index];
+        tracing::info!(
+            image = index,
+            seed = spec.seed,
+            decode_ms = ms(decode),
+            decode_batch,
+            encode_ms = ms(took),
+            "image decoded and encoded"
+        );
+        metrics::histogram!("diffit_encode_duration_seconds").record(took.as_secs_f64());
+        metrics::counter!("diffit_images_generated_total").increment(1);
+        timings.encode_ms += ms(took);
+        images[index] = Some(EncodedImage { bytes, spec });
     }
     timings.total_ms = ms(start.elapsed());
     Ok(Outcome {

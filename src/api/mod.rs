@@ -13,6 +13,7 @@ mod page;
 mod spec;
 pub mod types;
 
+use crate::png::PngCompression;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub api_keys: Arc<Vec<String>>,
     pub max_images_per_request: usize,
     pub max_body_bytes: usize,
+    /// Deflate effort of PNG images (a server setting, not a request field).
+    pub png_compression: PngCompression,
     pub request_timeout: Duration,
     pub max_request_timeout: Duration,
     pub started_unix: u64,

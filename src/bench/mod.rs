@@ -2,6 +2,7 @@
 //! targets live here (and in docs/perf.md), never in timed unit tests.
 
 pub mod batching;
+pub mod encode;
 pub mod kernels;
 pub mod model;
 pub mod ops;
@@ -21,6 +22,8 @@ pub enum BenchCommand {
     Model(model::ModelArgs),
     /// Serving images/s under concurrent load: engine only, engine + PNG, and HTTP end to end.
     Serve(serve::ServeBenchArgs),
+    /// Writing one image: ms and size per output format and PNG deflate effort.
+    Encode(encode::EncodeArgs),
     /// Every fused kernel against its unfused candle version on random inputs (fails if any
     /// differs by more than the tolerance of its dtype).
     Kernels(kernels::KernelsArgs),
@@ -32,6 +35,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Model(a) => model::cli(a),
         BenchCommand::Serve(a) => serve::cli(a),
         BenchCommand::Kernels(a) => kernels::run(a),
+        BenchCommand::Encode(a) => encode::run(a),
     }
 }
 

@@ -23,8 +23,10 @@ use super::stats::percentile;
 use crate::api::{self, AppState};
 use crate::config::{open_devices, DeviceSpec, KernelOptions, Precision};
 use crate::diffusion::{Guidance, SamplerKind};
+use crate::encode::EncodeOptions;
 use crate::engine::{self, EngineConfig, EngineHandle, Job, JobEvent, SubmitError};
 use crate::pipeline::{ImageSpec, LoadOptions, Pipeline};
+use crate::png::PngCompression;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeBenchArgs {
@@ -52,6 +54,9 @@ pub struct ServeBenchArgs {
     /// Denoising steps per image.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    /// PNG deflate effort in the engine+png and http passes (as `serve --png-compression`).
+    #[arg(long, value_enum, default_value = "fast")]
+    pub png_compression: PngCompression,
     /// Images per pass.
     #[arg(long, default_value_t = 64)]
     pub images: usize,
@@ -275,7 +280,7 @@ async fn engine_request(
     handle: EngineHandle,
     specs: Vec<ImageSpec>,
     deadline: Instant,
-    encode: bool,
+    encode: Option<PngCompression>,
 ) -> anyhow::Result<usize> {
     let mut rx = loop {
         let (job, rx) = Job::new("bench".into(), specs.clone(), deadline, false);
@@ -291,10 +296,14 @@ async fn engine_request(
     while images < specs.len() {
         match rx.recv().await {
             Some(JobEvent::Image { index, pixels, .. }) => {
-                if encode {
+                if let Some(png) = encode {
                     let info = handle.info().clone();
                     let spec = *specs.get(index).context("image index out of range")?;
-                    tokio::task::spawn_blocking(move || info.encode(&pixels, &spec))
+                    let options = EncodeOptions {
+                        png,
+                        ..Default::default()
+                    };
+                    tokio::task::spawn_blocking(move || info.encode_as(&pixels, &spec, options))
                         .await
                         .context("the PNG encoder task failed")??;
                 }
@@ -444,10 +453,10 @@ async fn measure(
             ..requests[i % requests.len()].specs[0]
         })
         .collect();
-    engine_request(handle.clone(), warm, Instant::now() + max, false).await?;
+    engine_request(handle.clone(), warm, Instant::now() + max, None).await?;
 
     let mut rows = Vec::new();
-    for (path, encode) in [("engine", false), ("engine+png", true)] {
+    for (path, encode) in [("engine", None), ("engine+png", Some(a.png_compression))] {
         eprintln!("measuring {path} …");
         let deadline = Instant::now() + max;
         let measured = closed_loop(requests.len(), a.concurrency, |r| {
@@ -465,6 +474,7 @@ async fn measure(
         api_keys: Arc::new(Vec::new()),
         max_images_per_request: a.n,
         max_body_bytes: 65536,
+        png_compression: a.png_compression,
         request_timeout: max,
         max_request_timeout: max,
         started_unix: 0,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::ImageSpec;
 use crate::classes::ClassNames;
 use crate::diffusion::{GuidanceSchedule, SamplerKind};
-use crate::encode::{encode, OutputFormat, DEFAULT_QUALITY};
+use crate::encode::{encode, EncodeOptions};
 use crate::model::{DiffitConfig, WeightsFile};
 
 /// Sampling settings used when a request leaves them out.
@@ -73,30 +73,27 @@ impl ModelInfo {
         ]
     }
 
-    /// One image of this model as a PNG, with its metadata.
+    /// One image of this model as a PNG (default settings), with its metadata.
     pub fn encode(&self, pixels: &[u8], spec: &ImageSpec) -> anyhow::Result<Vec<u8>> {
-        self.encode_as(pixels, spec, OutputFormat::Png, DEFAULT_QUALITY)
+        self.encode_as(pixels, spec, EncodeOptions::default())
     }
 
-    /// One image of this model in `format` (`quality`: JPEG's), with its metadata in that
-    /// format's own place.
+    /// One image of this model as `options` say, with its metadata in that format's own place.
     pub fn encode_as(
         &self,
         pixels: &[u8],
         spec: &ImageSpec,
-        format: OutputFormat,
-        quality: u8,
+        options: EncodeOptions,
     ) -> anyhow::Result<Vec<u8>> {
         let side = self.image_size;
         let text = self.png_text(spec);
         Ok(encode(
-            format,
             pixels,
             self.image_channels,
             side,
             side,
             &text,
-            quality,
+            options,
         )?)
     }
 }
