@@ -24,6 +24,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=src/kernels/tiling.rs");
     println!("cargo:rerun-if-changed=src/kernels/common.cuh");
+    println!("cargo:rerun-if-changed=src/kernels/mma.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -162,6 +162,9 @@ impl Toggle {
     }
 }
 
+/// Default of `KernelOptions::implicit_gemm_conv_max_cout`.
+pub const IMPLICIT_GEMM_CONV_MAX_COUT: usize = 128;
+
 /// Which of the hand-written kernels (`crate::kernels`) the networks run through. Every
 /// choice computes the same function; these exist to measure and to rule a kernel out when a
 /// new card or driver misbehaves. Shared by `serve`, `generate` and the benches.
@@ -194,6 +197,21 @@ pub struct KernelOptions {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub lt_epilogue: bool,
+    /// The VAE's 3×3 convolutions as implicit GEMMs (CUDA, bf16/f16): the im2col tiles are
+    /// gathered in shared memory instead of a 9× larger column matrix in memory.
+    #[arg(
+        long = "implicit-gemm-conv",
+        env = "DIFFIT_IMPLICIT_GEMM_CONV",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub implicit_gemm_conv: bool,
+    /// Only convolutions with at most this many output channels take the implicit GEMM: on an
+    /// H200 it beats im2col + cuBLAS at 128 and loses at 256 and 512 (docs/perf.md, v0.20).
+    /// Hidden: for measuring where it pays.
+    #[arg(long, hide = true, default_value_t = IMPLICIT_GEMM_CONV_MAX_COUT)]
+    pub implicit_gemm_conv_max_cout: usize,
 }
 
 impl Default for KernelOptions {
@@ -202,6 +220,8 @@ impl Default for KernelOptions {
             fused: Toggle::Auto,
             flash_attention: true,
             lt_epilogue: true,
+            implicit_gemm_conv: true,
+            implicit_gemm_conv_max_cout: IMPLICIT_GEMM_CONV_MAX_COUT,
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct ModelArgs {
     /// VAE decode batch sizes (comma-separated; empty to skip).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub vae_batches: Vec<usize>,
+    /// Latents per VAE decode chunk (as `serve --decode-chunk`); each chunk is one pass where
+    /// it fits the decoder's buffers.
+    #[arg(long, default_value_t = crate::model::vae::DEFAULT_DECODE_CHUNK)]
+    pub decode_chunk: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -65,6 +69,7 @@ pub fn cli(a: ModelArgs) -> anyhow::Result<()> {
         dtype,
         batches: a.batches,
         vae_batches: a.vae_batches,
+        decode_chunk: a.decode_chunk,
         warmup: a.warmup,
         iters: a.iters,
         kernels: a.kernels,
@@ -84,6 +89,7 @@ pub struct ModelBench {
     pub dtype: DType,
     pub batches: Vec<usize>,
     pub vae_batches: Vec<usize>,
+    pub decode_chunk: usize,
     pub warmup: usize,
     pub iters: usize,
     pub kernels: KernelOptions,
@@ -105,6 +111,8 @@ pub struct StepRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeRow {
     pub images: usize,
+    /// The pass sizes the decode ran in (`VaeDecoder::pass_sizes` for the chunk asked).
+    pub passes: Vec<usize>,
     pub ms_median: f64,
     pub images_per_sec: f64,
 }
@@ -201,7 +209,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
             let mut times = Vec::new();
             for it in 0..b.warmup.max(1) + b.iters.min(5) {
                 let start = Instant::now();
-                let out = vae.decode(&z)?;
+                let out = vae.decode_chunked(&z, b.decode_chunk)?;
                 b.device.synchronize()?;
                 drop(out);
                 if it >= b.warmup.max(1) {
@@ -211,6 +219,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
             let med = median(times);
             let row = DecodeRow {
                 images: n,
+                passes: vae.pass_sizes(n, b.decode_chunk, (b.latent, b.latent)),
                 ms_median: med,
                 images_per_sec: n as f64 / (med * 1e-3),
             };
@@ -257,13 +266,17 @@ impl std::fmt::Display for ModelBenchReport {
             )?;
         }
         if !self.decode.is_empty() {
-            writeln!(f, "| VAE decode B | ms | images/s |")?;
-            writeln!(f, "|---|---|---|")?;
+            writeln!(f, "| VAE decode B | passes | ms | images/s |")?;
+            writeln!(f, "|---|---|---|---|")?;
             for r in &self.decode {
+                let passes: Vec<String> = r.passes.iter().map(usize::to_string).collect();
                 writeln!(
                     f,
-                    "| {} | {:.1} | {:.1} |",
-                    r.images, r.ms_median, r.images_per_sec
+                    "| {} | {} | {:.1} | {:.1} |",
+                    r.images,
+                    passes.join("+"),
+                    r.ms_median,
+                    r.images_per_sec
                 )?;
             }
         }

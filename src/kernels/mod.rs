@@ -36,8 +36,8 @@ mod tiling;
 
 pub use attention::{attention, merge_heads, softmax_bias, split_qkv};
 pub use conv::{
-    conv3x3_small, conv3x3_small_fits, im2col3x3, im2col_up2_phases, pixel_shuffle_bias,
-    up2_phase_weights,
+    conv3x3_implicit, conv3x3_implicit_channels_fit, conv3x3_implicit_fits, conv3x3_small,
+    conv3x3_small_fits, im2col3x3, im2col_up2_phases, pixel_shuffle_bias, up2_phase_weights,
 };
 pub use linear::{bias_act, linear_bias_act, linear_bias_residual, Activation};
 pub use norm::{group_norm, layer_norm};

@@ -276,6 +276,34 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             conv3x3_nhwc(&xf, &kf, 1)?.broadcast_add(&biasf)?,
         )?;
     }
+    // Partial pixel and channel tiles, borders on every side, one and several taps a K block.
+    for (b, h, w, c, cout, with_residual) in [
+        (1, 5, 7, 32, 8, false),
+        (2, 9, 4, 64, 24, true),
+        (1, 16, 16, 128, 128, true),
+        (2, 11, 13, 32, 136, false),
+        (1, 33, 17, 256, 64, true),
+    ] {
+        let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
+        let (k, kf) = rnd(&[cout, c, 3, 3], 0.05)?;
+        let (bias, biasf) = rnd(&[cout], 1.0)?;
+        let (res, resf) = rnd(&[b, h, w, cout], 1.0)?;
+        let wt = k.permute((0, 2, 3, 1))?.reshape((cout, 9 * c))?;
+        let want = conv3x3_nhwc(&xf, &kf, 1)?.broadcast_add(&biasf)?;
+        let (res, want) = if with_residual {
+            (Some(&res), (want + resf)?)
+        } else {
+            (None, want)
+        };
+        push(
+            format!(
+                "conv3x3_implicit [{b},{h},{w},{c}] -> {cout}{}",
+                if with_residual { " + residual" } else { "" }
+            ),
+            super::conv3x3_implicit(&x, &wt, &bias, res)?,
+            want,
+        )?;
+    }
     for (rows, cols) in [(1, 1), (5, 31), (40, 1152), (9, 1000), (3, 4608)] {
         let (x, xf) = rnd(&[rows, cols], 2.0)?;
         // An offset mean, as activations have: a one-pass variance would lose precision.

@@ -35,6 +35,21 @@ pub const ATT_A_MT: usize = 1;
 pub const ATT_A_BK: usize = 64;
 pub const ATT_A_STAGES: usize = 2;
 
+/// Implicit-GEMM 3×3 convolution (conv.cu `conv3x3_igemm`): an output tile of CONV_BM pixels by
+/// CONV_BN channels a CTA of 8 warps (2 × 4, each 64 × 32), K in blocks of CONV_BK (within one
+/// tap: C must be a multiple of it) through a ring of CONV_STAGES in shared memory.
+pub const CONV_BM: usize = 128;
+pub const CONV_BN: usize = 128;
+pub const CONV_BK: usize = 32;
+pub const CONV_STAGES: usize = 3;
+/// Threads of a `conv3x3_igemm` CTA (the warp layout above is written for 8 warps).
+pub const CONV_THREADS: u32 = 256;
+
+/// Shared memory of one `conv3x3_igemm` CTA: the A and B rings, rows padded by 8 elements.
+pub const fn conv_igemm_smem(elem_bytes: usize) -> usize {
+    CONV_STAGES * (CONV_BM + CONV_BN) * (CONV_BK + 8) * elem_bytes
+}
+
 /// What nvcc gets as `-DNAME=value` (read by build.rs only).
 #[allow(dead_code)]
 pub const CUDA_DEFINES: &[(&str, usize)] = &[
@@ -48,4 +63,8 @@ pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("ATT_A_MT", ATT_A_MT),
     ("ATT_A_BK", ATT_A_BK),
     ("ATT_A_STAGES", ATT_A_STAGES),
+    ("CONV_BM", CONV_BM),
+    ("CONV_BN", CONV_BN),
+    ("CONV_BK", CONV_BK),
+    ("CONV_STAGES", CONV_STAGES),
 ];

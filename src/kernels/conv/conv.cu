@@ -3,6 +3,11 @@
 // same nvcc as candle's kernels; loaded at run time as a custom module.
 
 #include "../common.cuh"
+#include "../mma.cuh"
+
+#if !defined(CONV_BM) || !defined(CONV_BN) || !defined(CONV_BK) || !defined(CONV_STAGES)
+#error "the CONV_* tiling comes from src/kernels/tiling.rs through build.rs"
+#endif
 
 // out: [B·Ho·Wo, 9·C] with Ho = Hi·up, Wo = Wi·up: column (ky·3 + kx)·C + c of row (b, y, x)
 // holds the nearest-upsampled input at (y + ky − 1, x + kx − 1), zero outside (padding 1), so
@@ -173,6 +178,147 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
     }
 }
 
+
+// ---- Implicit-GEMM 3×3 convolution (mma.sync tensor cores) ----
+//
+// out [M = B·H·W, Cout] = bias + A·Wᵀ (+ residual), with A [M, 9·C] the im2col matrix of x
+// (row m, column (ky·3 + kx)·C + c: the input at pixel m's neighbour (ky − 1, kx − 1), zero
+// outside) and W [Cout, 9·C] the weight in (ky, kx, c) order. A is never written to memory: each
+// CTA gathers its BM × BK tiles of it straight from x with cp.async (16-byte copies of 8
+// channels; a copy whose neighbour falls outside the image or whose row is past M writes zeros),
+// next to the BN × BK tiles of W, through a ring of STAGES in shared memory. A K block lies
+// within one tap (C a multiple of BK), so one tap offset serves a whole tile. 8 warps as 2 × 4,
+// each a 64 × 32 output tile of 4 × 4 m16n8k16 mma with f32 accumulators; bias and residual are
+// added in registers and the result is written as pairs. Needs C a multiple of BK and Cout of 8
+// (the launcher checks; the im2col path runs otherwise).
+template <typename T>
+__device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *res, T *out,
+                              uint32_t batch, uint32_t h, uint32_t wd, uint32_t c, uint32_t cout,
+                              uint32_t has_res) {
+    constexpr int BM = CONV_BM, BN = CONV_BN, BK = CONV_BK, STAGES = CONV_STAGES;
+    constexpr int LD = BK + 8;  // row stride: 16-byte multiple, ldmatrix rows on distinct banks
+    static_assert(BM == 128 && BN == 128 && BK == 32, "the warp layout below is for 128 × 128 × 32");
+    extern __shared__ __align__(16) unsigned char smem[];
+    T *as_ring = reinterpret_cast<T *>(smem);   // [STAGES][BM][LD]
+    T *bs_ring = as_ring + STAGES * BM * LD;    // [STAGES][BN][LD]
+
+    const uint32_t m_total = batch * h * wd;
+    const uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const uint32_t wm = warp / 4, wn = warp % 4;
+    const uint32_t kdim = 9 * c, kblocks = kdim / BK;
+
+    // Each thread copies rows lrow and lrow + 64 of both tiles, 16-byte chunk lchunk of BK.
+    const uint32_t lrow = tid / 4, lchunk = tid % 4;
+    int py[2], px[2];
+    const T *pimg[2];
+    const T *wrow[2];
+    bool mok[2], nok[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const uint32_t m = m0 + lrow + 64 * i;
+        mok[i] = m < m_total;
+        const uint32_t mm = mok[i] ? m : 0;
+        px[i] = (int)(mm % wd);
+        const uint32_t t = mm / wd;
+        py[i] = (int)(t % h);
+        pimg[i] = x + (size_t)(t / h) * h * wd * c;
+        const uint32_t n = n0 + lrow + 64 * i;
+        nok[i] = n < cout;
+        wrow[i] = w + (size_t)(nok[i] ? n : 0) * kdim;
+    }
+    auto load = [&](uint32_t kb, uint32_t stage) {
+        const uint32_t k0 = kb * BK;
+        const uint32_t tap = k0 / c;
+        const uint32_t ch = k0 - tap * c + lchunk * 8;
+        const int dy = (int)(tap / 3) - 1, dx = (int)(tap % 3) - 1;
+        T *as = as_ring + stage * BM * LD;
+        T *bs = bs_ring + stage * BN * LD;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int yy = py[i] + dy, xx = px[i] + dx;
+            const bool ok = mok[i] && yy >= 0 && yy < (int)h && xx >= 0 && xx < (int)wd;
+            const T *src = ok ? pimg[i] + ((size_t)yy * wd + xx) * c + ch : x;
+            cp_async16(as + (lrow + 64 * i) * LD + lchunk * 8, src, ok ? 16 : 0);
+            cp_async16(bs + (lrow + 64 * i) * LD + lchunk * 8, nok[i] ? wrow[i] + k0 + lchunk * 8 : w,
+                       nok[i] ? 16 : 0);
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < kblocks) load(s, s);
+        cp_async_commit();
+    }
+    for (uint32_t kb = 0; kb < kblocks; ++kb) {
+        // Block kb has landed, and every warp is done with the stage the next load overwrites.
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const uint32_t next = kb + STAGES - 1;
+        if (next < kblocks) load(next, next % STAGES);
+        cp_async_commit();
+        const T *as = as_ring + (kb % STAGES) * BM * LD + (wm * 64) * LD;
+        const T *bs = bs_ring + (kb % STAGES) * BN * LD + (wn * 32) * LD;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            uint32_t a[4][4], b[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+                // Matrices (rows 0–7, k 0–7), (8–15, 0–7), (0–7, 8–15), (8–15, 8–15): a0..a3.
+                const uint32_t row = mt * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+                ldmatrix_x4(a[mt], as + row * LD + ks * 16 + (lane / 16) * 8);
+            }
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                // W rows are k-contiguous, i.e. B column-major: (n 0–7, k 0–7) is b0 of n-tile
+                // 2·np, (n 0–7, k 8–15) its b1, then the same for n 8–15.
+                uint32_t r[4];
+                const uint32_t row = np * 16 + lane % 8 + (lane / 16) * 8;
+                ldmatrix_x4(r, bs + row * LD + ks * 16 + ((lane / 8) % 2) * 8);
+                b[2 * np][0] = r[0];
+                b[2 * np][1] = r[1];
+                b[2 * np + 1][0] = r[2];
+                b[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    const uint32_t g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+        const uint32_t n = n0 + wn * 32 + nt * 8 + 2 * t;
+        if (n >= cout) continue;  // cout is a multiple of 8, so n + 1 < cout too
+        const float b0 = f(bias[n]), b1 = f(bias[n + 1]);
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const uint32_t m = m0 + wm * 64 + mt * 16 + g + half * 8;
+                if (m >= m_total) continue;
+                const size_t at = (size_t)m * cout + n;
+                float v0 = acc[mt][nt][2 * half] + b0, v1 = acc[mt][nt][2 * half + 1] + b1;
+                if (has_res) {
+                    v0 += f(res[at]);
+                    v1 += f(res[at + 1]);
+                }
+                *reinterpret_cast<uint32_t *>(out + at) = pack2<T>(v0, v1);
+            }
+    }
+}
+
 // im2col3x3 scalar and over packs, the ×2 upsampling phases, their pixel shuffle, and the
 // direct convolution to at most 4 channels.
 #define INSTANTIATE_IM2COL(T, SFX, NAME)                                                           \
@@ -199,3 +345,13 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
     }
 
 FOR_EACH_DTYPE(INSTANTIATE_CONV)
+
+// The implicit-GEMM convolution: tensor cores, so bf16 and f16 only.
+#define INSTANTIATE_IGEMM(T, SFX)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) conv3x3_igemm_##SFX(                         \
+        const T *x, const T *w, const T *b, const T *res, T *out, uint32_t batch, uint32_t h,      \
+        uint32_t wd, uint32_t c, uint32_t cout, uint32_t has_res) {                                \
+        conv3x3_igemm<T>(x, w, b, res, out, batch, h, wd, c, cout, has_res);                       \
+    }
+INSTANTIATE_IGEMM(__nv_bfloat16, bf16)
+INSTANTIATE_IGEMM(__half, f16)

@@ -3,10 +3,15 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Result};
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::WithDType;
+
 use crate::kernels::launch::{
-    aligned, config, dispatch, flat, grid_flat, pack, ptx, view, In, Ptx,
+    self, aligned, config, dispatch, flat, grid_flat, pack, ptx, view, Buf, In, Ptx, MAX_GRID,
 };
-use crate::kernels::tiling::ROW_BLOCK;
+use crate::kernels::tiling::{conv_igemm_smem, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS, ROW_BLOCK};
 
 const PTX: Ptx = ptx!("conv");
 
@@ -117,4 +122,76 @@ pub fn pixel_shuffle_bias(y: In, bias: In, dims: [usize; 4]) -> Result<CudaStora
         unsafe { PTX.launch::<T>(&dev, name, cfg, &[&yv, &bv, &out], &sizes, &[]) }?;
         out
     })
+}
+
+/// The implicit-GEMM 3×3 convolution: `dims` = input [batch, h, w, c], weight [cout, 9·c],
+/// bias [cout], residual (if any) [batch·h·w, cout]. bf16/f16 only (tensor cores).
+pub fn conv3x3_igemm(
+    x: In,
+    w: In,
+    bias: In,
+    residual: Option<In>,
+    dims: [usize; 4],
+    cout: usize,
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::CudaStorageSlice as S;
+    let slice = match &x.0.slice {
+        S::BF16(_) => S::BF16(igemm::<half::bf16>(x, w, bias, residual, dims, cout)?),
+        S::F16(_) => S::F16(igemm::<half::f16>(x, w, bias, residual, dims, cout)?),
+        _ => candle_core::bail!("conv3x3_igemm: tensor cores take bf16 or f16 only"),
+    };
+    Ok(CudaStorage {
+        slice,
+        device: x.0.device().clone(),
+    })
+}
+
+fn igemm<T: CudaDType + WithDType + DeviceRepr>(
+    x: In,
+    w: In,
+    bias: In,
+    residual: Option<In>,
+    dims: [usize; 4],
+    cout: usize,
+) -> Result<CudaSlice<T>> {
+    let [batch, h, wd, c] = dims;
+    let pixels = batch * h * wd;
+    let grid = (pixels.div_ceil(CONV_BM), cout.div_ceil(CONV_BN));
+    let aligned_all = aligned::<T>(x.1)
+        && aligned::<T>(w.1)
+        && aligned::<T>(bias.1)
+        && residual.is_none_or(|r| aligned::<T>(r.1));
+    if !(aligned_all
+        && c.is_multiple_of(CONV_BK)
+        && cout.is_multiple_of(8)
+        && pixels * c.max(cout) < u32::MAX as usize
+        && grid.1 <= MAX_GRID)
+    {
+        candle_core::bail!(
+            "conv3x3_igemm: needs C a multiple of {CONV_BK}, Cout of 8, 16-byte aligned inputs \
+             and 32-bit sizes (got C {c}, Cout {cout}, {pixels} pixels)"
+        );
+    }
+    let dev = x.0.device().clone();
+    let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(bias)?);
+    let rv = residual.map(view::<T>).transpose()?;
+    let out = unsafe { dev.alloc::<T>(pixels * cout)? };
+    let func = PTX.func::<T>(&dev, "conv3x3_igemm")?;
+    let smem = conv_igemm_smem(std::mem::size_of::<T>());
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .w()?;
+    let cfg = config((grid.0 as u32, grid.1 as u32, 1), CONV_THREADS, smem);
+    let sizes = [batch, h, wd, c, cout, usize::from(rv.is_some())];
+    // Without a residual the kernel never reads its pointer: pass the bias in its place.
+    let res: &dyn Buf = match &rv {
+        Some(r) => r,
+        None => &bv,
+    };
+    // SAFETY: reads pixels·c inputs, cout·9·c weights, cout biases and (with has_res)
+    // pixels·cout residuals; writes pixels·cout. The checks above keep every index in 32 bits.
+    unsafe { launch::launch(&dev, &func, cfg, &[&xv, &wv, &bv, res, &out], &sizes, &[]) }?;
+    Ok(out)
 }

@@ -2,13 +2,15 @@
 //! nearest ×2 upsampling fused in) so a convolution is one matmul whose output is already in
 //! layout; the upsampling convolution as four 2×2 phase matmuls (`im2col_up2_phases`,
 //! `up2_phase_weights`, `pixel_shuffle_bias`); and the direct kernel for the output
-//! convolution's ≤ 4 channels (`conv3x3_small`).
+//! convolution's ≤ 4 channels (`conv3x3_small`); and the implicit-GEMM 3×3 convolution
+//! (`conv3x3_implicit`: mma.sync tensor cores, the im2col tiles gathered in shared memory).
 
 use candle_core::backend::BackendStorage;
 use candle_core::Tensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 
 use super::cpu::{cpu_f32, cpu_store};
+use super::tiling::CONV_BK;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -50,6 +52,62 @@ pub fn conv3x3_small(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
     };
     x.contiguous()?
         .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+}
+
+/// A 3×3, padding-1 convolution of channels-last `x` [B, H, W, C] plus `residual` [B, H, W, Cout]
+/// if given: weight [Cout, 3·3·C] in (ky, kx, c) order, bias [Cout]; returns [B, H, W, Cout].
+/// Where `conv3x3_implicit_fits` (CUDA, bf16/f16, C a multiple of 32, Cout of 8) one
+/// tensor-core kernel computes it as an implicit GEMM: the im2col tiles are gathered in shared
+/// memory, so the 9× larger column matrix never reaches memory, and bias and residual are added
+/// before the single write. Elsewhere `im2col3x3` + one matmul + the adds.
+pub fn conv3x3_implicit(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let (cout, k) = weight.dims2()?;
+    let out_dims = [b, h, w, cout];
+    if k != 9 * c || bias.dims() != [cout] || residual.is_some_and(|r| r.dims() != out_dims) {
+        candle_core::bail!(
+            "conv3x3_implicit: weight {:?}, bias {:?}, residual {:?} do not fit {:?} to {cout}",
+            weight.dims(),
+            bias.dims(),
+            residual.map(|r| r.dims()),
+            x.dims()
+        );
+    }
+    if conv3x3_implicit_fits(x, cout) {
+        let op = Conv3x3Implicit {
+            dims: [b, h, w, c],
+            bias: bias.contiguous()?,
+            residual: residual.map(|r| r.contiguous()).transpose()?,
+        };
+        return x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op);
+    }
+    let y = im2col3x3(x, 1)?
+        .matmul(&weight.t()?)?
+        .broadcast_add(bias)?
+        .reshape((b, h, w, cout))?;
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
+/// Whether `conv3x3_implicit` runs as its tensor-core kernel for `x` and `cout` outputs.
+pub fn conv3x3_implicit_fits(x: &Tensor, cout: usize) -> bool {
+    let c = x.dim(candle_core::D::Minus1).unwrap_or(0);
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && conv3x3_implicit_channels_fit(c, cout)
+}
+
+/// The channel counts the implicit-GEMM kernel takes: a K block of `CONV_BK` within one tap,
+/// output pairs within 16-byte rows.
+pub fn conv3x3_implicit_channels_fit(cin: usize, cout: usize) -> bool {
+    cin > 0 && cin.is_multiple_of(CONV_BK) && cout > 0 && cout.is_multiple_of(8)
 }
 
 /// Whether `conv3x3_small` takes a convolution of `c` input and `cout` output channels.
@@ -131,6 +189,15 @@ struct Conv3x3Small {
     /// Input [B, H, W, C].
     dims: [usize; 4],
     cout: usize,
+}
+
+// Read only by `cuda_fwd`: a build without CUDA routes through im2col before making one.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Conv3x3Implicit {
+    /// Input [B, H, W, C].
+    dims: [usize; 4],
+    bias: Tensor,
+    residual: Option<Tensor>,
 }
 
 struct Im2colUp2 {
@@ -236,6 +303,56 @@ impl CustomOp3 for Conv3x3Small {
         let out = cuda::conv3x3_small((s1, l1), (s2, l2), (s3, l3), self.dims, self.cout)?;
         let [b, h, w, _] = self.dims;
         Ok((out, Shape::from((b, h, w, self.cout))))
+    }
+}
+
+impl CustomOp2 for Conv3x3Implicit {
+    fn name(&self) -> &'static str {
+        "diffit-conv3x3-implicit"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("conv3x3_implicit routes the CPU through im2col3x3 + matmul")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::Storage;
+        let (bias_guard, bias_l) = self.bias.storage_and_layout();
+        let Storage::Cuda(bias) = &*bias_guard else {
+            candle_core::bail!("conv3x3_implicit: the bias is not on the GPU");
+        };
+        let res_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &res_guard {
+            Some((guard, layout)) => match &**guard {
+                Storage::Cuda(s) => Some((s, *layout)),
+                _ => candle_core::bail!("conv3x3_implicit: the residual is not on the GPU"),
+            },
+            None => None,
+        };
+        let cout = l2.shape().dims2()?.0;
+        let out = cuda::conv3x3_igemm(
+            (s1, l1),
+            (s2, l2),
+            (bias, bias_l),
+            residual,
+            self.dims,
+            cout,
+        )?;
+        let [b, h, w, _] = self.dims;
+        Ok((out, Shape::from((b, h, w, cout))))
     }
 }
 

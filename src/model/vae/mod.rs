@@ -113,11 +113,7 @@ impl VaeDecoder {
     ) -> candle_core::Result<Self> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         let layout = if kernels.fused.on_for(&device) {
-            Layout::ChannelsLast(Box::new(nhwc::Decoder::new(
-                vb,
-                &config,
-                kernels.lt_epilogue,
-            )?))
+            Layout::ChannelsLast(Box::new(nhwc::Decoder::new(vb, &config, *kernels)?))
         } else {
             Layout::Nchw(Box::new(nchw::Decoder::new(vb, &config)?))
         };
@@ -150,7 +146,7 @@ impl VaeDecoder {
     pub fn max_pass(&self, latent_hw: (usize, usize)) -> usize {
         match &self.layout {
             Layout::Nchw(_) => usize::MAX,
-            Layout::ChannelsLast(_) => nhwc::max_batch(&self.config, latent_hw),
+            Layout::ChannelsLast(d) => d.max_batch(&self.config, latent_hw),
         }
     }
 

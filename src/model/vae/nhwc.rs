@@ -1,17 +1,19 @@
 //! The VAE decoder channels-last ([B, H, W, C]) through the fused kernels. Every activation is
 //! a [pixels, channels] matrix, so a 3×3 convolution is `im2col3x3` + one cuBLAS matmul whose
 //! output is already in layout, the bias (and a residual) go into that matmul, and GroupNorm +
-//! SiLU is one op. candle's NCHW conv2d (im2col of its own plus
-//! layout copies) and its GroupNorm (a chain of broadcast ops) made the decoder >10× slower
-//! than diffusers on an H100 (docs/perf.md).
+//! SiLU is one op. The 128-channel convolutions skip the im2col buffer: they run as implicit
+//! GEMMs (`kernels::conv3x3_implicit`), where that beats im2col + cuBLAS. candle's NCHW conv2d
+//! (im2col of its own plus layout copies) and its GroupNorm (a chain of broadcast ops) made the
+//! decoder >10× slower than diffusers on an H100 (docs/perf.md).
 //!
 //! Built from the same checkpoint keys as the NCHW decoder (`nchw.rs`), with the weights laid
 //! out for the matmuls at load; only one of the two is ever built (`VaeDecoder`).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{VaeConfig, NORM_EPS};
+use crate::config::KernelOptions;
 use crate::kernels::{self, Activation};
 
 /// A convolution as a matmul over its im2col columns: weight [Cout, k·k·Cin] in (ky, kx, c)
@@ -22,6 +24,8 @@ struct ConvMat {
     /// For a convolution after nearest ×2 upsampling: the 2×2 phase weights [4, Cout, 4·Cin]
     /// (`kernels::up2_phase_weights`), where the input channels fit the phase kernels.
     phases: Option<Tensor>,
+    /// 3×3 as an implicit GEMM where the kernel takes it (`KernelOptions::implicit_gemm_conv`).
+    implicit: bool,
 }
 
 impl ConvMat {
@@ -32,13 +36,13 @@ impl ConvMat {
         cin: usize,
         cout: usize,
         kernel: usize,
-        lt_epilogue: bool,
+        k: KernelOptions,
     ) -> Result<Self> {
         let w = vb.get((cout, cin, kernel, kernel), "weight")?;
-        Self::from_nchw(&w, vb.get(cout, "bias")?, lt_epilogue)
+        Self::from_nchw(&w, vb.get(cout, "bias")?, k)
     }
 
-    fn from_nchw(w: &Tensor, bias: Tensor, lt_epilogue: bool) -> Result<Self> {
+    fn from_nchw(w: &Tensor, bias: Tensor, k: KernelOptions) -> Result<Self> {
         let (o, i, kh, kw) = w.dims4()?;
         if kh != kw || !(kh == 1 || kh == 3) {
             candle_core::bail!("channels-last VAE: unsupported convolution {kh}×{kw}");
@@ -48,18 +52,19 @@ impl ConvMat {
             .reshape((o, kh * kw * i))?
             .contiguous()?;
         Ok(Self {
-            mat: LinearMat::new(weight, bias, lt_epilogue),
+            mat: LinearMat::new(weight, bias, k.lt_epilogue),
             kernel: kh,
             phases: None,
+            implicit: k.implicit_gemm_conv && o <= k.implicit_gemm_conv_max_cout,
         })
     }
 
     /// A 3×3 convolution that follows a nearest ×2 upsampling: it runs as four 2×2 phase
     /// convolutions of the low-resolution input (2.25× fewer FLOPs and im2col bytes) when the
     /// input and output channels are multiples of 8 (the kernels' 16-byte packs).
-    fn new_after_upsampling(vb: VarBuilder, ch: usize, lt_epilogue: bool) -> Result<Self> {
+    fn new_after_upsampling(vb: VarBuilder, ch: usize, k: KernelOptions) -> Result<Self> {
         let w = vb.get((ch, ch, 3, 3), "weight")?;
-        let mut c = Self::from_nchw(&w, vb.get(ch, "bias")?, lt_epilogue)?;
+        let mut c = Self::from_nchw(&w, vb.get(ch, "bias")?, k)?;
         if ch.is_multiple_of(8) {
             c.phases = Some(kernels::up2_phase_weights(&w)?.contiguous()?);
         }
@@ -82,6 +87,9 @@ impl ConvMat {
             && kernels::conv3x3_small_fits(c, cout)
         {
             return kernels::conv3x3_small(x, &self.mat.weight, &self.mat.bias);
+        }
+        if self.kernel == 3 && up == 1 && self.implicit && kernels::conv3x3_implicit_fits(x, cout) {
+            return kernels::conv3x3_implicit(x, &self.mat.weight, &self.mat.bias, residual);
         }
         let (ho, wo) = (h * up, w * up);
         let cols = match self.kernel {
@@ -138,14 +146,20 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize, lt: bool) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        k: KernelOptions,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: GroupNormMat::new(vb.pp("norm1"), groups, cin)?,
-            conv1: ConvMat::new(vb.pp("conv1"), cin, cout, 3, lt)?,
+            conv1: ConvMat::new(vb.pp("conv1"), cin, cout, 3, k)?,
             norm2: GroupNormMat::new(vb.pp("norm2"), groups, cout)?,
-            conv2: ConvMat::new(vb.pp("conv2"), cout, cout, 3, lt)?,
+            conv2: ConvMat::new(vb.pp("conv2"), cout, cout, 3, k)?,
             conv_shortcut: if cin != cout {
-                Some(ConvMat::new(vb.pp("conv_shortcut"), cin, cout, 1, lt)?)
+                Some(ConvMat::new(vb.pp("conv_shortcut"), cin, cout, 1, k)?)
             } else {
                 None
             },
@@ -216,13 +230,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, ch: usize, groups: usize, lt: bool) -> Result<Self> {
+    fn new(vb: VarBuilder, ch: usize, groups: usize, k: KernelOptions) -> Result<Self> {
         Ok(Self {
             group_norm: GroupNormMat::new(vb.pp("group_norm"), groups, ch)?,
-            to_q: LinearMat::square(vb.pp("to_q"), ch, lt)?,
-            to_k: LinearMat::square(vb.pp("to_k"), ch, lt)?,
-            to_v: LinearMat::square(vb.pp("to_v"), ch, lt)?,
-            to_out: LinearMat::square(vb.pp("to_out.0"), ch, lt)?,
+            to_q: LinearMat::square(vb.pp("to_q"), ch, k.lt_epilogue)?,
+            to_k: LinearMat::square(vb.pp("to_k"), ch, k.lt_epilogue)?,
+            to_v: LinearMat::square(vb.pp("to_v"), ch, k.lt_epilogue)?,
+            to_out: LinearMat::square(vb.pp("to_out.0"), ch, k.lt_epilogue)?,
         })
     }
 
@@ -257,11 +271,15 @@ pub(super) struct Decoder {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNormMat,
     conv_out: ConvMat,
+    /// Output channels up to which the 3×3 convolutions run as implicit GEMMs (0: none; the
+    /// option, on a GPU, in bf16/f16): those make no im2col buffer, so a pass may take more
+    /// latents (`max_batch`).
+    implicit_max_cout: usize,
 }
 
 impl Decoder {
     /// `vb` is the file's root (`post_quant_conv` sits beside `decoder`).
-    pub(super) fn new(vb: VarBuilder, cfg: &VaeConfig, lt: bool) -> Result<Self> {
+    pub(super) fn new(vb: VarBuilder, cfg: &VaeConfig, k: KernelOptions) -> Result<Self> {
         let groups = cfg.norm_num_groups;
         let chans = cfg.decoder_channels();
         let (Some(&top), Some(&bottom)) = (chans.first(), chans.last()) else {
@@ -269,18 +287,18 @@ impl Decoder {
         };
         let lat = cfg.latent_channels;
         let post_quant_conv = if cfg.post_quant_conv {
-            Some(ConvMat::new(vb.pp("post_quant_conv"), lat, lat, 1, lt)?)
+            Some(ConvMat::new(vb.pp("post_quant_conv"), lat, lat, 1, k)?)
         } else {
             None
         };
         let d = vb.pp("decoder");
         let mid = d.pp("mid_block");
         let mid_resnets = [
-            Resnet::new(mid.pp("resnets.0"), top, top, groups, lt)?,
-            Resnet::new(mid.pp("resnets.1"), top, top, groups, lt)?,
+            Resnet::new(mid.pp("resnets.0"), top, top, groups, k)?,
+            Resnet::new(mid.pp("resnets.1"), top, top, groups, k)?,
         ];
         let mid_attention = if cfg.mid_attention {
-            Some(Attention::new(mid.pp("attentions.0"), top, groups, lt)?)
+            Some(Attention::new(mid.pp("attentions.0"), top, groups, k)?)
         } else {
             None
         };
@@ -290,14 +308,14 @@ impl Decoder {
             let ub = d.pp("up_blocks").pp(i);
             let mut resnets = Vec::with_capacity(cfg.layers_per_block + 1);
             for j in 0..=cfg.layers_per_block {
-                resnets.push(Resnet::new(ub.pp("resnets").pp(j), cin, cout, groups, lt)?);
+                resnets.push(Resnet::new(ub.pp("resnets").pp(j), cin, cout, groups, k)?);
                 cin = cout;
             }
             let upsampler = if i + 1 < chans.len() {
                 Some(ConvMat::new_after_upsampling(
                     ub.pp("upsamplers.0.conv"),
                     cout,
-                    lt,
+                    k,
                 )?)
             } else {
                 None
@@ -306,13 +324,26 @@ impl Decoder {
         }
         Ok(Self {
             post_quant_conv,
-            conv_in: ConvMat::new(d.pp("conv_in"), lat, top, 3, lt)?,
+            conv_in: ConvMat::new(d.pp("conv_in"), lat, top, 3, k)?,
             mid_resnets,
             mid_attention,
             up_blocks,
             conv_norm_out: GroupNormMat::new(d.pp("conv_norm_out"), groups, bottom)?,
-            conv_out: ConvMat::new(d.pp("conv_out"), bottom, cfg.out_channels, 3, lt)?,
+            conv_out: ConvMat::new(d.pp("conv_out"), bottom, cfg.out_channels, 3, k)?,
+            implicit_max_cout: if k.implicit_gemm_conv
+                && vb.device().is_cuda()
+                && matches!(vb.dtype(), DType::BF16 | DType::F16)
+            {
+                k.implicit_gemm_conv_max_cout
+            } else {
+                0
+            },
         })
+    }
+
+    /// Most latents of `latent_hw` one pass may take (`max_batch` for this decoder's paths).
+    pub(super) fn max_batch(&self, cfg: &VaeConfig, latent_hw: (usize, usize)) -> usize {
+        max_batch(cfg, latent_hw, self.implicit_max_cout)
     }
 
     /// Scaled latents [B, C, h, w] in the run dtype → f32 pixels [B, out, h·f, w·f], in one
@@ -348,23 +379,47 @@ impl Decoder {
 /// few GB at most.
 const MAX_IM2COL_ELEMS: usize = 1 << 31;
 
-/// Most latents of `h`×`w` one pass may take: the largest im2col buffer (9·Cin per output pixel,
-/// over the 3×3 convolutions, in the decoder of `cfg`) times the batch must stay within
-/// `MAX_IM2COL_ELEMS`. For kl-f8 that is 14 latents of 32×32 (ImageNet-256), 3 of 64×64 (512).
-pub(super) fn max_batch(cfg: &VaeConfig, (h, w): (usize, usize)) -> usize {
+/// Most latents of `h`×`w` one pass may take: the largest buffer a pass makes (elements per
+/// latent pixel, over the convolutions of `cfg`'s decoder) times the batch must stay within
+/// `MAX_IM2COL_ELEMS`. With im2col that is a 3×3 convolution's column matrix, 9·Cin per output
+/// pixel: 14 latents of 32×32 for kl-f8 (ImageNet-256), 3 of 64×64 (512). The convolutions with
+/// at most `implicit_max_cout` outputs run as implicit GEMMs and make no columns; with all of
+/// them so, only the upsampling convolutions' phase columns (4·C per output pixel), the input
+/// convolution's (4 latent channels do not fit the kernel) and the activations remain.
+pub(super) fn max_batch(
+    cfg: &VaeConfig,
+    (h, w): (usize, usize),
+    implicit_max_cout: usize,
+) -> usize {
     let chans = cfg.decoder_channels();
+    let implicit = implicit_max_cout > 0;
+    // Elements per output pixel of a 3×3 convolution from `cin` to `cout` channels.
+    let conv3 = |cin: usize, cout: usize| {
+        if cout <= implicit_max_cout && kernels::conv3x3_implicit_channels_fit(cin, cout) {
+            cin.max(cout)
+        } else {
+            9 * cin.max(cout)
+        }
+    };
     let mut scale = 1usize;
     let mut most = 9 * cfg.latent_channels;
     let mut cin = chans.first().copied().unwrap_or(0);
     for (i, &cout) in chans.iter().enumerate() {
         // Each resnet's conv1 reads its input channels, conv2 its output channels.
-        most = most.max(scale * scale * 9 * cin.max(cout));
+        most = most.max(scale * scale * conv3(cin, cout));
         cin = cout;
         if i + 1 < chans.len() {
             scale *= 2;
-            most = most.max(scale * scale * 9 * cout);
+            let per_pixel = if implicit { 4 * cout } else { 9 * cout };
+            most = most.max(scale * scale * per_pixel);
         }
     }
-    let per_image = (most.max(scale * scale * 9 * cin) * h * w).max(1);
+    // conv_out: the direct kernel (no columns) on the GPU where it fits.
+    let out_per_pixel = if implicit && kernels::conv3x3_small_fits(cin, cfg.out_channels) {
+        cin
+    } else {
+        9 * cin
+    };
+    let per_image = (most.max(scale * scale * out_per_pixel) * h * w).max(1);
     (MAX_IM2COL_ELEMS / per_image).max(1)
 }

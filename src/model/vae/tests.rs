@@ -26,8 +26,16 @@ pub(crate) fn tiny_decoder(kernels: &KernelOptions) -> VaeDecoder {
 fn the_channels_last_bound_for_kl_f8() {
     let cfg = VaeConfig::sd_kl_f8();
     // 9·256 im2col columns per pixel at 8× the latent side: 151 M elements per 32×32 latent.
-    assert_eq!(nhwc::max_batch(&cfg, (32, 32)), 14);
-    assert_eq!(nhwc::max_batch(&cfg, (64, 64)), 3);
+    assert_eq!(nhwc::max_batch(&cfg, (32, 32), 0), 14);
+    assert_eq!(nhwc::max_batch(&cfg, (64, 64), 0), 3);
+    // Implicit GEMMs: the largest buffer is the last upsampling's phase columns, 4·256 per
+    // pixel at 4× the latent side: 32 latents of 32×32, 8 of 64×64.
+    assert_eq!(nhwc::max_batch(&cfg, (32, 32), usize::MAX), 32);
+    assert_eq!(nhwc::max_batch(&cfg, (64, 64), usize::MAX), 8);
+    // Only the 128-channel convolutions (the default): the 512 → 256 conv1 at 4× keeps its
+    // 9·512 columns per pixel.
+    assert_eq!(nhwc::max_batch(&cfg, (32, 32), 128), 28);
+    assert_eq!(nhwc::max_batch(&cfg, (64, 64), 128), 7);
 }
 
 #[test]
