@@ -194,6 +194,15 @@ pub struct KernelOptions {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub lt_epilogue: bool,
+    /// Denoising steps padded to a few batch shapes and replayed as CUDA graphs, one launch a
+    /// step (auto: on GPUs; `on` on the CPU runs the padded steps uncaptured, for the tests).
+    #[arg(
+        long = "cuda-graphs",
+        env = "DIFFIT_CUDA_GRAPHS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub cuda_graphs: Toggle,
 }
 
 impl Default for KernelOptions {
@@ -202,6 +211,7 @@ impl Default for KernelOptions {
             fused: Toggle::Auto,
             flash_attention: true,
             lt_epilogue: true,
+            cuda_graphs: Toggle::Auto,
         }
     }
 }
@@ -522,6 +532,10 @@ mod tests {
         );
         assert_eq!(parse(&["--fused-kernels", "1"]).unwrap().fused, Toggle::On);
         assert!(!parse(&["--lt-epilogue", "0"]).unwrap().lt_epilogue);
+        assert_eq!(
+            parse(&["--cuda-graphs", "off"]).unwrap().cuda_graphs,
+            Toggle::Off
+        );
         assert!(parse(&["--fused-kernels", "maybe"]).is_err());
         assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
     }

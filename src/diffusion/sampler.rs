@@ -235,6 +235,68 @@ impl SampleState {
     }
 }
 
+/// One sample's share of a fixed-shape step (`pipeline::graphs`), gathered on the host: the
+/// same numbers `denoise_step` uses, as the f32 values it uploads.
+pub(crate) struct StepRow {
+    pub timestep: i64,
+    pub label: i64,
+    /// The guidance scale at this step, for a guided sample.
+    pub guidance: Option<f32>,
+    /// r1, r2, a, b, c, d, log_var_max, log_var_min of the sampler update (module docs).
+    pub coefs: [f32; 8],
+    /// This step's noise, for a sample whose update adds noise (drawn from its own generator,
+    /// exactly as `denoise_step` draws it).
+    pub noise: Option<Vec<f32>>,
+    /// The previous x0 estimate, for a DPM-Solver++ sample whose update uses it (d ≠ 0).
+    pub x0_prev: Option<Tensor>,
+}
+
+impl SampleState {
+    /// This sample's inputs to the next step; draws its noise (advancing its generator), so
+    /// call it once per step, then `advance` with the step's results.
+    pub(crate) fn step_row(&mut self, learn_sigma: bool) -> candle_core::Result<StepRow> {
+        if self.is_done() {
+            candle_core::bail!("sample already finished its {} steps", self.steps_total());
+        }
+        let k = self.coefficients(learn_sigma);
+        let t = self.model_timestep();
+        let noise = k.noise.then(|| {
+            let len = self.x.elem_count();
+            self.noise.step(self.done, len)
+        });
+        Ok(StepRow {
+            timestep: t,
+            label: self.label,
+            guidance: self
+                .guidance
+                .is_guided()
+                .then(|| self.guidance.scale_at(t) as f32),
+            coefs: [k.r1, k.r2, k.a, k.b, k.c, k.d, k.log_var_max, k.log_var_min].map(|v| v as f32),
+            noise,
+            x0_prev: (k.d != 0.0).then(|| self.x0_prev.clone()).flatten(),
+        })
+    }
+
+    /// Whether `advance` needs this step's x0 estimate (DPM-Solver++ keeps it; so does a
+    /// sample keeping estimates for previews).
+    pub(crate) fn wants_x0(&self) -> bool {
+        self.sampler == SamplerKind::DpmSolverPP || self.keep_estimate
+    }
+
+    /// Ends the step `step_row` began: the new latent `x` and, if `wants_x0`, the x0 estimate
+    /// (both [1, C, H, W], f32).
+    pub(crate) fn advance(&mut self, x: Tensor, x0: Option<Tensor>) {
+        self.x = x;
+        if self.sampler == SamplerKind::DpmSolverPP {
+            self.x0_prev = x0.clone();
+        }
+        if self.keep_estimate {
+            self.estimate = x0;
+        }
+        self.done += 1;
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Coefs {
     r1: f64,
