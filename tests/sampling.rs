@@ -265,3 +265,28 @@ fn buckets_are_few_and_cover_every_batch() {
     let distinct: std::collections::BTreeSet<usize> = (1..=128).map(bucket).collect();
     assert_eq!(distinct.len(), 12, "{distinct:?}");
 }
+
+#[test]
+fn a_sample_can_switch_between_padded_and_direct_steps() {
+    // A failed capture in `auto` falls back to the direct step mid-run: the noise the padded
+    // step drew ahead must be the noise the direct step uses next.
+    let model = tiny();
+    let mut direct = vec![sample(3, SamplerKind::Ddpm, 10, 4.4, 7)];
+    run_staggered(
+        &mut StepGraphs::new(StepMode::Direct),
+        &model,
+        &mut direct,
+        &[0],
+    );
+    let mut switched = sample(3, SamplerKind::Ddpm, 10, 4.4, 7);
+    let mut padded = StepGraphs::new(StepMode::Bucketed);
+    for step in 0..10 {
+        match step % 3 {
+            0 => padded.step(&model, &mut [&mut switched]).unwrap(),
+            _ => denoise_step(&model, &mut [&mut switched]).unwrap(),
+        }
+    }
+    assert!(switched.is_done());
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(bits(switched.latent()), bits(direct[0].latent()));
+}

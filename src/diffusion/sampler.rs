@@ -104,6 +104,9 @@ pub struct SampleState {
     /// every step computes it anyway, and never changes the sample's own path.
     keep_estimate: bool,
     estimate: Option<Tensor>,
+    /// The next step's noise, drawn ahead while the device runs this step
+    /// (`predraw_noise`); the generator's sequence is the same either way.
+    next_noise: Option<Vec<f32>>,
 }
 
 impl SampleState {
@@ -130,6 +133,7 @@ impl SampleState {
             noise,
             keep_estimate: false,
             estimate: None,
+            next_noise: None,
         })
     }
 
@@ -193,7 +197,7 @@ impl SampleState {
             SamplerKind::Ddpm => {
                 k.a = s.posterior_mean_coef2[i];
                 k.c = s.posterior_mean_coef1[i];
-                k.noise = i > 0;
+                k.noise = self.adds_noise(i);
                 if learn_sigma {
                     k.log_var_max = s.log_betas[i];
                     k.log_var_min = s.posterior_log_variance_clipped[i];
@@ -260,10 +264,7 @@ impl SampleState {
         }
         let k = self.coefficients(learn_sigma);
         let t = self.model_timestep();
-        let noise = k.noise.then(|| {
-            let len = self.x.elem_count();
-            self.noise.step(self.done, len)
-        });
+        let noise = k.noise.then(|| self.take_noise());
         Ok(StepRow {
             timestep: t,
             label: self.label,
@@ -275,6 +276,28 @@ impl SampleState {
             noise,
             x0_prev: (k.d != 0.0).then(|| self.x0_prev.clone()).flatten(),
         })
+    }
+
+    /// Draws the noise of the step after the one `step_row` began, if that step adds noise:
+    /// called while the device runs this step, so the host's draw overlaps it.
+    pub(crate) fn predraw_noise(&mut self) {
+        let next = self.done + 1;
+        if next < self.steps_total() && self.adds_noise(self.steps_total() - 1 - next) {
+            self.next_noise = Some(self.noise.step(next, self.x.elem_count()));
+        }
+    }
+
+    /// This step's noise: drawn ahead by `predraw_noise`, or now.
+    fn take_noise(&mut self) -> Vec<f32> {
+        match self.next_noise.take() {
+            Some(n) => n,
+            None => self.noise.step(self.done, self.x.elem_count()),
+        }
+    }
+
+    /// Whether the update at respaced index `i` adds noise (DDPM's, but for the last step).
+    fn adds_noise(&self, i: usize) -> bool {
+        self.sampler == SamplerKind::Ddpm && i > 0
     }
 
     /// Whether `advance` needs this step's x0 estimate (DPM-Solver++ keeps it; so does a
@@ -403,7 +426,7 @@ pub fn denoise_step(
         let mut n = Vec::with_capacity(x.elem_count());
         for (s, k) in samples.iter_mut().zip(&coefs) {
             if k.noise {
-                n.extend(s.noise.step(s.done, per_sample));
+                n.extend(s.take_noise());
             } else {
                 n.extend(std::iter::repeat_n(0f32, per_sample));
             }

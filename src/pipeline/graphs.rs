@@ -240,6 +240,12 @@ impl StepGraphs {
             _ => step_body(model, b)?,
         }
 
+        // While the device runs the step: the next step's noise (DDPM draws C·H·W normals a
+        // sample, milliseconds of host time at 64 samples; the old step drew them after
+        // enqueueing its forward, overlapping them the same way).
+        for s in samples.iter_mut() {
+            s.predraw_noise();
+        }
         // Fresh copies: the buffers are overwritten by the next step of this bucket.
         let b = &self.buckets[&rows];
         let next = b.next.narrow(0, 0, n)?.copy()?;
