@@ -195,7 +195,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
             images_per_sec_50: n as f64 / (med * 1e-3 * 50.0),
         };
         eprintln!(
-            "{row:?} (steps: {:?}; graphs of buckets {:?}, graph memory {:?} MiB)",
+            "{row:?} (steps: {:?}; (bucket, graph nodes): {:?}, graph memory {:?} MiB)",
             stepper.mode(),
             stepper.captured(),
             StepGraphs::graph_memory_mib(&b.device)

@@ -147,13 +147,12 @@ impl StepGraphs {
         self.mode
     }
 
-    /// Buckets holding a captured graph (for logs and tests).
-    pub fn captured(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = self
+    /// (bucket, graph nodes) of every captured step (for logs and tests).
+    pub fn captured(&self) -> Vec<(usize, usize)> {
+        let mut v: Vec<(usize, usize)> = self
             .buckets
             .values()
-            .filter(|b| b.graph.is_some())
-            .map(|b| b.rows)
+            .filter_map(|b| Some((b.rows, b.graph.as_ref()?.nodes())))
             .collect();
         v.sort_unstable();
         v
@@ -216,6 +215,7 @@ impl StepGraphs {
                     Ok(graph) => {
                         tracing::info!(
                             bucket = rows,
+                            nodes = graph.nodes(),
                             graph_memory_mib = capture::graph_memory_mib(device),
                             "captured a CUDA graph of the denoising step"
                         );
@@ -378,7 +378,11 @@ mod capture {
     use candle_core::Device;
 
     /// A captured step.
-    pub struct Graph(CudaGraph);
+    pub struct Graph {
+        graph: CudaGraph,
+        /// Its node count: kernels, copies, memsets and memory nodes.
+        nodes: usize,
+    }
 
     // SAFETY: cudarc leaves CudaGraph !Send because graph objects are not internally
     // synchronised; this one is only ever used by the engine owning its `StepGraphs`,
@@ -422,11 +426,19 @@ mod capture {
                 .context("ending the capture")?
                 .context("the capture recorded nothing")?;
             graph.upload().context("uploading the graph")?;
-            Ok(Self(graph))
+            let mut nodes = 0usize;
+            // SAFETY: a live graph; with a null array the call only writes the count.
+            let _ =
+                unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut nodes) };
+            Ok(Self { graph, nodes })
         }
 
         pub fn launch(&self) -> anyhow::Result<()> {
-            Ok(self.0.launch()?)
+            Ok(self.graph.launch()?)
+        }
+
+        pub fn nodes(&self) -> usize {
+            self.nodes
         }
     }
 
@@ -454,6 +466,10 @@ mod capture {
     pub enum Graph {}
 
     impl Graph {
+        pub fn nodes(&self) -> usize {
+            match *self {}
+        }
+
         pub fn capture(
             _: &Device,
             _: impl FnOnce() -> candle_core::Result<()>,
