@@ -142,7 +142,6 @@ fn a_sample_does_not_depend_on_its_batch_mates() {
         step += 1;
     }
     // Bit for bit: the conditioning matmuls run in fixed-shape chunks, so no kernel sees B.
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(
         bits(target.latent()),
         bits(alone.latent()),
@@ -172,6 +171,18 @@ fn run_staggered(
         stepper.step(model, &mut batch).unwrap();
         step += 1;
     }
+}
+
+/// `sample` run alone to its end through a stepper of `mode`.
+fn run_alone(mode: StepMode, model: &DiffiT, sample: SampleState) -> SampleState {
+    let mut one = [sample];
+    run_staggered(&mut StepGraphs::new(mode), model, &mut one, &[0]);
+    let [done] = one;
+    done
+}
+
+fn bits(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 fn mixed_batch() -> Vec<SampleState> {
@@ -205,7 +216,6 @@ fn padded_steps_give_the_direct_steps_latents() {
     );
     let mut stepper = StepGraphs::new(StepMode::Bucketed);
     run_staggered(&mut stepper, &model, &mut padded, &joins);
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for (i, (d, p)) in direct.iter().zip(&padded).enumerate() {
         assert!(d.is_done() && p.is_done());
         assert_eq!(bits(p.latent()), bits(d.latent()), "sample {i}: latent");
@@ -226,12 +236,10 @@ fn padding_rows_and_batch_mates_do_not_change_a_padded_sample() {
     // One guided sample alone (bucket 2) and amid five others (buckets up to 12), whose rows
     // leave stale values behind in the bucket buffers as they finish.
     let model = tiny();
-    let mut alone = vec![sample(4, SamplerKind::Ddpm, 20, 4.4, 99)];
-    run_staggered(
-        &mut StepGraphs::new(StepMode::Bucketed),
+    let alone = run_alone(
+        StepMode::Bucketed,
         &model,
-        &mut alone,
-        &[0],
+        sample(4, SamplerKind::Ddpm, 20, 4.4, 99),
     );
     let mut amid = mixed_batch();
     amid.rotate_left(1);
@@ -242,10 +250,9 @@ fn padding_rows_and_batch_mates_do_not_change_a_padded_sample() {
         &mut amid,
         &joins,
     );
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(
         bits(amid[5].latent()),
-        bits(alone[0].latent()),
+        bits(alone.latent()),
         "padding or batch mates changed the sample"
     );
 }
@@ -271,12 +278,10 @@ fn a_sample_can_switch_between_padded_and_direct_steps() {
     // A failed capture in `auto` falls back to the direct step mid-run: the noise the padded
     // step drew ahead must be the noise the direct step uses next.
     let model = tiny();
-    let mut direct = vec![sample(3, SamplerKind::Ddpm, 10, 4.4, 7)];
-    run_staggered(
-        &mut StepGraphs::new(StepMode::Direct),
+    let direct = run_alone(
+        StepMode::Direct,
         &model,
-        &mut direct,
-        &[0],
+        sample(3, SamplerKind::Ddpm, 10, 4.4, 7),
     );
     let mut switched = sample(3, SamplerKind::Ddpm, 10, 4.4, 7);
     let mut padded = StepGraphs::new(StepMode::Bucketed);
@@ -287,6 +292,5 @@ fn a_sample_can_switch_between_padded_and_direct_steps() {
         }
     }
     assert!(switched.is_done());
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(bits(switched.latent()), bits(direct[0].latent()));
+    assert_eq!(bits(switched.latent()), bits(direct.latent()));
 }
