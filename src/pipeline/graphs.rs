@@ -172,6 +172,9 @@ impl StepGraphs {
         if self.mode == StepMode::Direct {
             return Ok(crate::diffusion::denoise_step(model, samples)?);
         }
+        if let Some(s) = samples.iter().find(|s| s.is_done()) {
+            anyhow::bail!("sample already finished its {} steps", s.steps_total());
+        }
         let cfg = model.config();
         let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
         let learn_sigma = cfg.learn_sigma();
@@ -191,6 +194,8 @@ impl StepGraphs {
             ),
         };
         let per_sample = latent.0 * latent.1 * latent.2;
+        // One host-to-device copy (from pageable memory, into a fresh buffer), then one
+        // device copy into the fixed buffer the graph reads.
         let host = fill_params(&steps, rows, per_sample, cfg.null_class() as i64);
         b.params.slice_set(
             &Tensor::from_vec(host, b.params.elem_count(), device)?,
