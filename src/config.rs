@@ -212,6 +212,15 @@ pub struct KernelOptions {
     /// Hidden: for measuring where it pays.
     #[arg(long, hide = true, default_value_t = IMPLICIT_GEMM_CONV_MAX_COUT)]
     pub implicit_gemm_conv_max_cout: usize,
+    /// Denoising steps padded to a few batch shapes and replayed as CUDA graphs, one launch a
+    /// step (auto: on GPUs; `on` on the CPU runs the padded steps uncaptured, for the tests).
+    #[arg(
+        long = "cuda-graphs",
+        env = "DIFFIT_CUDA_GRAPHS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub cuda_graphs: Toggle,
 }
 
 impl Default for KernelOptions {
@@ -222,6 +231,7 @@ impl Default for KernelOptions {
             lt_epilogue: true,
             implicit_gemm_conv: true,
             implicit_gemm_conv_max_cout: IMPLICIT_GEMM_CONV_MAX_COUT,
+            cuda_graphs: Toggle::Auto,
         }
     }
 }
@@ -551,6 +561,10 @@ mod tests {
         );
         assert_eq!(parse(&["--fused-kernels", "1"]).unwrap().fused, Toggle::On);
         assert!(!parse(&["--lt-epilogue", "0"]).unwrap().lt_epilogue);
+        assert_eq!(
+            parse(&["--cuda-graphs", "off"]).unwrap().cuda_graphs,
+            Toggle::Off
+        );
         assert!(parse(&["--fused-kernels", "maybe"]).is_err());
         assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
     }

@@ -13,6 +13,8 @@ use diffit_server::diffusion::{
     SeededNoise,
 };
 use diffit_server::model::{DiffiT, WeightsFile};
+use diffit_server::pipeline::graphs::bucket;
+use diffit_server::pipeline::{StepGraphs, StepMode};
 
 /// The exact ε-predictor for data that is a single point x*: ε = (x − √ᾱ·x*)/√(1 − ᾱ).
 /// Every correct sampler must land on x* (the last step has no noise).
@@ -140,10 +142,155 @@ fn a_sample_does_not_depend_on_its_batch_mates() {
         step += 1;
     }
     // Bit for bit: the conditioning matmuls run in fixed-shape chunks, so no kernel sees B.
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(
         bits(target.latent()),
         bits(alone.latent()),
         "batch mates changed the sample"
     );
+}
+
+/// Runs `samples` to their ends, joining as `joins[i]` says (the step at which each joins)
+/// and leaving when done, through `stepper`.
+fn run_staggered(
+    stepper: &mut StepGraphs,
+    model: &DiffiT,
+    samples: &mut [SampleState],
+    joins: &[usize],
+) {
+    let mut step = 0;
+    loop {
+        let mut batch: Vec<&mut SampleState> = samples
+            .iter_mut()
+            .zip(joins)
+            .filter(|(s, &j)| step >= j && !s.is_done())
+            .map(|(s, _)| s)
+            .collect();
+        if batch.is_empty() && step > joins.iter().copied().max().unwrap_or(0) {
+            return;
+        }
+        stepper.step(model, &mut batch).unwrap();
+        step += 1;
+    }
+}
+
+/// `sample` run alone to its end through a stepper of `mode`.
+fn run_alone(mode: StepMode, model: &DiffiT, sample: SampleState) -> SampleState {
+    let mut one = [sample];
+    run_staggered(&mut StepGraphs::new(mode), model, &mut one, &[0]);
+    let [done] = one;
+    done
+}
+
+fn bits(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn mixed_batch() -> Vec<SampleState> {
+    vec![
+        sample(4, SamplerKind::Ddpm, 20, 4.4, 99),
+        sample(1, SamplerKind::Ddim, 7, 1.0, 1),
+        sample(2, SamplerKind::DpmSolverPP, 30, 2.5, 2),
+        sample(9, SamplerKind::Ddpm, 12, 1.0, 3),
+        sample(0, SamplerKind::DpmSolverPP, 9, 1.0, 4),
+        sample(5, SamplerKind::Ddim, 15, 7.5, 5),
+    ]
+}
+
+#[test]
+fn padded_steps_give_the_direct_steps_latents() {
+    // The padded (graph-shaped) step against today's variable-shape one, on one mixed batch
+    // whose size and guided count change as samples join and leave: every sampler, guided
+    // and not, so every selected-away term is exercised. Bit for bit.
+    let model = tiny();
+    let joins = [0, 0, 2, 3, 5, 8];
+    let mut direct = mixed_batch();
+    let mut padded = mixed_batch();
+    for s in direct.iter_mut().chain(padded.iter_mut()) {
+        s.keep_estimate();
+    }
+    run_staggered(
+        &mut StepGraphs::new(StepMode::Direct),
+        &model,
+        &mut direct,
+        &joins,
+    );
+    let mut stepper = StepGraphs::new(StepMode::Bucketed);
+    run_staggered(&mut stepper, &model, &mut padded, &joins);
+    for (i, (d, p)) in direct.iter().zip(&padded).enumerate() {
+        assert!(d.is_done() && p.is_done());
+        assert_eq!(bits(p.latent()), bits(d.latent()), "sample {i}: latent");
+        assert_eq!(
+            bits(p.estimate().unwrap()),
+            bits(d.estimate().unwrap()),
+            "sample {i}: last x0 estimate"
+        );
+    }
+    assert!(
+        stepper.captured().is_empty(),
+        "nothing is captured on the CPU"
+    );
+}
+
+#[test]
+fn padding_rows_and_batch_mates_do_not_change_a_padded_sample() {
+    // One guided sample alone (bucket 2) and amid five others (buckets up to 12), whose rows
+    // leave stale values behind in the bucket buffers as they finish.
+    let model = tiny();
+    let alone = run_alone(
+        StepMode::Bucketed,
+        &model,
+        sample(4, SamplerKind::Ddpm, 20, 4.4, 99),
+    );
+    let mut amid = mixed_batch();
+    amid.rotate_left(1);
+    let joins = [0, 1, 0, 4, 2, 6];
+    run_staggered(
+        &mut StepGraphs::new(StepMode::Bucketed),
+        &model,
+        &mut amid,
+        &joins,
+    );
+    assert_eq!(
+        bits(amid[5].latent()),
+        bits(alone.latent()),
+        "padding or batch mates changed the sample"
+    );
+}
+
+#[test]
+fn buckets_are_few_and_cover_every_batch() {
+    let mut last = 0;
+    for rows in 1..=300 {
+        let b = bucket(rows);
+        assert!(b >= rows && b >= last, "bucket({rows}) = {b}");
+        assert!(
+            rows <= 8 || 3 * rows >= 2 * b,
+            "bucket({rows}) = {b} pads too much"
+        );
+        last = b;
+    }
+    let distinct: std::collections::BTreeSet<usize> = (1..=128).map(bucket).collect();
+    assert_eq!(distinct.len(), 12, "{distinct:?}");
+}
+
+#[test]
+fn a_sample_can_switch_between_padded_and_direct_steps() {
+    // A failed capture in `auto` falls back to the direct step mid-run: the noise the padded
+    // step drew ahead must be the noise the direct step uses next.
+    let model = tiny();
+    let direct = run_alone(
+        StepMode::Direct,
+        &model,
+        sample(3, SamplerKind::Ddpm, 10, 4.4, 7),
+    );
+    let mut switched = sample(3, SamplerKind::Ddpm, 10, 4.4, 7);
+    let mut padded = StepGraphs::new(StepMode::Bucketed);
+    for step in 0..10 {
+        match step % 3 {
+            0 => padded.step(&model, &mut [&mut switched]).unwrap(),
+            _ => denoise_step(&model, &mut [&mut switched]).unwrap(),
+        }
+    }
+    assert!(switched.is_done());
+    assert_eq!(bits(switched.latent()), bits(direct.latent()));
 }

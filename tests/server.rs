@@ -524,7 +524,16 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
 
 #[tokio::test]
 async fn same_request_same_pixels_alone_and_amid_concurrent_traffic() {
-    let s = TestServer::start(&["--max-batch", "32"]).await;
+    let direct = alone_and_amid(&[]).await;
+    // The padded steps that CUDA graphs replay (run uncaptured on the CPU): the same pixels.
+    let padded = alone_and_amid(&["--cuda-graphs", "on"]).await;
+    assert_eq!(direct, padded, "padded steps changed the pixels");
+}
+
+/// One request alone, then amid concurrent traffic of every sampler and guidance setting, on
+/// a server started with `extra`: asserts both give the same pixels, and returns them.
+async fn alone_and_amid(extra: &[&str]) -> Vec<u8> {
+    let s = TestServer::start(&[&["--max-batch", "32"], extra].concat()).await;
     let target = json!({"class_label": 6, "seed": 1234, "steps": 30, "sampler": "ddpm", "guidance_scale": 3.0});
     let alone: Value = s
         .post("/generate", target.clone())
@@ -568,6 +577,7 @@ async fn same_request_same_pixels_alone_and_amid_concurrent_traffic() {
         hist > 1.0,
         "requests really shared batches (mean batch {hist})"
     );
+    px(&alone)
 }
 
 /// `--request-level-batching` (the baseline of `bench batching`) admits only into an empty

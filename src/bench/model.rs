@@ -11,9 +11,10 @@ use serde::Serialize;
 use super::stats::median;
 use crate::config::{device_name, DeviceSpec, KernelOptions, Precision};
 use crate::diffusion::{
-    denoise_step, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule, SeededNoise,
+    Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule, SeededNoise,
 };
 use crate::model::{DiffiT, DiffitConfig, VaeConfig, VaeDecoder};
+use crate::pipeline::{StepGraphs, StepMode};
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
@@ -160,6 +161,10 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     let schedule = Arc::new(Schedule::new(250)?);
     let guidance = Guidance::new(4.4, GuidanceSchedule::PowerCosine)?;
     let mut steps = Vec::new();
+    // The serving step: padded and replayed as a CUDA graph unless --cuda-graphs off.
+    let mode = StepMode::resolve(b.kernels.cuda_graphs, &b.device);
+    eprintln!("steps: {mode:?}");
+    let mut stepper = StepGraphs::new(mode);
     for &n in &b.batches {
         let mut samples: Vec<SampleState> = (0..n)
             .map(|i| {
@@ -178,7 +183,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
         for it in 0..b.warmup + b.iters {
             let start = Instant::now();
             let mut refs: Vec<&mut SampleState> = samples.iter_mut().collect();
-            denoise_step(&model, &mut refs)?;
+            stepper.step(&model, &mut refs)?;
             let queued = start.elapsed();
             b.device.synchronize()?;
             if it >= b.warmup {
@@ -197,9 +202,16 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
             images_per_sec_250: n as f64 / (med * 1e-3 * 250.0),
             images_per_sec_50: n as f64 / (med * 1e-3 * 50.0),
         };
-        eprintln!("{row:?}");
+        eprintln!(
+            "{row:?} (steps: {:?}; (bucket, graph nodes): {:?}, graph memory {:?} MiB)",
+            stepper.mode(),
+            stepper.captured(),
+            StepGraphs::graph_memory_mib(&b.device)
+        );
         steps.push(row);
     }
+    // The graphs first: they hold the model's weights' addresses.
+    drop(stepper);
     drop(model);
     let mut decode = Vec::new();
     if !b.vae_batches.is_empty() {

@@ -104,6 +104,9 @@ pub struct SampleState {
     /// every step computes it anyway, and never changes the sample's own path.
     keep_estimate: bool,
     estimate: Option<Tensor>,
+    /// The next step's noise, drawn ahead while the device runs this step
+    /// (`predraw_noise`); the generator's sequence is the same either way.
+    next_noise: Option<Vec<f32>>,
 }
 
 impl SampleState {
@@ -130,6 +133,7 @@ impl SampleState {
             noise,
             keep_estimate: false,
             estimate: None,
+            next_noise: None,
         })
     }
 
@@ -193,7 +197,7 @@ impl SampleState {
             SamplerKind::Ddpm => {
                 k.a = s.posterior_mean_coef2[i];
                 k.c = s.posterior_mean_coef1[i];
-                k.noise = i > 0;
+                k.noise = self.adds_noise(i);
                 if learn_sigma {
                     k.log_var_max = s.log_betas[i];
                     k.log_var_min = s.posterior_log_variance_clipped[i];
@@ -232,6 +236,87 @@ impl SampleState {
             }
         }
         k
+    }
+}
+
+/// One sample's share of a fixed-shape step (`pipeline::graphs`), gathered on the host: the
+/// same numbers `denoise_step` uses, as the f32 values it uploads.
+pub(crate) struct StepRow {
+    pub timestep: i64,
+    pub label: i64,
+    /// The guidance scale at this step, for a guided sample.
+    pub guidance: Option<f32>,
+    /// r1, r2, a, b, c, d, log_var_max, log_var_min of the sampler update (module docs).
+    pub coefs: [f32; 8],
+    /// This step's noise, for a sample whose update adds noise (drawn from its own generator,
+    /// exactly as `denoise_step` draws it).
+    pub noise: Option<Vec<f32>>,
+    /// The previous x0 estimate, for a DPM-Solver++ sample whose update uses it (d ≠ 0).
+    pub x0_prev: Option<Tensor>,
+}
+
+impl SampleState {
+    /// This sample's inputs to the next step; draws its noise (advancing its generator), so
+    /// call it once per step, then `advance` with the step's results.
+    pub(crate) fn step_row(&mut self, learn_sigma: bool) -> candle_core::Result<StepRow> {
+        if self.is_done() {
+            candle_core::bail!("sample already finished its {} steps", self.steps_total());
+        }
+        let k = self.coefficients(learn_sigma);
+        let t = self.model_timestep();
+        let noise = k.noise.then(|| self.take_noise());
+        Ok(StepRow {
+            timestep: t,
+            label: self.label,
+            guidance: self
+                .guidance
+                .is_guided()
+                .then(|| self.guidance.scale_at(t) as f32),
+            coefs: [k.r1, k.r2, k.a, k.b, k.c, k.d, k.log_var_max, k.log_var_min].map(|v| v as f32),
+            noise,
+            x0_prev: (k.d != 0.0).then(|| self.x0_prev.clone()).flatten(),
+        })
+    }
+
+    /// Draws the noise of the step after the one `step_row` began, if that step adds noise:
+    /// called while the device runs this step, so the host's draw overlaps it.
+    pub(crate) fn predraw_noise(&mut self) {
+        let next = self.done + 1;
+        if next < self.steps_total() && self.adds_noise(self.steps_total() - 1 - next) {
+            self.next_noise = Some(self.noise.step(next, self.x.elem_count()));
+        }
+    }
+
+    /// This step's noise: drawn ahead by `predraw_noise`, or now.
+    fn take_noise(&mut self) -> Vec<f32> {
+        match self.next_noise.take() {
+            Some(n) => n,
+            None => self.noise.step(self.done, self.x.elem_count()),
+        }
+    }
+
+    /// Whether the update at respaced index `i` adds noise (DDPM's, but for the last step).
+    fn adds_noise(&self, i: usize) -> bool {
+        self.sampler == SamplerKind::Ddpm && i > 0
+    }
+
+    /// Whether `advance` needs this step's x0 estimate (DPM-Solver++ keeps it; so does a
+    /// sample keeping estimates for previews).
+    pub(crate) fn wants_x0(&self) -> bool {
+        self.sampler == SamplerKind::DpmSolverPP || self.keep_estimate
+    }
+
+    /// Ends the step `step_row` began: the new latent `x` and, if `wants_x0`, the x0 estimate
+    /// (both [1, C, H, W], f32).
+    pub(crate) fn advance(&mut self, x: Tensor, x0: Option<Tensor>) {
+        self.x = x;
+        if self.sampler == SamplerKind::DpmSolverPP {
+            self.x0_prev = x0.clone();
+        }
+        if self.keep_estimate {
+            self.estimate = x0;
+        }
+        self.done += 1;
     }
 }
 
@@ -341,7 +426,7 @@ pub fn denoise_step(
         let mut n = Vec::with_capacity(x.elem_count());
         for (s, k) in samples.iter_mut().zip(&coefs) {
             if k.noise {
-                n.extend(s.noise.step(s.done, per_sample));
+                n.extend(s.take_noise());
             } else {
                 n.extend(std::iter::repeat_n(0f32, per_sample));
             }

@@ -12,7 +12,7 @@ use super::decoder::{DecodeWork, Decoder};
 use super::preview::LatentPreview;
 use super::queue::{JobQueue, Take};
 use super::{EngineError, EngineSlot, EngineStats, Job, JobEvent};
-use crate::diffusion::{denoise_step, SampleState};
+use crate::diffusion::SampleState;
 use crate::pipeline::Pipeline;
 
 /// About how many previews an image that asked for them gets over its steps.
@@ -160,7 +160,8 @@ impl Scheduler {
             )?,
         };
         let mut s = self.pipe.new_sample(&spec)?;
-        denoise_step(&self.pipe.diffit, &mut [&mut s])?;
+        // Also captures the one-image step's graph (`pipeline::graphs`), where graphs are on.
+        self.pipe.step(&mut [&mut s])?;
         self.pipe.decode(s.latent())?;
         let cfg = &self.pipe.info.config;
         let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
@@ -376,7 +377,7 @@ impl Scheduler {
         step_span.in_scope(|| {
             let mut refs: Vec<&mut SampleState> =
                 self.active.iter_mut().map(|a| &mut a.sample).collect();
-            denoise_step(&self.pipe.diffit, &mut refs)
+            self.pipe.step(&mut refs)
         })?;
         let labels = [
             ("engine", self.engine_label.clone()),

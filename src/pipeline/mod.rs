@@ -1,21 +1,21 @@
 //! A loaded model pair (DiffiT + VAE) with its class names, sampling defaults and identity:
 //! what `generate` runs directly and what the serving engine owns.
 
+pub mod graphs;
 mod info;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
+pub use graphs::{StepGraphs, StepMode};
 pub use info::{ModelInfo, SamplingDefaults};
 
 use crate::classes::ClassNames;
 use crate::config::{device_name, resolve_vae_path, KernelOptions};
-use crate::diffusion::{
-    denoise_step, Guidance, SampleState, SamplerKind, ScheduleCache, SeededNoise,
-};
+use crate::diffusion::{Guidance, SampleState, SamplerKind, ScheduleCache, SeededNoise};
 use crate::model::{vae, DiffiT, DiffitConfig, VaeDecoder, WeightsFile};
 
 impl SamplingDefaults {
@@ -76,6 +76,8 @@ pub struct Pipeline {
     pub info: ModelInfo,
     pub decode_chunk: usize,
     schedules: ScheduleCache,
+    /// How steps run (`--cuda-graphs`), with this model's captured graphs.
+    steps: Mutex<StepGraphs>,
 }
 
 impl Pipeline {
@@ -133,6 +135,10 @@ impl Pipeline {
             info,
             decode_chunk: opts.decode_chunk.max(1),
             schedules: ScheduleCache::default(),
+            steps: Mutex::new(StepGraphs::new(StepMode::resolve(
+                opts.kernels.cuda_graphs,
+                &opts.device,
+            ))),
         })
     }
 
@@ -207,6 +213,10 @@ impl Pipeline {
             info,
             decode_chunk: decode_chunk.max(1),
             schedules: ScheduleCache::default(),
+            steps: Mutex::new(StepGraphs::new(StepMode::resolve(
+                kernels.cuda_graphs,
+                device,
+            ))),
         })
     }
 
@@ -248,10 +258,25 @@ impl Pipeline {
             if active.is_empty() {
                 return Ok(());
             }
-            denoise_step(&self.diffit, &mut active)?;
+            self.step(&mut active)?;
             step += 1;
             on_step(step);
         }
+    }
+
+    /// Advances every sample by one step: one network forward over all of them (guided
+    /// samples twice), guidance and each sample's sampler update; as a CUDA graph replay
+    /// where `--cuda-graphs` says so (`graphs`).
+    pub fn step(&self, samples: &mut [&mut SampleState]) -> anyhow::Result<()> {
+        self.steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .step(&self.diffit, samples)
+    }
+
+    /// How steps run now (a failed capture in `auto` falls back to `Direct`).
+    pub fn step_mode(&self) -> StepMode {
+        self.steps.lock().unwrap_or_else(|e| e.into_inner()).mode()
     }
 
     /// Decodes finished latents [B, C, h, w] to planar u8 pixels, one Vec per image.

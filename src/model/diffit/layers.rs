@@ -321,11 +321,15 @@ impl LabelEmbedder {
         })
     }
 
-    /// Rows for `labels` (already range-checked by the network), [B, D].
-    pub fn forward(&self, labels: &[i64]) -> Result<Tensor> {
+    /// `labels` (already range-checked by the network) as the u32 index `forward` takes.
+    pub fn labels(&self, labels: &[i64]) -> Result<Tensor> {
         let labels: Vec<u32> = labels.iter().map(|&v| v as u32).collect();
-        let index = Tensor::new(labels, self.embedding_table.device())?;
-        self.embedding_table.index_select(&index, 0)
+        Tensor::new(labels, self.embedding_table.device())
+    }
+
+    /// Rows for the u32 labels `index` [B], [B, D].
+    pub fn forward(&self, index: &Tensor) -> Result<Tensor> {
+        self.embedding_table.index_select(index, 0)
     }
 }
 

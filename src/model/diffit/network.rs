@@ -205,14 +205,40 @@ impl DiffiT {
         Ok(b)
     }
 
+    /// `forward` with the conditioning already on the device: timestep features `t_features`
+    /// [B, 256] (f32, `timestep_features`) and labels `labels` [B] (u32, checked by the caller).
+    /// It reads nothing from the host and never waits on the device, so a CUDA graph can
+    /// capture it (`pipeline::graphs`).
+    pub fn forward_features(
+        &self,
+        x: &Tensor,
+        t_features: &Tensor,
+        labels: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_core(x, t_features, labels, Tracer(None))
+    }
+
     fn forward_impl(
         &self,
         x: &Tensor,
         t: &[i64],
         y: &[i64],
+        trace: Tracer,
+    ) -> candle_core::Result<Tensor> {
+        self.check_inputs(x, t, y)?;
+        let freq = self.t_embedder.features(t, &self.device)?;
+        let labels = self.y_embedder.labels(y)?;
+        self.forward_core(x, &freq, &labels, trace)
+    }
+
+    fn forward_core(
+        &self,
+        x: &Tensor,
+        freq: &Tensor,
+        labels: &Tensor,
         mut trace: Tracer,
     ) -> candle_core::Result<Tensor> {
-        let b = self.check_inputs(x, t, y)?;
+        let b = x.dim(0)?;
         let x = x.to_dtype(self.dtype)?;
         let mut h = match &self.pos_bias {
             Some(pos_bias) if !trace.on() => self.x_embedder.forward_plus(&x, pos_bias)?,
@@ -224,11 +250,10 @@ impl DiffiT {
                 h
             }
         };
-        let freq = self.t_embedder.features(t, &self.device)?;
-        trace.record("t_freq", &freq);
-        let t_emb = self.t_embedder.forward(&freq)?;
+        trace.record("t_freq", freq);
+        let t_emb = self.t_embedder.forward(freq)?;
         trace.record("t_embedder", &t_emb);
-        let y_emb = self.y_embedder.forward(y)?;
+        let y_emb = self.y_embedder.forward(labels)?;
         trace.record("y_embedder", &y_emb);
         let c = (t_emb + y_emb)?;
         trace.record("c", &c);

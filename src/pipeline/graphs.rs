@@ -1,0 +1,500 @@
+//! Fixed-shape denoising steps, replayed as CUDA graphs (`--cuda-graphs`).
+//!
+//! A step is padded to a bucket of network rows (`bucket`): the batch's samples, then the
+//! unconditional twins of its guided samples, then padding. Everything a step reads lives in
+//! device buffers of the bucket's shape, written before it runs: the latents (one device copy
+//! per sample), and one upload of everything else (timestep features, labels, which latent
+//! feeds each network row, guidance scales, sampler coefficients, noise). The step itself —
+//! the network forward, classifier-free guidance and every sample's sampler update — then
+//! reads only those buffers and writes two output buffers, so on a GPU it is captured once per
+//! bucket and replayed as one graph launch instead of hundreds of kernel launches.
+//!
+//! The step computes the same expressions as `diffusion::denoise_step`, row by row; terms a
+//! row does not use (guidance of an unguided sample, DPM-Solver++'s previous estimate, noise)
+//! are selected away rather than multiplied by zero, so a sample's numbers depend neither on
+//! its neighbours nor on the padding (tests below; on the GPU `scripts/gpu-determinism.sh`).
+//!
+//! Graphs are captured lazily, per (model, device, bucket): the first step of a bucket runs
+//! uncaptured with candle's host-to-device parameter cache on (so the capture finds every
+//! small upload candle makes cached) and is captured right after; later steps of that bucket
+//! replay it. Memory allocated inside a graph is graph-owned and freed inside it; CUDA maps
+//! it when the graph is uploaded (logged per capture).
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Toggle;
+use crate::diffusion::guidance::GUIDED_CHANNELS;
+use crate::diffusion::sampler::StepRow;
+use crate::diffusion::SampleState;
+use crate::model::diffit::{timestep_features, TIME_FREQ_DIM};
+use crate::model::DiffiT;
+
+/// Network rows a step of `rows` rows is padded to: few shapes (one graph each), and past 8
+/// rows at most a third of a padded step is padding.
+pub fn bucket(rows: usize) -> usize {
+    const BUCKETS: [usize; 12] = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128];
+    BUCKETS
+        .iter()
+        .copied()
+        .find(|&b| b >= rows)
+        .unwrap_or_else(|| rows.div_ceil(64) * 64)
+}
+
+/// The per-row columns of the parameter buffer, each `rows` long. Sample columns are indexed
+/// by sample row (0..n the batch's samples), network columns by network row.
+mod col {
+    /// Sampler coefficients r1, r2, a, b, c, d, log_var_max, log_var_min (sample rows).
+    pub const COEFS: usize = 0;
+    pub const D: usize = COEFS + 5;
+    pub const LOG_VAR_MAX: usize = COEFS + 6;
+    pub const LOG_VAR_MIN: usize = COEFS + 7;
+    /// 1 where the update adds noise (sample rows).
+    pub const NOISE: usize = 8;
+    /// 1 where the update uses the previous x0 estimate, d ≠ 0 (sample rows).
+    pub const PREV: usize = 9;
+    /// 1 for a guided sample (sample rows).
+    pub const GUIDED: usize = 10;
+    /// Its guidance scale at this step (sample rows).
+    pub const SCALE: usize = 11;
+    /// The label of each network row (the null class for unconditional twins).
+    pub const LABEL: usize = 12;
+    /// The sample row whose latent feeds each network row.
+    pub const SOURCE: usize = 13;
+    /// The network row holding each sample row's unconditional output (itself if unguided).
+    pub const UNCOND: usize = 14;
+    pub const COUNT: usize = 15;
+}
+
+/// How steps run, resolved from `--cuda-graphs` for a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMode {
+    /// Today's variable-shape `denoise_step` (graphs off, and the CPU's default).
+    Direct,
+    /// Padded to buckets, uncaptured: the CPU with graphs on (what the tests check).
+    Bucketed,
+    /// Padded and captured; `required`: a failed capture is an error, else a warning and
+    /// the direct path from then on.
+    Captured { required: bool },
+}
+
+impl StepMode {
+    pub fn resolve(setting: Toggle, device: &Device) -> Self {
+        match (setting, device.is_cuda()) {
+            (Toggle::Off, _) | (Toggle::Auto, false) => Self::Direct,
+            (Toggle::On, false) => Self::Bucketed,
+            (Toggle::Auto, true) => Self::Captured { required: false },
+            (Toggle::On, true) => Self::Captured { required: true },
+        }
+    }
+}
+
+/// The fixed buffers of one bucket, and its graph once captured.
+struct Bucket {
+    rows: usize,
+    /// Sample latents [rows, C, H, W], f32; rows past the batch hold stale values that only
+    /// padding rows read.
+    x: Tensor,
+    /// DPM-Solver++'s previous x0 estimates, same shape (read only where `col::PREV` is set).
+    x0_prev: Tensor,
+    /// f32: timestep features [rows·256], then the `col` columns [COUNT·rows], then the noise
+    /// [rows·C·H·W]; written by one upload a step.
+    params: Tensor,
+    /// Outputs: the updated latents and the x0 estimates, [rows, C, H, W].
+    next: Tensor,
+    x0: Tensor,
+    graph: Option<capture::Graph>,
+}
+
+impl Bucket {
+    fn new(
+        rows: usize,
+        latent: (usize, usize, usize),
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (c, h, w) = latent;
+        let image = || Tensor::zeros((rows, c, h, w), DType::F32, device);
+        let params = rows * (TIME_FREQ_DIM + col::COUNT + c * h * w);
+        Ok(Self {
+            rows,
+            x: image()?,
+            x0_prev: image()?,
+            params: Tensor::zeros(params, DType::F32, device)?,
+            next: image()?,
+            x0: image()?,
+            graph: None,
+        })
+    }
+}
+
+/// The bucketed (and, on a GPU, graph-captured) steps of one model on one device.
+pub struct StepGraphs {
+    mode: StepMode,
+    buckets: HashMap<usize, Bucket>,
+}
+
+impl StepGraphs {
+    pub fn new(mode: StepMode) -> Self {
+        Self {
+            mode,
+            buckets: HashMap::new(),
+        }
+    }
+
+    pub fn mode(&self) -> StepMode {
+        self.mode
+    }
+
+    /// (bucket, graph nodes) of every captured step (for logs and tests).
+    pub fn captured(&self) -> Vec<(usize, usize)> {
+        let mut v: Vec<(usize, usize)> = self
+            .buckets
+            .values()
+            .filter_map(|b| Some((b.rows, b.graph.as_ref()?.nodes())))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Graph memory the device holds for all captured steps (every model's), MiB; None
+    /// without CUDA.
+    pub fn graph_memory_mib(device: &Device) -> Option<u64> {
+        capture::graph_memory_mib(device)
+    }
+
+    /// Advances every sample by one step, as `denoise_step` does.
+    pub fn step(&mut self, model: &DiffiT, samples: &mut [&mut SampleState]) -> anyhow::Result<()> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        if self.mode == StepMode::Direct {
+            return Ok(crate::diffusion::denoise_step(model, samples)?);
+        }
+        if let Some(s) = samples.iter().find(|s| s.is_done()) {
+            anyhow::bail!("sample already finished its {} steps", s.steps_total());
+        }
+        let cfg = model.config();
+        let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
+        let learn_sigma = cfg.learn_sigma();
+        let steps: Vec<StepRow> = samples
+            .iter_mut()
+            .map(|s| s.step_row(learn_sigma))
+            .collect::<candle_core::Result<_>>()?;
+        let n = samples.len();
+        let guided = steps.iter().filter(|r| r.guidance.is_some()).count();
+        let rows = bucket(n + guided);
+        let device = model.device();
+        let b = match self.buckets.entry(rows) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                Bucket::new(rows, latent, device)
+                    .with_context(|| format!("allocating the buffers of step bucket {rows}"))?,
+            ),
+        };
+        let per_sample = latent.0 * latent.1 * latent.2;
+        // One host-to-device copy (from pageable memory, into a fresh buffer), then one
+        // device copy into the fixed buffer the graph reads.
+        let host = fill_params(&steps, rows, per_sample, cfg.null_class() as i64);
+        b.params.slice_set(
+            &Tensor::from_vec(host, b.params.elem_count(), device)?,
+            0,
+            0,
+        )?;
+        for (i, (s, row)) in samples.iter().zip(&steps).enumerate() {
+            b.x.slice_set(s.latent(), 0, i)?;
+            if let Some(prev) = &row.x0_prev {
+                b.x0_prev.slice_set(prev, 0, i)?;
+            }
+        }
+        drop(steps);
+
+        match (self.mode, b.graph.as_ref()) {
+            (_, Some(graph)) => graph.launch()?,
+            (StepMode::Captured { required }, None) => {
+                // The first step of a bucket: run it with candle's parameter cache on, then
+                // capture it for the next ones.
+                capture::warm_run(device, || step_body(model, b))?;
+                match capture::Graph::capture(device, || step_body(model, b)) {
+                    Ok(graph) => {
+                        tracing::info!(
+                            bucket = rows,
+                            nodes = graph.nodes(),
+                            graph_memory_mib = capture::graph_memory_mib(device),
+                            "captured a CUDA graph of the denoising step"
+                        );
+                        b.graph = Some(graph);
+                    }
+                    Err(e) if !required => {
+                        tracing::warn!(
+                            bucket = rows,
+                            error = %format!("{e:#}"),
+                            "capturing the denoising step failed; steps run uncaptured from \
+                             now on (--cuda-graphs on makes this an error)"
+                        );
+                        self.mode = StepMode::Direct;
+                    }
+                    Err(e) => {
+                        return Err(
+                            e.context(format!("capturing the denoising step (bucket {rows})"))
+                        )
+                    }
+                }
+            }
+            _ => step_body(model, b)?,
+        }
+
+        // While the device runs the step: the next step's noise (DDPM draws C·H·W normals a
+        // sample, milliseconds of host time at 64 samples; the old step drew them after
+        // enqueueing its forward, overlapping them the same way).
+        for s in samples.iter_mut() {
+            s.predraw_noise();
+        }
+        // Fresh copies: the buffers are overwritten by the next step of this bucket.
+        let b = &self.buckets[&rows];
+        let next = b.next.narrow(0, 0, n)?.copy()?;
+        let x0 = match samples.iter().any(|s| s.wants_x0()) {
+            true => Some(b.x0.narrow(0, 0, n)?.copy()?),
+            false => None,
+        };
+        for (i, s) in samples.iter_mut().enumerate() {
+            let est = match (&x0, s.wants_x0()) {
+                (Some(x0), true) => Some(x0.narrow(0, i, 1)?),
+                _ => None,
+            };
+            s.advance(next.narrow(0, i, 1)?, est);
+        }
+        Ok(())
+    }
+}
+
+/// The host side of `Bucket::params` for one step: sample rows 0..n are `steps`' samples;
+/// network rows 0..n feed them conditionally, n.. the guided ones' unconditional twins (in
+/// order), the rest is padding (label 0 of sample 0's latent at timestep 0).
+fn fill_params(steps: &[StepRow], rows: usize, per_sample: usize, null: i64) -> Vec<f32> {
+    let n = steps.len();
+    let mut net_t = vec![0i64; rows];
+    let mut cols = vec![0f32; col::COUNT * rows];
+    let mut noise = vec![0f32; rows * per_sample];
+    let mut set = |c: usize, row: usize, v: f32| cols[c * rows + row] = v;
+    let mut twin = n;
+    for i in 0..rows {
+        set(col::UNCOND, i, i as f32);
+    }
+    for (i, r) in steps.iter().enumerate() {
+        for (k, &v) in r.coefs.iter().enumerate() {
+            set(col::COEFS + k, i, v);
+        }
+        set(col::PREV, i, f32::from(u8::from(r.x0_prev.is_some())));
+        set(col::SCALE, i, r.guidance.unwrap_or(1.0));
+        net_t[i] = r.timestep;
+        set(col::LABEL, i, r.label as f32);
+        set(col::SOURCE, i, i as f32);
+        if let Some(n_i) = &r.noise {
+            set(col::NOISE, i, 1.0);
+            noise[i * per_sample..][..per_sample].copy_from_slice(n_i);
+        }
+        if r.guidance.is_some() {
+            set(col::GUIDED, i, 1.0);
+            set(col::UNCOND, i, twin as f32);
+            net_t[twin] = r.timestep;
+            set(col::LABEL, twin, null as f32);
+            set(col::SOURCE, twin, i as f32);
+            twin += 1;
+        }
+    }
+    let mut host = timestep_features(&net_t);
+    host.extend_from_slice(&cols);
+    host.extend_from_slice(&noise);
+    host
+}
+
+/// One step over a bucket's buffers: reads `x`, `x0_prev` and `params`, writes `next` and
+/// `x0`. Nothing here reads from the host or waits on the device (it is what gets captured):
+/// labels and indices travel as f32 (exact below 2^24) and are cast on the device.
+fn step_body(model: &DiffiT, b: &Bucket) -> candle_core::Result<()> {
+    let (r, cin) = (b.rows, model.config().in_channels);
+    let shape = b.x.dims().to_vec();
+    let base = r * TIME_FREQ_DIM;
+    let column = |c: usize| b.params.narrow(0, base + c * r, r);
+    let per_row = |c: usize| column(c)?.reshape((r, 1, 1, 1));
+    let index = |c: usize| column(c)?.to_dtype(DType::U32);
+    let flag = |c: usize| per_row(c)?.gt(0.5)?.broadcast_as(shape.as_slice());
+    let features = b.params.narrow(0, 0, base)?.reshape((r, TIME_FREQ_DIM))?;
+    let noise = b
+        .params
+        .narrow(0, base + col::COUNT * r, b.x.elem_count())?
+        .reshape(shape.as_slice())?;
+
+    let net_in = b.x.index_select(&index(col::SOURCE)?, 0)?;
+    let out = model
+        .forward_features(&net_in, &features, &index(col::LABEL)?)?
+        .to_dtype(DType::F32)?;
+    // Network rows 0..n are sample rows 0..n; past n a sample row is padding either way.
+    let cond = &out;
+    let uncond = out.index_select(&index(col::UNCOND)?, 0)?;
+
+    // Classifier-free guidance (`guidance::guided_eps`) where the sample is guided.
+    let eps = cond.narrow(1, 0, cin)?;
+    let g = GUIDED_CHANNELS.min(cin);
+    let (c3, u3) = (cond.narrow(1, 0, g)?, uncond.narrow(1, 0, g)?);
+    let mut guided = (&u3 + (c3 - &u3)?.broadcast_mul(&per_row(col::SCALE)?)?)?;
+    if cin > g {
+        guided = Tensor::cat(&[&guided, &cond.narrow(1, g, cin - g)?], 1)?;
+    }
+    let eps = flag(col::GUIDED)?.where_cond(&guided, &eps)?;
+
+    // The sampler update, as `denoise_step` writes it.
+    let k = |c: usize| per_row(col::COEFS + c);
+    let x = &b.x;
+    let x0 = (x.broadcast_mul(&k(0)?)? - eps.broadcast_mul(&k(1)?)?)?;
+    let next =
+        ((x.broadcast_mul(&k(2)?)? + eps.broadcast_mul(&k(3)?)?)? + x0.broadcast_mul(&k(4)?)?)?;
+    let with_prev = (&next + b.x0_prev.broadcast_mul(&per_row(col::D)?)?)?;
+    let next = flag(col::PREV)?.where_cond(&with_prev, &next)?;
+    let log_var = match model.config().learn_sigma() {
+        true => {
+            let v = cond.narrow(1, cin, cin)?;
+            let frac = ((v + 1.0)? / 2.0)?;
+            (frac.broadcast_mul(&per_row(col::LOG_VAR_MAX)?)?
+                + (1.0 - frac)?.broadcast_mul(&per_row(col::LOG_VAR_MIN)?)?)?
+        }
+        false => per_row(col::LOG_VAR_MAX)?
+            .broadcast_as(shape.as_slice())?
+            .contiguous()?,
+    };
+    let noisy = (&next
+        + (log_var * 0.5)?
+            .exp()?
+            .mul(&noise)?
+            .broadcast_mul(&per_row(col::NOISE)?)?)?;
+    let next = flag(col::NOISE)?.where_cond(&noisy, &next)?;
+
+    b.next.slice_set(&next, 0, 0)?;
+    b.x0.slice_set(&x0, 0, 0)
+}
+
+/// Capture and replay (CUDA builds); elsewhere steps never get this far uncaptured.
+#[cfg(feature = "cuda")]
+mod capture {
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+    use candle_core::Device;
+
+    /// A captured step.
+    pub struct Graph {
+        graph: CudaGraph,
+        /// Its node count: kernels, copies, memsets and memory nodes.
+        nodes: usize,
+    }
+
+    // SAFETY: cudarc leaves CudaGraph !Send because graph objects are not internally
+    // synchronised; this one is only ever used by the engine owning its `StepGraphs`,
+    // through `&mut`, one call at a time.
+    unsafe impl Send for Graph {}
+
+    /// Runs `body` with candle's cache of small host-to-device uploads (kernel shapes and
+    /// strides) filling, so that capturing the same work finds them all on the device.
+    pub fn warm_run(
+        device: &Device,
+        body: impl FnOnce() -> candle_core::Result<()>,
+    ) -> anyhow::Result<()> {
+        let _cache = device.as_cuda_device()?.enable_cuda_graph_htod_cache();
+        Ok(body()?)
+    }
+
+    impl Graph {
+        /// Captures `body` on the device's stream (thread-local mode: other threads' CUDA
+        /// calls are unaffected) and instantiates it. Memory allocated inside is graph-owned;
+        /// what is left unfreed at the end (none of ours) is freed at the next launch.
+        pub fn capture(
+            device: &Device,
+            body: impl FnOnce() -> candle_core::Result<()>,
+        ) -> anyhow::Result<Self> {
+            let dev = device.as_cuda_device()?;
+            let stream = dev.cuda_stream();
+            let _cache = dev.enable_cuda_graph_htod_cache();
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .context("starting the capture")?;
+            let ran = body();
+            let graph = stream.end_capture(
+                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+            );
+            if ran.is_err() || graph.is_err() {
+                // An invalidated capture leaves an error recorded by the frees inside it.
+                let _ = stream.context().check_err();
+            }
+            ran.context("recording the step")?;
+            let graph = graph
+                .context("ending the capture")?
+                .context("the capture recorded nothing")?;
+            graph.upload().context("uploading the graph")?;
+            let mut nodes = 0usize;
+            // SAFETY: a live graph; with a null array the call only writes the count.
+            let _ =
+                unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut nodes) };
+            Ok(Self { graph, nodes })
+        }
+
+        pub fn launch(&self) -> anyhow::Result<()> {
+            Ok(self.graph.launch()?)
+        }
+
+        pub fn nodes(&self) -> usize {
+            self.nodes
+        }
+    }
+
+    /// The device's graph memory reserved so far (all graphs), MiB.
+    pub fn graph_memory_mib(device: &Device) -> Option<u64> {
+        let dev = device.as_cuda_device().ok()?;
+        let mut bytes = 0u64;
+        // SAFETY: a valid device handle and a u64 out-value, as the attribute documents.
+        let status = unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                dev.cuda_stream().context().cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                (&mut bytes) as *mut u64 as *mut _,
+            )
+        };
+        (status == sys::CUresult::CUDA_SUCCESS).then_some(bytes >> 20)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod capture {
+    use candle_core::Device;
+
+    /// Never made: without CUDA, `StepMode::Captured` is never resolved.
+    pub enum Graph {}
+
+    impl Graph {
+        pub fn nodes(&self) -> usize {
+            match *self {}
+        }
+
+        pub fn capture(
+            _: &Device,
+            _: impl FnOnce() -> candle_core::Result<()>,
+        ) -> anyhow::Result<Self> {
+            anyhow::bail!("CUDA graphs need a build with the cuda feature")
+        }
+
+        pub fn launch(&self) -> anyhow::Result<()> {
+            match *self {}
+        }
+    }
+
+    pub fn warm_run(
+        _: &Device,
+        body: impl FnOnce() -> candle_core::Result<()>,
+    ) -> anyhow::Result<()> {
+        Ok(body()?)
+    }
+
+    pub fn graph_memory_mib(_: &Device) -> Option<u64> {
+        None
+    }
+}
