@@ -67,7 +67,7 @@ pub fn cli(a: ModelArgs) -> anyhow::Result<()> {
         vae_batches: a.vae_batches,
         warmup: a.warmup,
         iters: a.iters,
-        kernels: a.kernels,
+        kernels: a.kernels.with_precision(a.dtype),
     })?;
     print!("{report}");
     if let Some(p) = &a.json {
@@ -220,7 +220,10 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     }
     Ok(ModelBenchReport {
         latent: b.latent,
-        dtype: format!("{:?}", b.dtype).to_lowercase(),
+        dtype: match b.kernels.fp8 {
+            true => "fp8".into(),
+            false => format!("{:?}", b.dtype).to_lowercase(),
+        },
         device: device_name(&b.device),
         gflop_per_image_forward: flop / 1e9,
         steps,
