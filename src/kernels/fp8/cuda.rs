@@ -23,6 +23,28 @@ fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     }
 }
 
+/// Launches `fp8_quantize_scaled` for f32 w [rows, cols] and scale [rows].
+pub fn quantize_scaled(w: In, scale: In, rows: usize, cols: usize) -> Result<CudaStorage> {
+    let dev = w.0.device().clone();
+    let (wv, sv) = (view::<f32>(w)?, view::<f32>(scale)?);
+    let q = unsafe { dev.alloc::<F8E4M3>(rows * cols)? };
+    // SAFETY: reads rows × cols of w and rows of scale, writes rows × cols.
+    unsafe {
+        PTX.launch::<f32>(
+            &dev,
+            "fp8_quantize_scaled",
+            flat(rows * cols),
+            &[&wv, &sv, &q],
+            &[rows, cols],
+            &[],
+        )
+    }?;
+    Ok(CudaStorage {
+        slice: CudaStorageSlice::F8E4M3(q),
+        device: dev,
+    })
+}
+
 pub fn fp8_linear(op: &Fp8Linear, x: In, w: In, [m, n, k]: [usize; 3]) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
     let slice = match &x.0.slice {

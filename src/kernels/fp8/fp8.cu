@@ -179,6 +179,17 @@ __device__ void quant_rows_v(const T *x, uint8_t *q, float *scale, uint32_t rows
     }
 }
 
+// q[r, c] = e4m3(w[r, c] / scale[r]): a weight at load, its scales from its rows' maxima.
+template <typename T>
+__device__ void quantize_scaled(const T *w, const float *scale, uint8_t *q, uint32_t rows,
+                                uint32_t cols) {
+    const size_t n = (size_t)rows * cols;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        q[i] = to_e4m3(ld(w, i) / scale[i / cols]);
+    }
+}
+
 // GELU, tanh approximation (the MLP's), as linear.cu computes it.
 __device__ __forceinline__ float gelu_tanh(float x) {
     const float k0 = 0.7978845608028654f;
@@ -206,6 +217,11 @@ __device__ void scale_epilogue(const T *y, const float *xs, const float *ws, con
 }
 
 #define INSTANTIATE_FP8(T, SFX)                                                                    \
+    extern "C" __global__ void fp8_quantize_scaled_##SFX(const T *w, const float *scale,           \
+                                                         uint8_t *q, uint32_t rows,                \
+                                                         uint32_t cols) {                          \
+        quantize_scaled<T>(w, scale, q, rows, cols);                                               \
+    }                                                                                              \
     extern "C" __global__ void fp8_quant_##SFX(const T *x, uint8_t *q, float *s, uint32_t rows,    \
                                                uint32_t cols, float eps) {                         \
         quant_rows<T, false>(x, q, s, rows, cols, eps);                                            \

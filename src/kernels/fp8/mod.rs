@@ -54,8 +54,8 @@ impl Fp8Weight {
             .abs()?
             .max_keepdim(1)?
             .clamp(f32::MIN_POSITIVE, f32::MAX)?;
-        let scale = (amax / E4M3_MAX as f64)?;
-        let q = wf.broadcast_div(&scale)?.to_dtype(DType::F8E4M3)?;
+        let scale = (amax / E4M3_MAX as f64)?.contiguous()?;
+        let q = wf.contiguous()?.apply_op2_no_bwd(&scale, &QuantizeScaled)?;
         Ok(Self {
             q,
             scale: scale.squeeze(1)?,
@@ -67,11 +67,54 @@ impl Fp8Weight {
         self.q.dims2()
     }
 
-    /// The weight the FP8 layer multiplies by, in f32 [N, K] (for references and tests).
+    /// The weight the FP8 layer multiplies by, in f32 [N, K] on the CPU (for references and
+    /// tests; candle's CUDA build has no e4m3 casts).
     pub fn dequantize(&self) -> Result<Tensor> {
+        let cpu = candle_core::Device::Cpu;
         self.q
+            .to_device(&cpu)?
             .to_dtype(DType::F32)?
-            .broadcast_mul(&self.scale.unsqueeze(1)?)
+            .broadcast_mul(&self.scale.to_device(&cpu)?.unsqueeze(1)?)
+    }
+}
+
+/// `e4m3(w[r, c] / scale[r])` for f32 w [rows, cols] and scale [rows, 1]: a weight's
+/// quantisation (candle's CUDA build has no casts to e4m3).
+struct QuantizeScaled;
+
+impl CustomOp2 for QuantizeScaled {
+    fn name(&self) -> &'static str {
+        "diffit-fp8-quantize-scaled"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(l1);
+        let (w, scale) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
+        let q = w
+            .iter()
+            .enumerate()
+            .map(|(i, v)| float8::F8E4M3::from_f32(v / scale[i / cols]))
+            .collect();
+        Ok((CpuStorage::F8E4M3(q), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, cols) = rows_cols(l1);
+        let q = cuda::quantize_scaled((s1, l1), (s2, l2), rows, cols)?;
+        Ok((q, l1.shape().clone()))
     }
 }
 
