@@ -9,6 +9,8 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
+use crate::kernels::Fp8Scaling;
+
 /// Where a network runs: `auto` (the first GPU if built with CUDA and one is present, else the
 /// CPU), `cpu`, `cuda`, `cuda:N`, or a bare GPU ordinal `N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,6 +295,10 @@ pub struct KernelOptions {
         default_value_t = 0
     )]
     pub fp8_edge_blocks: usize,
+    /// Under --dtype fp8 on CUDA: where the FP8 layers' scales, bias, GELU and residual are
+    /// applied (cublaslt: inside the matmul; pass: after an unscaled FP8 matmul).
+    #[arg(long = "fp8-scales", env = "DIFFIT_FP8_SCALES", value_enum, default_value_t = Fp8Scaling::default())]
+    pub fp8_scaling: Fp8Scaling,
 }
 
 impl Default for KernelOptions {
@@ -304,6 +310,7 @@ impl Default for KernelOptions {
             fp8: false,
             fp8_layers: Fp8Layers::ALL,
             fp8_edge_blocks: 0,
+            fp8_scaling: Fp8Scaling::default(),
         }
     }
 }

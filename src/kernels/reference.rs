@@ -422,7 +422,6 @@ pub fn check_fp8(device: &Device) -> Result<Vec<(CaseReport, f64)>> {
             true => (Some(&r), Some(&rf)),
             false => (None, None),
         };
-        let got = super::fp8_linear(&x, &weight, &b, prologue, act, res)?;
         let emulated = fp8_linear(&xf, &weight, &bf, prologue, act, resf)?;
         let exact = {
             let xn = match prologue {
@@ -439,20 +438,23 @@ pub fn check_fp8(device: &Device) -> Result<Vec<(CaseReport, f64)>> {
             "fp8 linear ({what}, {act:?}{}) [{rows},{k}]x[{n},{k}]",
             if res.is_some() { ", + residual" } else { "" }
         );
-        out.push((
-            CaseReport {
-                name: format!("{name} vs emulated"),
-                rel_err: rel_err(&got, &emulated)?,
-            },
-            1e-2,
-        ));
-        out.push((
-            CaseReport {
-                name: format!("{name} vs f32"),
-                rel_err: rel_err(&got, &exact)?,
-            },
-            8e-2,
-        ));
+        for scaling in [super::Fp8Scaling::Cublaslt, super::Fp8Scaling::Pass] {
+            let got = super::fp8_linear(&x, &weight, &b, prologue, act, res, scaling)?;
+            out.push((
+                CaseReport {
+                    name: format!("{name} {scaling:?} vs emulated"),
+                    rel_err: rel_err(&got, &emulated)?,
+                },
+                1e-2,
+            ));
+            out.push((
+                CaseReport {
+                    name: format!("{name} {scaling:?} vs f32"),
+                    rel_err: rel_err(&got, &exact)?,
+                },
+                8e-2,
+            ));
+        }
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{CudaDevice, CudaStorage, Result, Storage, Tensor};
 use float8::F8E4M3;
 
-use super::{Fp8Linear, Prologue};
+use super::{Fp8Linear, Fp8Scaling, Prologue};
 use crate::kernels::launch::{aligned, flat, ptx, view, warp_rows, Buf, In, Ptx};
 use crate::kernels::linear::cublaslt::{fp8_matmul, Fp8Operands, Fp8Output};
 use crate::kernels::tiling::LN_PACKS;
@@ -118,10 +118,14 @@ where
         gelu,
         residual: res_view.as_ref(),
     };
-    if let Some(out) = fp8_matmul(dev, &ops, &scaled, [m, n, k])? {
-        return Ok(out);
+    // cuBLASLt's epilogue adds C before GELU: a GELU layer with a residual takes the pass.
+    let in_cublaslt = op.scaling == Fp8Scaling::Cublaslt && !(gelu && res_view.is_some());
+    if in_cublaslt {
+        if let Some(out) = fp8_matmul(dev, &ops, &scaled, [m, n, k])? {
+            return Ok(out);
+        }
     }
-    // No outer-vector scale mode on this GPU/cuBLASLt: the product unscaled, then one pass.
+    // The product unscaled (also where cuBLASLt has no outer-vector scale mode), then one pass.
     let Some(raw) = fp8_matmul::<T>(dev, &ops, &Fp8Output::Raw, [m, n, k])? else {
         candle_core::bail!("fp8_linear: cuBLASLt has no FP8 matmul for [{m}, {k}] x [{n}, {k}] on this GPU (needs sm_89 or newer)");
     };
@@ -131,12 +135,20 @@ where
         Some(r) => r,
         None => &raw,
     };
+    let packed = n.is_multiple_of(PACK)
+        && std::mem::size_of::<T>() == 2
+        && aligned::<T>(bias_l)
+        && res_in.is_none_or(|(_, l)| aligned::<T>(l));
+    let (name, items) = match packed {
+        true => ("fp8_scale_epilogue_v", m * n / PACK),
+        false => ("fp8_scale_epilogue", m * n),
+    };
     // SAFETY: reads m × n of raw (and res), m of xs, n of ws and bias; writes m × n.
     unsafe {
         PTX.launch::<T>(
             dev,
-            "fp8_scale_epilogue",
-            flat(m * n),
+            name,
+            flat(items),
             &[&raw, &xs, &ws, &bias, res_buf, &out],
             &[m, n, flags],
             &[],

@@ -216,6 +216,36 @@ __device__ void scale_epilogue(const T *y, const float *xs, const float *ws, con
     }
 }
 
+// scale_epilogue over 16-byte packs of a 2-byte T (cols a multiple of 8).
+template <typename T>
+__device__ void scale_epilogue_v(const T *y, const float *xs, const float *ws, const T *bias,
+                                 const T *res, T *out, uint32_t rows, uint32_t cols,
+                                 uint32_t flags) {
+    constexpr int N = Pack<T>::N;
+    const bool gelu = flags & 1, add_res = flags & 2;
+    const size_t packs = (size_t)rows * (cols / N);
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < packs;
+         p += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = p * N;
+        const uint32_t r = (uint32_t)(i / cols);
+        const uint32_t c = (uint32_t)(i - (size_t)r * cols);
+        const Pack<T> a = ldp(y, i);
+        const Pack<T> b = ldp(bias, c);
+        const float sr = xs[r];
+        Pack<T> q;
+        if (add_res) q = ldp(res, i);
+        Pack<T> o;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            float v = f(a.v[e]) * sr * ws[c + e] + f(b.v[e]);
+            if (gelu) v = gelu_tanh(v);
+            if (add_res) v += f(q.v[e]);
+            o.v[e] = cast<T>(v);
+        }
+        stp(out, i, o);
+    }
+}
+
 #define INSTANTIATE_FP8(T, SFX)                                                                    \
     extern "C" __global__ void fp8_quantize_scaled_##SFX(const T *w, const float *scale,           \
                                                          uint8_t *q, uint32_t rows,                \
@@ -245,6 +275,12 @@ __device__ void scale_epilogue(const T *y, const float *xs, const float *ws, con
     extern "C" __global__ void fp8_ln_quant_r_##SFX(const T *x, uint8_t *q, float *s,              \
                                                     uint32_t rows, uint32_t cols, float eps) {     \
         quant_rows_r<T, true>(x, q, s, rows, cols, eps);                                           \
+    }                                                                                              \
+    extern "C" __global__ void fp8_scale_epilogue_v_##SFX(const T *y, const float *xs,             \
+                                                          const float *ws, const T *bias,          \
+                                                          const T *res, T *out, uint32_t rows,     \
+                                                          uint32_t cols, uint32_t flags) {         \
+        scale_epilogue_v<T>(y, xs, ws, bias, res, out, rows, cols, flags);                         \
     }                                                                                              \
     extern "C" __global__ void fp8_quant_v_##SFX(const T *x, uint8_t *q, float *s, uint32_t rows,  \
                                                  uint32_t cols, float eps) {                       \

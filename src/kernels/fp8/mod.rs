@@ -118,6 +118,19 @@ impl CustomOp2 for QuantizeScaled {
     }
 }
 
+/// Where an FP8 layer's per-token and per-channel scales (and its epilogue) are applied on
+/// CUDA. Both compute the same function; the choice exists to measure (docs/fp8.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Fp8Scaling {
+    /// Inside the cuBLASLt matmul: its outer-vector scale modes, BIAS/GELU_BIAS epilogue and
+    /// the residual as C.
+    Cublaslt,
+    /// An unscaled FP8 matmul (cuBLASLt's per-tensor path) writing the run dtype, then one pass
+    /// for scales, bias, GELU and residual.
+    #[default]
+    Pass,
+}
+
 /// What the kernel that quantises x computes first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Prologue {
@@ -137,6 +150,7 @@ pub fn fp8_linear(
     prologue: Prologue,
     act: Activation,
     residual: Option<&Tensor>,
+    scaling: Fp8Scaling,
 ) -> Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
     let (n, wk) = w.dims()?;
@@ -168,6 +182,7 @@ pub fn fp8_linear(
             .transpose()?,
         prologue,
         act,
+        scaling,
     };
     x.reshape((rows, k))?
         .contiguous()?
@@ -182,6 +197,9 @@ struct Fp8Linear {
     residual: Option<Tensor>,
     prologue: Prologue,
     act: Activation,
+    /// CUDA only: the CPU computes the same function either way.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    scaling: Fp8Scaling,
 }
 
 /// A row's scale (amax / 448) and the factor that quantises it (448 / amax), as the kernels

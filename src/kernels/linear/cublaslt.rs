@@ -274,6 +274,32 @@ fn set_desc<V>(
     .map_err(candle_core::Error::wrap)
 }
 
+/// What an FP8 matmul's algorithm depends on: its dims, output type and epilogue.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Fp8Key {
+    device: DeviceId,
+    dims: [usize; 3],
+    out_type: i32,
+    scaled: bool,
+    gelu: bool,
+    residual: bool,
+}
+
+/// The algorithm cuBLASLt's heuristic chose for each FP8 matmul shape (None: it has none), so
+/// each later call skips the query (host time that sets the pace of small batches).
+fn fp8_algo(
+    key: Fp8Key,
+    query: impl FnOnce() -> Option<sys::cublasLtMatmulAlgo_t>,
+) -> Option<sys::cublasLtMatmulAlgo_t> {
+    static ALGOS: OnceLock<Mutex<HashMap<Fp8Key, Option<sys::cublasLtMatmulAlgo_t>>>> =
+        OnceLock::new();
+    let mut map = ALGOS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *map.entry(key).or_insert_with(query)
+}
+
 /// The e4m3 operands of [`fp8_matmul`], row-major: x [m, k] and w [n, k], each with one f32
 /// scale a row (a token's, an output channel's).
 pub struct Fp8Operands<'a> {
@@ -383,12 +409,22 @@ where
         )
         .map_err(wrap)?;
     }
+    let key = Fp8Key {
+        device: dev.id(),
+        dims: [m, n, k],
+        out_type: dt as i32,
+        scaled: matches!(output, Fp8Output::Scaled { .. }),
+        gelu: matches!(output, Fp8Output::Scaled { gelu: true, .. }),
+        residual: beta != 0.0,
+    };
     // SAFETY: the descriptors are live; the layouts describe exactly the buffers' sizes.
-    let heuristic = match unsafe {
+    let algo = fp8_algo(key, || unsafe {
         lt::get_matmul_algo_heuristic(*handle.handle(), desc.0, a_l.0, b_l.0, c_l.0, c_l.0, pref.0)
-    } {
-        Ok(h) => h,
-        Err(_) => return Ok(None),
+            .ok()
+            .map(|h| h.algo)
+    });
+    let Some(algo) = algo else {
+        return Ok(None);
     };
     let alpha = 1f32;
     let (a_ptr, _a) = ops.wq.device_ptr(&stream);
@@ -413,7 +449,7 @@ where
             c_l.0,
             d_ptr as *mut _,
             c_l.0,
-            (&heuristic.algo) as *const _,
+            (&algo) as *const _,
             w_ptr as *mut _,
             ws_size,
             stream.cu_stream() as *mut _,

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{DiffitConfig, TIME_FREQ_DIM};
 use crate::config::{BlockLinear, Fp8Layers, KernelOptions};
-use crate::kernels::{self, Activation, Fp8Weight, Prologue};
+use crate::kernels::{self, Activation, Fp8Scaling, Fp8Weight, Prologue};
 
 /// LayerNorm epsilon of every (affine-free) norm in the network.
 const LN_EPS: f32 = 1e-6;
@@ -25,6 +25,8 @@ pub struct Kernels {
     pub fp8_layers: Fp8Layers,
     /// Under FP8: the first and last this many blocks stay bf16.
     fp8_edge_blocks: usize,
+    /// Where FP8 layers apply their scales and epilogue (CUDA).
+    pub fp8_scaling: Fp8Scaling,
 }
 
 impl Kernels {
@@ -38,6 +40,7 @@ impl Kernels {
                 false => Fp8Layers::NONE,
             },
             fp8_edge_blocks: options.fp8_edge_blocks,
+            fp8_scaling: options.fp8_scaling,
         }
     }
 
@@ -179,6 +182,7 @@ impl Module for Linear {
 pub struct Fp8Linear {
     weight: Fp8Weight,
     bias: Tensor,
+    scaling: Fp8Scaling,
 }
 
 impl Fp8Linear {
@@ -189,7 +193,15 @@ impl Fp8Linear {
         act: Activation,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        kernels::fp8_linear(x, &self.weight, &self.bias, prologue, act, residual)
+        kernels::fp8_linear(
+            x,
+            &self.weight,
+            &self.bias,
+            prologue,
+            act,
+            residual,
+            self.scaling,
+        )
     }
 
     /// `act(LN(x)·Wᵀ + b)`: on the fused path the norm is computed by the kernel that
@@ -239,6 +251,7 @@ impl BlockDense {
         Ok(Self::Fp8(Fp8Linear {
             weight: Fp8Weight::quantize(&w)?,
             bias,
+            scaling: kernels.fp8_scaling,
         }))
     }
 
