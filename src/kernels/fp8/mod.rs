@@ -119,15 +119,16 @@ impl CustomOp2 for QuantizeScaled {
 }
 
 /// Where an FP8 layer's per-token and per-channel scales (and its epilogue) are applied on
-/// CUDA. Both compute the same function; the choice exists to measure (docs/fp8.md).
+/// CUDA. Both compute the same function; the choice exists to measure (docs/fp8.md: on the
+/// H200 a B = 64 step took 47 ms with `Cublaslt`, 59 ms with `Pass`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Fp8Scaling {
     /// Inside the cuBLASLt matmul: its outer-vector scale modes, BIAS/GELU_BIAS epilogue and
-    /// the residual as C.
+    /// the residual as C (falls back to `Pass` where cuBLASLt has no such algorithm).
+    #[default]
     Cublaslt,
     /// An unscaled FP8 matmul (cuBLASLt's per-tensor path) writing the run dtype, then one pass
     /// for scales, bias, GELU and residual.
-    #[default]
     Pass,
 }
 

@@ -127,6 +127,25 @@ impl<H: Copy> Drop for LtHandle<H> {
     }
 }
 
+/// A matmul preference allowing the LT_WORKSPACE-byte workspace.
+fn workspace_pref() -> Result<LtHandle<sys::cublasLtMatmulPreference_t>> {
+    let pref = lt::create_matmul_pref()
+        .map(|p| LtHandle(p, lt::destroy_matmul_pref))
+        .map_err(candle_core::Error::wrap)?;
+    let ws_size = LT_WORKSPACE;
+    // SAFETY: the attribute's documented type (usize), live for the call.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws_size) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )
+        .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(pref)
+}
+
 /// D [m, n] = x [m, k] · w [n, k]ᵀ + b [n] + res [m, n] in one cuBLASLt call (C = res with
 /// beta = 1, the BIAS epilogue, D a new buffer): the bias and the residual add cost no pass of
 /// their own. bf16/f16 only.
@@ -202,20 +221,8 @@ where
         )
         .map_err(wrap)?;
     }
-    let pref = lt::create_matmul_pref()
-        .map(|p| LtHandle(p, lt::destroy_matmul_pref))
-        .map_err(wrap)?;
+    let pref = workspace_pref()?;
     let ws_size = LT_WORKSPACE;
-    // SAFETY: as above.
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            pref.0,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&ws_size) as *const usize as *const _,
-            std::mem::size_of::<usize>(),
-        )
-        .map_err(wrap)?;
-    }
     // SAFETY: the descriptors are live; the layouts describe exactly the views' sizes.
     let heuristic = unsafe {
         lt::get_matmul_algo_heuristic(*handle.handle(), desc.0, a_l.0, b_l.0, c_l.0, c_l.0, pref.0)
@@ -395,20 +402,8 @@ where
             c_view = Some(res);
         }
     }
-    let pref = lt::create_matmul_pref()
-        .map(|p| LtHandle(p, lt::destroy_matmul_pref))
-        .map_err(wrap)?;
+    let pref = workspace_pref()?;
     let ws_size = LT_WORKSPACE;
-    // SAFETY: as in `residual_lt`.
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            pref.0,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&ws_size) as *const usize as *const _,
-            std::mem::size_of::<usize>(),
-        )
-        .map_err(wrap)?;
-    }
     let key = Fp8Key {
         device: dev.id(),
         dims: [m, n, k],
