@@ -9,6 +9,8 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
+use crate::kernels::Fp8Scaling;
+
 /// Where a network runs: `auto` (the first GPU if built with CUDA and one is present, else the
 /// CPU), `cpu`, `cuda`, `cuda:N`, or a bare GPU ordinal `N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,13 +101,17 @@ pub enum Precision {
     F32,
     Bf16,
     F16,
+    /// bf16, with the DiffiT blocks' linear layers in FP8 (e4m3; see docs/fp8.md).
+    Fp8,
 }
 
+/// The dtype activations run in (fp8: bf16; FP8 is only the linear layers' operand format,
+/// carried in [`KernelOptions::fp8`]).
 impl From<Precision> for DType {
     fn from(p: Precision) -> Self {
         match p {
             Precision::F32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
+            Precision::Bf16 | Precision::Fp8 => DType::BF16,
             Precision::F16 => DType::F16,
         }
     }
@@ -117,6 +123,7 @@ impl fmt::Display for Precision {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
+            Self::Fp8 => "fp8",
         })
     }
 }
@@ -137,6 +144,85 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     pub fn open(&self) -> anyhow::Result<(Device, DType)> {
         Ok((self.device.open()?, self.dtype.into()))
+    }
+
+    /// The kernel options with the precision's FP8 choice applied.
+    pub fn kernels(&self) -> KernelOptions {
+        self.kernels.with_precision(self.dtype)
+    }
+}
+
+/// A DiffiT block's linear layers, as `--fp8-layers` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockLinear {
+    Qkv,
+    Proj,
+    Fc1,
+    Fc2,
+}
+
+impl BlockLinear {
+    pub const ALL: [Self; 4] = [Self::Qkv, Self::Proj, Self::Fc1, Self::Fc2];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Qkv => "qkv",
+            Self::Proj => "proj",
+            Self::Fc1 => "fc1",
+            Self::Fc2 => "fc2",
+        }
+    }
+}
+
+/// A set of [`BlockLinear`]s: the layers that run in FP8 under `--dtype fp8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Layers(u8);
+
+impl Fp8Layers {
+    pub const NONE: Self = Self(0);
+    pub const ALL: Self = Self(0b1111);
+
+    pub fn contains(self, layer: BlockLinear) -> bool {
+        self.0 & (1 << layer as u8) != 0
+    }
+}
+
+impl FromStr for Fp8Layers {
+    type Err = String;
+
+    /// A comma-separated list of qkv, proj, fc1, fc2; `all` or `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "all" => return Ok(Self::ALL),
+            "none" => return Ok(Self::NONE),
+            _ => {}
+        }
+        let mut set = 0u8;
+        for part in s.split(',') {
+            let part = part.trim();
+            let layer = BlockLinear::ALL
+                .into_iter()
+                .find(|l| l.name() == part)
+                .ok_or_else(|| {
+                    format!(
+                        "FP8 layers are a list of qkv, proj, fc1, fc2 (or all, none), got '{part}'"
+                    )
+                })?;
+            set |= 1 << layer as u8;
+        }
+        Ok(Self(set))
+    }
+}
+
+impl fmt::Display for Fp8Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = BlockLinear::ALL
+            .into_iter()
+            .filter(|&l| self.contains(l))
+            .map(BlockLinear::name)
+            .collect();
+        f.write_str(if names.is_empty() { "none" } else { "" })?;
+        f.write_str(&names.join(","))
     }
 }
 
@@ -221,6 +307,25 @@ pub struct KernelOptions {
         default_value = "auto"
     )]
     pub cuda_graphs: Toggle,
+    /// Set from `--dtype fp8` ([`KernelOptions::with_precision`]), not a flag of its own: the
+    /// DiffiT blocks' linear layers in FP8.
+    #[arg(skip)]
+    pub fp8: bool,
+    /// Under --dtype fp8: the block layers that run in FP8 (qkv, proj, fc1, fc2, comma-separated;
+    /// all or none); the others stay bf16.
+    #[arg(long = "fp8-layers", env = "DIFFIT_FP8_LAYERS", default_value = "all")]
+    pub fp8_layers: Fp8Layers,
+    /// Under --dtype fp8: this many first and as many last blocks stay bf16 entirely.
+    #[arg(
+        long = "fp8-bf16-edge-blocks",
+        env = "DIFFIT_FP8_BF16_EDGE_BLOCKS",
+        default_value_t = 0
+    )]
+    pub fp8_edge_blocks: usize,
+    /// Under --dtype fp8 on CUDA: where the FP8 layers' scales, bias, GELU and residual are
+    /// applied (cublaslt: inside the matmul; pass: after an unscaled FP8 matmul).
+    #[arg(long = "fp8-scales", env = "DIFFIT_FP8_SCALES", value_enum, default_value_t = Fp8Scaling::default())]
+    pub fp8_scaling: Fp8Scaling,
 }
 
 impl Default for KernelOptions {
@@ -232,6 +337,10 @@ impl Default for KernelOptions {
             implicit_gemm_conv: true,
             implicit_gemm_conv_max_cout: IMPLICIT_GEMM_CONV_MAX_COUT,
             cuda_graphs: Toggle::Auto,
+            fp8: false,
+            fp8_layers: Fp8Layers::ALL,
+            fp8_edge_blocks: 0,
+            fp8_scaling: Fp8Scaling::default(),
         }
     }
 }
@@ -250,6 +359,14 @@ impl KernelOptions {
         Self {
             fused: Toggle::On,
             ..Self::default()
+        }
+    }
+
+    /// These options for a network run at `precision`: FP8 linear layers for `fp8`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self {
+            fp8: precision == Precision::Fp8,
+            ..self
         }
     }
 }
@@ -567,5 +684,42 @@ mod tests {
         );
         assert!(parse(&["--fused-kernels", "maybe"]).is_err());
         assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
+    }
+
+    #[test]
+    fn fp8_options_parse_and_follow_the_precision() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            k: KernelOptions,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from([&["x"], args].concat()).map(|c| c.k);
+        let k = parse(&["--fp8-layers", "qkv, fc1", "--fp8-bf16-edge-blocks", "1"]).unwrap();
+        assert!(k.fp8_layers.contains(BlockLinear::Qkv) && k.fp8_layers.contains(BlockLinear::Fc1));
+        assert!(
+            !k.fp8_layers.contains(BlockLinear::Fc2) && !k.fp8_layers.contains(BlockLinear::Proj)
+        );
+        assert_eq!(
+            (k.fp8_layers.to_string(), k.fp8_edge_blocks),
+            ("qkv,fc1".into(), 1)
+        );
+        assert_eq!(
+            parse(&["--fp8-layers", "none"]).unwrap().fp8_layers,
+            Fp8Layers::NONE
+        );
+        let e = parse(&["--fp8-layers", "qkv,mlp"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("qkv, proj, fc1, fc2") && e.contains("'mlp'"),
+            "{e}"
+        );
+        // Only the precision turns FP8 on; it runs in bf16 otherwise.
+        assert!(!k.fp8 && k.with_precision(Precision::Fp8).fp8);
+        assert!(!k.with_precision(Precision::Bf16).fp8);
+        assert_eq!(DType::from(Precision::Fp8), DType::BF16);
+        assert_eq!(Precision::Fp8.to_string(), "fp8");
     }
 }

@@ -45,7 +45,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         device: devices[0].clone(),
         dtype: args.dtype.into(),
         decode_chunk: args.decode_chunk,
-        kernels: args.kernels,
+        kernels: args.kernels.with_precision(args.dtype),
     };
     let t0 = Instant::now();
     let pipelines =

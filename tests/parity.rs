@@ -110,6 +110,32 @@ fn fused_kernel_path_matches_reference() {
     }
 }
 
+/// `--dtype fp8` through the CPU fallback (which rounds exactly as the GPU kernels do): the
+/// blocks' linear layers in e4m3 (per-channel weight, per-token activation scales), on the
+/// fused path (LayerNorm folded into the quantisation) and the plain one.
+#[test]
+fn fp8_forward_is_close_to_f32_reference() {
+    use diffit_server::config::Precision;
+    let g = golden("diffit_tiny_golden.safetensors");
+    let (x, t, y) = (&g["fwd.x"], ints(&g["fwd.t"]), ints(&g["fwd.y"]));
+    let bf16 = tiny_model(DType::BF16, KernelOptions::fused())
+        .forward(x, &t, &y)
+        .unwrap();
+    for kernels in [KernelOptions::fused(), KernelOptions::plain()] {
+        let model = tiny_model(DType::BF16, kernels.with_precision(Precision::Fp8));
+        let out = model.forward(x, &t, &y).unwrap();
+        let e = rel_err(&out, &g["fwd.out"]);
+        eprintln!(
+            "fp8 (fused {}) forward rel err vs f32: {e:.4}",
+            model.is_fused()
+        );
+        assert!(e <= 5e-2, "fp8 forward rel err {e}");
+        // FP8 really ran: it differs from bf16 by more than bf16 rounding.
+        let d = rel_err(&out, &bf16);
+        assert!(d > 2e-3, "fp8 output within {d} of bf16: FP8 did not run");
+    }
+}
+
 #[test]
 fn bf16_forward_is_close_to_f32_reference() {
     let g = golden("diffit_tiny_golden.safetensors");

@@ -40,9 +40,10 @@ def _read_idx(path):
     return arr.reshape(dims)
 
 
-def find_data_dir(explicit=None):
+def find_data_dir(explicit=None, split="train"):
+    """The first of these directories that holds `split`'s images."""
     for d in [explicit, os.environ.get("FMNIST_DIR"), ".carry/fashion-mnist", DEFAULT_DIR]:
-        if d and os.path.isfile(os.path.join(d, _FILES["train"][0])):
+        if d and os.path.isfile(os.path.join(d, _FILES[split][0])):
             return d
     raise FileNotFoundError(
         "Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or pass --data DIR"
@@ -51,7 +52,7 @@ def find_data_dir(explicit=None):
 
 def load_split(split, data_dir=None, limit=None):
     """Returns (images uint8 [N,28,28], labels int64 [N]) as numpy arrays."""
-    d = find_data_dir(data_dir)
+    d = find_data_dir(data_dir, split)
     imgs = _read_idx(os.path.join(d, _FILES[split][0]))
     labels = _read_idx(os.path.join(d, _FILES[split][1])).astype(np.int64)
     if limit:

@@ -5,7 +5,7 @@ use candle_core::DType;
 use clap::Args;
 
 use crate::config::{device_name, DeviceSpec, Precision};
-use crate::kernels::reference::check_all;
+use crate::kernels::reference::{check_all, check_fp8};
 
 #[derive(Debug, Args)]
 pub struct KernelsArgs {
@@ -16,7 +16,7 @@ pub struct KernelsArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "f32,bf16,f16"
+        default_value = "f32,bf16,f16,fp8"
     )]
     pub dtypes: Vec<Precision>,
 }
@@ -32,9 +32,16 @@ pub fn run(a: KernelsArgs) -> anyhow::Result<()> {
     for &precision in &a.dtypes {
         let dtype = DType::from(precision);
         // f32: the kernels differ from candle's ops only in summation order and fast exp;
-        // half types: one rounding of the output.
+        // half types: one rounding of the output. fp8: the FP8 layers, each case with its own.
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        for case in check_all(&device, dtype)? {
+        let cases = match precision {
+            Precision::Fp8 => check_fp8(&device)?,
+            _ => check_all(&device, dtype)?
+                .into_iter()
+                .map(|c| (c, tol))
+                .collect(),
+        };
+        for (case, tol) in cases {
             let ok = case.rel_err <= tol;
             failed += usize::from(!ok);
             println!(

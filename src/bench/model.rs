@@ -73,7 +73,7 @@ pub fn cli(a: ModelArgs) -> anyhow::Result<()> {
         decode_chunk: a.decode_chunk,
         warmup: a.warmup,
         iters: a.iters,
-        kernels: a.kernels,
+        kernels: a.kernels.with_precision(a.dtype),
     })?;
     print!("{report}");
     if let Some(p) = &a.json {
@@ -241,7 +241,10 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     }
     Ok(ModelBenchReport {
         latent: b.latent,
-        dtype: format!("{:?}", b.dtype).to_lowercase(),
+        dtype: match b.kernels.fp8 {
+            true => "fp8".into(),
+            false => format!("{:?}", b.dtype).to_lowercase(),
+        },
         device: device_name(&b.device),
         gflop_per_image_forward: flop / 1e9,
         steps,

@@ -152,5 +152,68 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
             Ok(hcur)
         },
     )?;
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Ok(out);
+    }
+    // The block's linear layers in bf16 (cuBLASLt epilogues) and in FP8 (`--dtype fp8`: the
+    // quantising kernel, LayerNorm folded in where one precedes, then one FP8 matmul).
+    use kernels::{fp8_linear, Fp8Scaling, Fp8Weight, Prologue};
+    let ln = Prologue::LayerNorm { eps: 1e-6 };
+    let hidden = rnd(&[t, m])?;
+    let b_qkv = rnd(&[3 * d])?;
+    let zero_qkv = Tensor::zeros(3 * d, dtype, device)?;
+    let (q_qkv, q_proj) = (Fp8Weight::quantize(&w_qkv)?, Fp8Weight::quantize(&w_proj)?);
+    let (q1, q2) = (Fp8Weight::quantize(&w1)?, Fp8Weight::quantize(&w2)?);
+    let (gelu, id) = (Activation::GeluTanh, Activation::Identity);
+    time("bf16: qkv LN + matmul [32768,1152]x[3456,1152]ᵀ", &|| {
+        kernels::linear_bias_act(&kernels::layer_norm(&x, 1e-6)?, &w_qkv, &b_qkv, id, true)
+    })?;
+    time(
+        "bf16: proj + bias + residual [32768,1152]x[1152,1152]ᵀ",
+        &|| kernels::linear_bias_residual(&x, &w_proj, &b_proj, &x, true),
+    )?;
+    time(
+        "bf16: fc1 LN + matmul + bias + GELU [32768,1152]x[4608,1152]ᵀ",
+        &|| kernels::linear_bias_act(&kernels::layer_norm(&x, 1e-6)?, &w1, &b4, gelu, true),
+    )?;
+    time(
+        "bf16: fc2 + bias + residual [32768,4608]x[1152,4608]ᵀ",
+        &|| kernels::linear_bias_residual(&hidden, &w2, &b2, &x, true),
+    )?;
+    let quant = Prologue::Quantize;
+    for sc in [Fp8Scaling::Cublaslt, Fp8Scaling::Pass] {
+        time(&format!("fp8 ({sc:?}): qkv LN+quantise, matmul"), &|| {
+            fp8_linear(&x, &q_qkv, &zero_qkv, ln, id, None, sc)
+        })?;
+        time(
+            &format!("fp8 ({sc:?}): proj quantise, matmul + bias + residual"),
+            &|| fp8_linear(&x, &q_proj, &b_proj, quant, id, Some(&x), sc),
+        )?;
+        time(
+            &format!("fp8 ({sc:?}): fc1 LN+quantise, matmul + bias + GELU"),
+            &|| fp8_linear(&x, &q1, &b4, ln, gelu, None, sc),
+        )?;
+        time(
+            &format!("fp8 ({sc:?}): fc2 quantise, matmul + bias + residual"),
+            &|| fp8_linear(&hidden, &q2, &b2, quant, id, Some(&x), sc),
+        )?;
+        let fp8_block = |hin: &Tensor| -> candle_core::Result<Tensor> {
+            let qkv = fp8_linear(hin, &q_qkv, &zero_qkv, ln, id, None, sc)?;
+            let ctx = kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true)?;
+            let h1 = fp8_linear(&ctx, &q_proj, &b_proj, quant, id, Some(hin), sc)?;
+            let hidden = fp8_linear(&h1, &q1, &b4, ln, gelu, None, sc)?;
+            fp8_linear(&hidden, &q2, &b2, quant, id, Some(&h1), sc)
+        };
+        time(
+            &format!("fp8 ({sc:?}) block x4 [128,256,1152] (per block: divide by 4)"),
+            &|| {
+                let mut hcur = x3.clone();
+                for _ in 0..4 {
+                    hcur = fp8_block(&hcur)?;
+                }
+                Ok(hcur)
+            },
+        )?;
+    }
     Ok(out)
 }

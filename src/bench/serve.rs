@@ -366,12 +366,18 @@ fn load_pipelines(a: &ServeBenchArgs) -> anyhow::Result<Vec<Pipeline>> {
                 device: devices[0].clone(),
                 dtype,
                 decode_chunk: a.decode_chunk,
-                kernels: a.kernels,
+                kernels: a.kernels.with_precision(a.dtype),
             },
             &devices,
         ),
         _ => Pipeline::build_on_each(&devices, |device| {
-            Pipeline::random(a.resolution / 8, dtype, device, a.decode_chunk, &a.kernels)
+            Pipeline::random(
+                a.resolution / 8,
+                dtype,
+                device,
+                a.decode_chunk,
+                &a.kernels.with_precision(a.dtype),
+            )
         }),
     }
 }

@@ -39,7 +39,7 @@ pub fn run(a: ForwardArgs) -> anyhow::Result<()> {
         &WeightsFile::open(&a.model)?,
         dtype,
         &device,
-        &a.runtime.kernels,
+        &a.runtime.kernels(),
     )?;
     let inputs = read_tensors(&a.input)?;
     let p = &a.prefix;

@@ -107,7 +107,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         device,
         dtype,
         decode_chunk: crate::model::vae::DEFAULT_DECODE_CHUNK,
-        kernels: a.runtime.kernels,
+        kernels: a.runtime.kernels(),
     })?;
     let classes = &pipe.info.classes;
     let label = match (a.class, &a.class_name) {

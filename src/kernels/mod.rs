@@ -14,6 +14,9 @@
 //! - `norm`: LayerNorm (DiffiT) and GroupNorm + SiLU (VAE).
 //! - `linear`: bias, GELU and residual epilogues, as a pass or inside a
 //!   cuBLASLt matmul (DiffiT qkv/projection/MLP; the VAE's 1×1 layers and im2col convolutions).
+//! - `fp8`: the DiffiT block's linear layers in FP8 (`--dtype fp8`): e4m3 weights with
+//!   per-channel scales, activations quantised per token (with the LayerNorm before them folded
+//!   in), one cuBLASLt FP8 matmul with the scales and the epilogues.
 //! - `conv`: the VAE's 3×3 convolutions (im2col, the ×2 upsampling phases, the
 //!   small output convolution).
 //!
@@ -25,6 +28,7 @@
 mod attention;
 mod conv;
 mod cpu;
+pub(crate) mod fp8;
 #[cfg(feature = "cuda")]
 mod launch;
 mod linear;
@@ -39,6 +43,7 @@ pub use conv::{
     conv3x3_implicit, conv3x3_implicit_channels_fit, conv3x3_implicit_fits, conv3x3_small,
     conv3x3_small_fits, im2col3x3, im2col_up2_phases, pixel_shuffle_bias, up2_phase_weights,
 };
+pub use fp8::{fp8_fits, fp8_linear, Fp8Scaling, Fp8Weight, Prologue};
 pub use linear::{bias_act, linear_bias_act, linear_bias_residual, Activation};
 pub use norm::{group_norm, layer_norm};
 

@@ -378,3 +378,111 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
     }
     Ok(out)
 }
+
+/// `fp8_linear`'s computation in f32 with candle ops: `x` (after the prologue) rounded to e4m3
+/// per row with the kernels' scales, times the dequantised weight, then bias, act, residual.
+pub fn fp8_linear(
+    x: &Tensor,
+    weight: &super::Fp8Weight,
+    bias: &Tensor,
+    prologue: super::Prologue,
+    act: Activation,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = match prologue {
+        super::Prologue::LayerNorm { eps } => layer_norm(x, eps)?,
+        super::Prologue::Quantize => x.clone(),
+    };
+    let amax = x.abs()?.max_keepdim(candle_core::D::Minus1)?;
+    let max = super::fp8::E4M3_MAX as f64;
+    let xq = x
+        .broadcast_mul(&amax.recip()?.affine(max, 0.0)?)?
+        .to_dtype(DType::F8E4M3)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&(amax / max)?)?;
+    let w = weight.dequantize()?.to_device(x.device())?;
+    let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+    let y = xq.matmul(&w.t()?)?;
+    bias_act(&y, &bias.unsqueeze(0)?, rows, act, residual)
+}
+
+/// The FP8 linear layer on `device` (bf16 in and out) against the same arithmetic in f32 on the
+/// CPU (`fp8_linear` above: only rounding order and bf16 outputs differ) and against the exact
+/// f32 layer (the error FP8 adds, for the record). Each case with the tolerance it must meet.
+pub fn check_fp8(device: &Device) -> Result<Vec<(CaseReport, f64)>> {
+    use super::Prologue;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(20261130);
+    let mut rnd = |shape: &[usize], std: f32, mean: f32| -> Result<(Tensor, Tensor)> {
+        use rand_distr::Distribution;
+        let normal = rand_distr::Normal::new(mean, std).map_err(candle_core::Error::wrap)?;
+        let n = shape.iter().product::<usize>();
+        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let f = t.to_dtype(DType::F32)?;
+        Ok((t.to_device(device)?, f))
+    };
+    let ln = Prologue::LayerNorm { eps: 1e-6 };
+    let q = Prologue::Quantize;
+    let (gelu, id) = (Activation::GeluTanh, Activation::Identity);
+    let mut out = Vec::new();
+    // (rows, k, n, prologue, act, residual): the block's four layers at small and IN-256 widths,
+    // a row too long for the register kernels, an odd row count.
+    for (rows, k, n, prologue, act, res) in [
+        (7, 16, 32, q, id, false),
+        (130, 192, 576, ln, id, false),
+        (130, 192, 768, ln, gelu, false),
+        (129, 768, 192, q, id, true),
+        (300, 1152, 3456, ln, id, false),
+        (300, 1152, 4608, ln, gelu, false),
+        (300, 4608, 1152, q, id, true),
+        (300, 1152, 1152, q, id, true),
+        (33, 2080, 64, ln, gelu, true),
+        (33, 2080, 64, q, id, false),
+    ] {
+        // Activations with an offset mean (as a block's input has) for the LayerNorm cases.
+        let mean = if prologue == ln { 3.0 } else { 0.0 };
+        let (x, xf) = rnd(&[rows, k], 1.0, mean)?;
+        let (w, wf) = rnd(&[n, k], 0.05, 0.0)?;
+        let (b, bf) = rnd(&[n], 1.0, 0.0)?;
+        let (r, rf) = rnd(&[rows, n], 1.0, 0.0)?;
+        let weight = super::Fp8Weight::quantize(&w)?;
+        let (res, resf) = match res {
+            true => (Some(&r), Some(&rf)),
+            false => (None, None),
+        };
+        let emulated = fp8_linear(&xf, &weight, &bf, prologue, act, resf)?;
+        let exact = {
+            let xn = match prologue {
+                Prologue::LayerNorm { eps } => layer_norm(&xf, eps)?,
+                Prologue::Quantize => xf.clone(),
+            };
+            bias_act(&xn.matmul(&wf.t()?)?, &bf.unsqueeze(0)?, rows, act, resf)?
+        };
+        let what = match prologue {
+            Prologue::LayerNorm { .. } => "LN + quantise",
+            Prologue::Quantize => "quantise",
+        };
+        let name = format!(
+            "fp8 linear ({what}, {act:?}{}) [{rows},{k}]x[{n},{k}]",
+            if res.is_some() { ", + residual" } else { "" }
+        );
+        for scaling in [super::Fp8Scaling::Cublaslt, super::Fp8Scaling::Pass] {
+            let got = super::fp8_linear(&x, &weight, &b, prologue, act, res, scaling)?;
+            out.push((
+                CaseReport {
+                    name: format!("{name} {scaling:?} vs emulated"),
+                    rel_err: rel_err(&got, &emulated)?,
+                },
+                1e-2,
+            ));
+            out.push((
+                CaseReport {
+                    name: format!("{name} {scaling:?} vs f32"),
+                    rel_err: rel_err(&got, &exact)?,
+                },
+                8e-2,
+            ));
+        }
+    }
+    Ok(out)
+}

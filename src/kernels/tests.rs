@@ -26,6 +26,65 @@ fn every_fused_op_matches_its_unfused_version_on_the_cpu() {
 }
 
 #[test]
+fn fp8_fallback_matches_its_emulation_and_bounds_the_fp8_error() {
+    let report = reference::check_fp8(&Device::Cpu).unwrap();
+    assert!(report.len() >= 10, "too few cases: {}", report.len());
+    for (case, tol) in &report {
+        assert!(
+            case.rel_err <= *tol,
+            "{}: rel err {}",
+            case.name,
+            case.rel_err
+        );
+    }
+}
+
+#[test]
+fn e4m3_rounding_and_row_scales_are_cuda_s() {
+    use super::fp8::{quantize_rows_f32, round_e4m3, Prologue, E4M3_MAX};
+    // Round to nearest even on the 3-bit mantissa, saturating at ±448, subnormals below 2^-6.
+    for (v, want) in [
+        (1.0625, 1.0),
+        (1.1875, 1.25),
+        (448.0, 448.0),
+        (460.0, 448.0),
+        (1e6, 448.0),
+        (-1e6, -448.0),
+        (0.0, 0.0),
+        (3.0 / 1024.0, 4.0 / 1024.0),
+        (1e-4, 0.0),
+    ] {
+        assert_eq!(round_e4m3(v), want, "round_e4m3({v})");
+    }
+    // Each row's largest magnitude maps onto 448 · scale = amax; every value keeps a relative
+    // error of at most 2^-4 (half a step of the mantissa) above the subnormal range.
+    let mut rows: Vec<f32> = (0..3 * 64)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * (1 + i / 64) as f32)
+        .collect();
+    let orig = rows.clone();
+    quantize_rows_f32(&mut rows, 64, Prologue::Quantize);
+    for (r, (q, x)) in rows.chunks(64).zip(orig.chunks(64)).enumerate() {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let qmax = q.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(
+            (qmax - amax).abs() <= amax * 1e-6,
+            "row {r}: {qmax} vs {amax}"
+        );
+        let step = amax / E4M3_MAX * 2f32.powi(-9);
+        for (a, b) in q.iter().zip(x) {
+            assert!(
+                (a - b).abs() <= (b.abs() / 16.0).max(step),
+                "row {r}: {b} -> {a}"
+            );
+        }
+    }
+    // An all-zero row stays zero.
+    let mut zeros = vec![0f32; 32];
+    quantize_rows_f32(&mut zeros, 32, Prologue::LayerNorm { eps: 1e-6 });
+    assert!(zeros.iter().all(|&v| v == 0.0));
+}
+
+#[test]
 fn bf16_fallbacks_round_once() {
     let report = reference::check_all(&Device::Cpu, DType::BF16).unwrap();
     for case in &report {

@@ -126,7 +126,10 @@ impl Pipeline {
             model_sha256: file.sha256(),
             image_size: cfg.input_size * vae.config().upscale(),
             image_channels: vae.config().out_channels,
-            dtype: format!("{:?}", opts.dtype).to_lowercase(),
+            dtype: match opts.kernels.fp8 {
+                true => "fp8".into(),
+                false => format!("{:?}", opts.dtype).to_lowercase(),
+            },
             device: device_name(&opts.device),
         };
         Ok(Self {

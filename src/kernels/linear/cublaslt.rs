@@ -13,9 +13,12 @@ use candle_core::cuda_backend::cudarc::cublaslt::result::{self as lt, CublasErro
 use candle_core::cuda_backend::cudarc::cublaslt::{
     sys, Activation as LtActivation, CudaBlasLT, Matmul, MatmulConfig, MatmulShared,
 };
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Result};
+use float8::F8E4M3;
 
 use crate::kernels::launch::{view, In};
 
@@ -124,6 +127,25 @@ impl<H: Copy> Drop for LtHandle<H> {
     }
 }
 
+/// A matmul preference allowing the LT_WORKSPACE-byte workspace.
+fn workspace_pref() -> Result<LtHandle<sys::cublasLtMatmulPreference_t>> {
+    let pref = lt::create_matmul_pref()
+        .map(|p| LtHandle(p, lt::destroy_matmul_pref))
+        .map_err(candle_core::Error::wrap)?;
+    let ws_size = LT_WORKSPACE;
+    // SAFETY: the attribute's documented type (usize), live for the call.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws_size) as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )
+        .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(pref)
+}
+
 /// D [m, n] = x [m, k] · w [n, k]ᵀ + b [n] + res [m, n] in one cuBLASLt call (C = res with
 /// beta = 1, the BIAS epilogue, D a new buffer): the bias and the residual add cost no pass of
 /// their own. bf16/f16 only.
@@ -199,20 +221,8 @@ where
         )
         .map_err(wrap)?;
     }
-    let pref = lt::create_matmul_pref()
-        .map(|p| LtHandle(p, lt::destroy_matmul_pref))
-        .map_err(wrap)?;
+    let pref = workspace_pref()?;
     let ws_size = LT_WORKSPACE;
-    // SAFETY: as above.
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            pref.0,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            (&ws_size) as *const usize as *const _,
-            std::mem::size_of::<usize>(),
-        )
-        .map_err(wrap)?;
-    }
     // SAFETY: the descriptors are live; the layouts describe exactly the views' sizes.
     let heuristic = unsafe {
         lt::get_matmul_algo_heuristic(*handle.handle(), desc.0, a_l.0, b_l.0, c_l.0, c_l.0, pref.0)
@@ -250,4 +260,197 @@ where
         .map_err(wrap)?;
     }
     Ok(out)
+}
+
+/// Sets one matmul-descriptor attribute to `value`.
+fn set_desc<V>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &V,
+) -> Result<()> {
+    // SAFETY: `value` is of the type the attribute documents (the callers pass i32 enums,
+    // i8 flags and device pointers) and lives for the call, which copies it.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc,
+            attr,
+            value as *const V as *const _,
+            std::mem::size_of::<V>(),
+        )
+    }
+    .map_err(candle_core::Error::wrap)
+}
+
+/// What an FP8 matmul's algorithm depends on: its dims, output type and epilogue.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Fp8Key {
+    device: DeviceId,
+    dims: [usize; 3],
+    out_type: i32,
+    scaled: bool,
+    gelu: bool,
+    residual: bool,
+}
+
+/// The algorithm cuBLASLt's heuristic chose for each FP8 matmul shape (None: it has none), so
+/// each later call skips the query (host time that sets the pace of small batches).
+fn fp8_algo(
+    key: Fp8Key,
+    query: impl FnOnce() -> Option<sys::cublasLtMatmulAlgo_t>,
+) -> Option<sys::cublasLtMatmulAlgo_t> {
+    static ALGOS: OnceLock<Mutex<HashMap<Fp8Key, Option<sys::cublasLtMatmulAlgo_t>>>> =
+        OnceLock::new();
+    let mut map = ALGOS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *map.entry(key).or_insert_with(query)
+}
+
+/// The e4m3 operands of [`fp8_matmul`], row-major: x [m, k] and w [n, k], each with one f32
+/// scale a row (a token's, an output channel's).
+pub struct Fp8Operands<'a> {
+    pub xq: &'a CudaSlice<F8E4M3>,
+    pub xs: &'a CudaSlice<f32>,
+    pub wq: &'a CudaView<'a, F8E4M3>,
+    pub ws: &'a CudaView<'a, f32>,
+}
+
+/// What [`fp8_matmul`] computes after the product.
+pub enum Fp8Output<'a, T> {
+    /// out = act(xs[r] · ws[c] · (x·wᵀ)[r, c] + bias[c]) (+ residual[r, c]): the scales as
+    /// cuBLASLt's outer-vector scale modes (A: ws, length n; B: xs, length m), the bias and GELU
+    /// in its BIAS / GELU_BIAS epilogue, the residual as C with beta = 1.
+    Scaled {
+        bias: &'a CudaView<'a, T>,
+        gelu: bool,
+        residual: Option<&'a CudaView<'a, T>>,
+    },
+    /// out = x·wᵀ unscaled, no epilogue (the caller applies scales and epilogue itself).
+    Raw,
+}
+
+/// One FP8 (e4m3 × e4m3, f32 accumulation) cuBLASLt matmul writing T (bf16/f16) [m, n]: A = w
+/// stored column-major [k, n] used transposed, B = x column-major [k, m] (the "TN" layout FP8
+/// needs on Hopper), D column-major [n, m]. Fast accumulation (no periodic promotion of the
+/// tensor cores' partial sums), as FP8 inference usually runs. `Ok(None)` when cuBLASLt has no
+/// algorithm for the combination (the caller falls back).
+pub fn fp8_matmul<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    ops: &Fp8Operands,
+    output: &Fp8Output<T>,
+    [m, n, k]: [usize; 3],
+) -> Result<Option<CudaSlice<T>>>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    let handle = cublaslt(dev)?;
+    let ws_buf = lt_workspace(dev)?;
+    let stream = dev.cuda_stream();
+    let wrap = candle_core::Error::wrap;
+    let dt = <CudaBlasLT as Matmul<T>>::matrix_type();
+    let e4m3 = sys::cudaDataType_t::CUDA_R_8F_E4M3;
+    let mut out = unsafe { dev.alloc::<T>(m * n)? };
+    let layout = |ty, rows: usize, cols: usize, ld: usize| {
+        lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
+            .map(|l| LtHandle(l, lt::destroy_matrix_layout))
+            .map_err(wrap)
+    };
+    let (a_l, b_l, c_l) = (
+        layout(e4m3, k, n, k)?,
+        layout(e4m3, k, m, k)?,
+        layout(dt, n, m, n)?,
+    );
+    let desc = lt::create_matmul_desc(
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cudaDataType_t::CUDA_R_32F,
+    )
+    .map(|d| LtHandle(d, lt::destroy_matmul_desc))
+    .map_err(wrap)?;
+    set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+    set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+    // Device pointers, held (with their stream syncs) until the matmul is enqueued.
+    let (ws_ptr, _ws_sync) = ops.ws.device_ptr(&stream);
+    let (xs_ptr, _xs_sync) = ops.xs.device_ptr(&stream);
+    let mut beta = 0f32;
+    let mut c_view = None;
+    let mut _bias_sync = None;
+    if let Fp8Output::Scaled {
+        bias,
+        gelu,
+        residual,
+    } = output
+    {
+        let outer =
+            sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
+        set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+        set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+        set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws_ptr)?;
+        set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs_ptr)?;
+        let epilogue = if *gelu {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        };
+        set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+        let (bias_ptr, sync) = bias.device_ptr(&stream);
+        _bias_sync = Some(sync);
+        set_desc(desc.0, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+        if let Some(res) = residual {
+            beta = 1.0;
+            c_view = Some(res);
+        }
+    }
+    let pref = workspace_pref()?;
+    let ws_size = LT_WORKSPACE;
+    let key = Fp8Key {
+        device: dev.id(),
+        dims: [m, n, k],
+        out_type: dt as i32,
+        scaled: matches!(output, Fp8Output::Scaled { .. }),
+        gelu: matches!(output, Fp8Output::Scaled { gelu: true, .. }),
+        residual: beta != 0.0,
+    };
+    // SAFETY: the descriptors are live; the layouts describe exactly the buffers' sizes.
+    let algo = fp8_algo(key, || unsafe {
+        lt::get_matmul_algo_heuristic(*handle.handle(), desc.0, a_l.0, b_l.0, c_l.0, c_l.0, pref.0)
+            .ok()
+            .map(|h| h.algo)
+    });
+    let Some(algo) = algo else {
+        return Ok(None);
+    };
+    let alpha = 1f32;
+    let (a_ptr, _a) = ops.wq.device_ptr(&stream);
+    let (b_ptr, _b) = ops.xq.device_ptr(&stream);
+    let (w_ptr, _w) = ws_buf.device_ptr(&stream);
+    let (d_ptr, _d) = out.device_ptr_mut(&stream);
+    let c = c_view.map(|v| v.device_ptr(&stream));
+    let c_ptr = c.as_ref().map_or(d_ptr, |(p, _)| *p);
+    // SAFETY: every pointer is a live allocation of the size its layout states, on this stream;
+    // C is D itself when beta = 0 (never read); the workspace is LT_WORKSPACE bytes.
+    let status = unsafe {
+        lt::matmul(
+            *handle.handle(),
+            desc.0,
+            (&alpha) as *const f32 as *const _,
+            (&beta) as *const f32 as *const _,
+            a_ptr as *const _,
+            a_l.0,
+            b_ptr as *const _,
+            b_l.0,
+            c_ptr as *const _,
+            c_l.0,
+            d_ptr as *mut _,
+            c_l.0,
+            (&algo) as *const _,
+            w_ptr as *mut _,
+            ws_size,
+            stream.cu_stream() as *mut _,
+        )
+    };
+    drop((_a, _b, _w, _d, c));
+    status.map_err(wrap)?;
+    Ok(Some(out))
 }

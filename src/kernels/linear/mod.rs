@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use super::cpu::{cpu_f32, cpu_store, rows_cols};
 
 #[cfg(feature = "cuda")]
-mod cublaslt;
+pub(super) mod cublaslt;
 #[cfg(feature = "cuda")]
 mod cuda;
 
@@ -165,7 +165,7 @@ enum LtLinear {
     Residual(Tensor),
 }
 
-fn gelu_tanh(x: f32) -> f32 {
+pub(super) fn gelu_tanh(x: f32) -> f32 {
     const K0: f32 = 0.797_884_6;
     const K1: f32 = 0.044_715;
     0.5 * x * (1.0 + (K0 * (x + K1 * x * x * x)).tanh())

@@ -6,8 +6,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::DiffitConfig;
-use super::layers::{Kernels, LayerNorm, Linear};
+use super::layers::{BlockDense, Kernels, LayerNorm, Linear};
 use super::network::Tracer;
+use crate::config::BlockLinear;
 use crate::kernels::{self, Activation};
 
 /// Every block's `attn.qkv_temb` (c·W_tembᵀ + b_temb, one [3D] vector per sample) in one layer:
@@ -57,8 +58,8 @@ impl QkvTemb {
 #[derive(Debug, Clone)]
 pub struct Attention {
     /// Weight only: its bias is folded into `QkvTemb`.
-    qkv: Linear,
-    proj: Linear,
+    qkv: BlockDense,
+    proj: BlockDense,
     /// `relative_position_bias_table` gathered by the relative-position index at load:
     /// [heads·N, N] (softmax row r of a sample takes row r mod heads·N).
     rel_bias: Tensor,
@@ -84,25 +85,26 @@ impl Attention {
             .contiguous()?
             .reshape((heads * n, n))?;
         Ok(Self {
-            qkv: Linear::new_no_bias(vb.pp("qkv"), d, 3 * d)?,
-            proj: Linear::new(vb.pp("proj"), d, d)?,
+            qkv: BlockDense::new(vb.pp("qkv"), d, 3 * d, false, BlockLinear::Qkv, kernels)?,
+            proj: BlockDense::new(vb.pp("proj"), d, d, true, BlockLinear::Proj, kernels)?,
             rel_bias,
             num_heads: heads,
             kernels,
         })
     }
 
-    /// `residual + attention(x)` for normed tokens `x` [B, N, D] and the block's per-sample qkv
-    /// bias `qkv_bias` [B, 3D].
-    pub fn forward(&self, x: &Tensor, qkv_bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// `x + attention(norm(x))` for tokens `x` [B, N, D] and the block's per-sample qkv bias
+    /// `qkv_bias` [B, 3D]. An FP8 qkv computes the norm in its quantising kernel.
+    pub fn forward(&self, x: &Tensor, norm: &LayerNorm, qkv_bias: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(2)? / self.num_heads;
+        let residual = x;
         if self.kernels.fused {
             // From the qkv matmul's output: the per-sample bias, the head split, the scores with
             // the relative-position bias and the softmax in `kernels::attention` (one
             // flash-attention kernel where it fits); then proj with its bias and the residual
             // inside the matmul.
             let ctx = kernels::attention(
-                &self.qkv.forward_no_bias(x)?,
+                &self.qkv.forward_normed_no_bias(x, norm)?,
                 qkv_bias,
                 &self.rel_bias,
                 self.num_heads,
@@ -113,7 +115,7 @@ impl Attention {
                 .proj
                 .forward_residual(&ctx, residual, self.kernels.lt_epilogue);
         }
-        residual + self.forward_plain(x, qkv_bias)?
+        residual + self.forward_plain(&norm.forward(x)?, qkv_bias)?
     }
 
     fn forward_plain(&self, x: &Tensor, qkv_bias: &Tensor) -> Result<Tensor> {
@@ -144,8 +146,8 @@ impl Attention {
 /// `mlp`: fc1 → GELU (tanh approximation) → fc2.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: BlockDense,
+    fc2: BlockDense,
     kernels: Kernels,
 }
 
@@ -153,21 +155,25 @@ impl Mlp {
     pub fn new(vb: VarBuilder, cfg: &DiffitConfig, kernels: Kernels) -> Result<Self> {
         let (d, m) = (cfg.hidden_size, cfg.mlp_hidden);
         Ok(Self {
-            fc1: Linear::new(vb.pp("fc1"), d, m)?,
-            fc2: Linear::new(vb.pp("fc2"), m, d)?,
+            fc1: BlockDense::new(vb.pp("fc1"), d, m, true, BlockLinear::Fc1, kernels)?,
+            fc2: BlockDense::new(vb.pp("fc2"), m, d, true, BlockLinear::Fc2, kernels)?,
             kernels,
         })
     }
 
-    /// `residual + mlp(x)` for normed tokens `x`.
-    pub fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// `x + mlp(norm(x))`. An FP8 fc1 computes the norm in its quantising kernel.
+    pub fn forward(&self, x: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
         let lt = self.kernels.lt_epilogue;
         if self.kernels.fused {
             // Bias + GELU, and bias + residual, inside the two matmuls.
-            let hidden = self.fc1.forward_act(x, Activation::GeluTanh, lt)?;
-            return self.fc2.forward_residual(&hidden, residual, lt);
+            let hidden = self
+                .fc1
+                .forward_normed_act(x, norm, Activation::GeluTanh, lt)?;
+            return self.fc2.forward_residual(&hidden, x, lt);
         }
-        residual + self.fc2.forward(&self.fc1.forward(x)?.gelu()?)?
+        x + self
+            .fc2
+            .forward(&self.fc1.forward(&norm.forward(x)?)?.gelu()?)?
     }
 }
 
@@ -200,8 +206,8 @@ impl Block {
     /// `qkv_bias`: this block's columns of `QkvTemb::forward`. Records the attention and MLP
     /// branches and the block output when tracing.
     pub fn forward(&self, x: &Tensor, qkv_bias: &Tensor, trace: &mut Tracer) -> Result<Tensor> {
-        let h = self.attn.forward(&self.norm.forward(x)?, qkv_bias, x)?;
-        let out = self.mlp.forward(&self.norm.forward(&h)?, &h)?;
+        let h = self.attn.forward(x, &self.norm, qkv_bias)?;
+        let out = self.mlp.forward(&h, &self.norm)?;
         if trace.on() {
             // The branches as the reference records them, recovered from the sums.
             trace.record(&format!("{}.attn", self.name), &(&h - x)?);

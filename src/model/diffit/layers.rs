@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{DiffitConfig, TIME_FREQ_DIM};
-use crate::config::KernelOptions;
-use crate::kernels::{self, Activation};
+use crate::config::{BlockLinear, Fp8Layers, KernelOptions};
+use crate::kernels::{self, Activation, Fp8Scaling, Fp8Weight, Prologue};
 
 /// LayerNorm epsilon of every (affine-free) norm in the network.
 const LN_EPS: f32 = 1e-6;
@@ -21,6 +21,12 @@ pub struct Kernels {
     pub flash_attention: bool,
     /// Biases, GELU and residual adds inside the cuBLASLt matmul (CUDA, bf16/f16).
     pub lt_epilogue: bool,
+    /// The block linear layers that run in FP8 (none unless `--dtype fp8`).
+    pub fp8_layers: Fp8Layers,
+    /// Under FP8: the first and last this many blocks stay bf16.
+    fp8_edge_blocks: usize,
+    /// Where FP8 layers apply their scales and epilogue (CUDA).
+    pub fp8_scaling: Fp8Scaling,
 }
 
 impl Kernels {
@@ -29,6 +35,24 @@ impl Kernels {
             fused: options.fused.on_for(device),
             flash_attention: options.flash_attention,
             lt_epilogue: options.lt_epilogue,
+            fp8_layers: match options.fp8 {
+                true => options.fp8_layers,
+                false => Fp8Layers::NONE,
+            },
+            fp8_edge_blocks: options.fp8_edge_blocks,
+            fp8_scaling: options.fp8_scaling,
+        }
+    }
+
+    /// The choices for block `i` of `depth`: no FP8 in the edge blocks kept in bf16.
+    pub fn for_block(self, i: usize, depth: usize) -> Self {
+        let edge = self.fp8_edge_blocks;
+        match i < edge || i + edge >= depth {
+            true => Self {
+                fp8_layers: Fp8Layers::NONE,
+                ..self
+            },
+            false => self,
         }
     }
 }
@@ -147,6 +171,139 @@ impl Module for Linear {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+}
+
+/// A block's linear layer in FP8: the e4m3 weight with per-output-channel scales (quantised
+/// from the checkpoint's own values at load) and the bias in the run dtype (zeros for a layer
+/// without one). See `kernels::fp8_linear`.
+#[derive(Debug, Clone)]
+pub struct Fp8Linear {
+    weight: Fp8Weight,
+    bias: Tensor,
+    scaling: Fp8Scaling,
+}
+
+impl Fp8Linear {
+    fn forward(
+        &self,
+        x: &Tensor,
+        prologue: Prologue,
+        act: Activation,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        kernels::fp8_linear(
+            x,
+            &self.weight,
+            &self.bias,
+            prologue,
+            act,
+            residual,
+            self.scaling,
+        )
+    }
+
+    /// `act(LN(x)·Wᵀ + b)`: on the fused path the norm is computed by the kernel that
+    /// quantises x; on the plain path by `norm` first.
+    fn forward_normed(&self, x: &Tensor, norm: &LayerNorm, act: Activation) -> Result<Tensor> {
+        match norm.fused {
+            true => self.forward(x, Prologue::LayerNorm { eps: LN_EPS }, act, None),
+            false => self.forward(&norm.forward(x)?, Prologue::Quantize, act, None),
+        }
+    }
+}
+
+/// A DiffiT block's linear layer (qkv, proj, fc1, fc2): bf16 (or the run dtype), or FP8 under
+/// `--dtype fp8` for the layers `--fp8-layers` names whose dims FP8 matmuls take (multiples of
+/// 16; others stay in the run dtype).
+#[derive(Debug, Clone)]
+pub enum BlockDense {
+    Dense(Linear),
+    Fp8(Fp8Linear),
+}
+
+impl BlockDense {
+    /// `weight` [out, in] (and `bias` [out] when `bias`) under `vb`, in FP8 when `kernels`
+    /// says so for `layer`.
+    pub fn new(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        layer: BlockLinear,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        if !(kernels.fp8_layers.contains(layer) && kernels::fp8_fits(out_dim, in_dim)) {
+            return Ok(Self::Dense(match bias {
+                true => Linear::new(vb, in_dim, out_dim)?,
+                false => Linear::new_no_bias(vb, in_dim, out_dim)?,
+            }));
+        }
+        // Quantised from the stored values (f32 for the checkpoints we ship), not from their
+        // run-dtype rounding.
+        let w =
+            vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), DType::F32)?;
+        let bias = match bias {
+            true => vb.get(out_dim, "bias")?,
+            false => Tensor::zeros(out_dim, vb.dtype(), vb.device())?,
+        };
+        Ok(Self::Fp8(Fp8Linear {
+            weight: Fp8Weight::quantize(&w)?,
+            bias,
+            scaling: kernels.fp8_scaling,
+        }))
+    }
+
+    /// `x·Wᵀ` (the bias left to the caller; an FP8 layer made without one adds zeros).
+    pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward_no_bias(x),
+            Self::Fp8(l) => l.forward(x, Prologue::Quantize, Activation::Identity, None),
+        }
+    }
+
+    /// `LN(x)·Wᵀ` (no bias): the norm folded into the quantisation in FP8.
+    pub fn forward_normed_no_bias(&self, x: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward_no_bias(&norm.forward(x)?),
+            Self::Fp8(l) => l.forward_normed(x, norm, Activation::Identity),
+        }
+    }
+
+    /// `act(LN(x)·Wᵀ + b)` (fused paths): the norm folded into the quantisation in FP8.
+    pub fn forward_normed_act(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        act: Activation,
+        lt_epilogue: bool,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward_act(&norm.forward(x)?, act, lt_epilogue),
+            Self::Fp8(l) => l.forward_normed(x, norm, act),
+        }
+    }
+
+    /// `residual + x·Wᵀ + b` (fused paths).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        lt_epilogue: bool,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward_residual(x, residual, lt_epilogue),
+            Self::Fp8(l) => l.forward(x, Prologue::Quantize, Activation::Identity, Some(residual)),
+        }
+    }
+}
+
+impl Module for BlockDense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(x),
+            Self::Fp8(l) => l.forward(x, Prologue::Quantize, Activation::Identity, None),
         }
     }
 }

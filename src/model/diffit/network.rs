@@ -118,7 +118,7 @@ impl DiffiT {
                     &config,
                     &index,
                     norm.clone(),
-                    kernels,
+                    kernels.for_block(i, config.depth),
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
