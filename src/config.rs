@@ -283,6 +283,16 @@ pub struct KernelOptions {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub lt_epilogue: bool,
+    /// With --lt-epilogue: the DiffiT MLP's bias + GELU in cuBLASLt's GELU_BIAS epilogue too
+    /// (false: its plain matmul, then our bias + GELU kernel).
+    #[arg(
+        long = "lt-gelu-epilogue",
+        env = "DIFFIT_LT_GELU_EPILOGUE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub lt_gelu_epilogue: bool,
     /// The VAE's 3×3 convolutions as implicit GEMMs (CUDA, bf16/f16): the im2col tiles are
     /// gathered in shared memory instead of a 9× larger column matrix in memory.
     #[arg(
@@ -334,6 +344,7 @@ impl Default for KernelOptions {
             fused: Toggle::Auto,
             flash_attention: true,
             lt_epilogue: true,
+            lt_gelu_epilogue: true,
             implicit_gemm_conv: true,
             implicit_gemm_conv_max_cout: IMPLICIT_GEMM_CONV_MAX_COUT,
             cuda_graphs: Toggle::Auto,

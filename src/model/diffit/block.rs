@@ -166,9 +166,10 @@ impl Mlp {
         let lt = self.kernels.lt_epilogue;
         if self.kernels.fused {
             // Bias + GELU, and bias + residual, inside the two matmuls.
+            let lt_gelu = lt && self.kernels.lt_gelu_epilogue;
             let hidden = self
                 .fc1
-                .forward_normed_act(x, norm, Activation::GeluTanh, lt)?;
+                .forward_normed_act(x, norm, Activation::GeluTanh, lt_gelu)?;
             return self.fc2.forward_residual(&hidden, x, lt);
         }
         x + self

@@ -21,6 +21,9 @@ pub struct Kernels {
     pub flash_attention: bool,
     /// Biases, GELU and residual adds inside the cuBLASLt matmul (CUDA, bf16/f16).
     pub lt_epilogue: bool,
+    /// With `lt_epilogue`: fc1's bias + GELU in cuBLASLt's GELU_BIAS epilogue too (else its
+    /// matmul and then our bias + GELU kernel).
+    pub lt_gelu_epilogue: bool,
     /// The block linear layers that run in FP8 (none unless `--dtype fp8`).
     pub fp8_layers: Fp8Layers,
     /// Under FP8: the first and last this many blocks stay bf16.
@@ -35,6 +38,7 @@ impl Kernels {
             fused: options.fused.on_for(device),
             flash_attention: options.flash_attention,
             lt_epilogue: options.lt_epilogue,
+            lt_gelu_epilogue: options.lt_gelu_epilogue,
             fp8_layers: match options.fp8 {
                 true => options.fp8_layers,
                 false => Fp8Layers::NONE,
