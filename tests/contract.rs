@@ -261,12 +261,16 @@ async fn live_responses_match_openapi_for_every_route_and_status() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     for _ in 0..200 {
-        if s.metric("diffit_queue_depth").await == 2.0 {
+        if s.metric_total("diffit_queue_depth").await == 2.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(s.metric("diffit_queue_depth").await, 2.0, "queue filled");
+    assert_eq!(
+        s.metric_total("diffit_queue_depth").await,
+        2.0,
+        "queue filled"
+    );
     let r = post(gen, json!({"class_label": 1, "steps": 2}))
         .send()
         .await

@@ -258,7 +258,10 @@ async fn drain_ends_at_its_timeout_whatever_clients_do() {
                 .await
         }));
     }
-    assert!(s.wait_metric("diffit_active_samples", 4.0).await);
+    assert!(
+        s.wait_metric("diffit_active_samples{model=\"diffit_tiny_model\"}", 4.0)
+            .await
+    );
     let t = Instant::now();
     s.sigterm();
     let code = s.wait_exit(Duration::from_secs(10)).await;

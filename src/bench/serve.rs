@@ -475,7 +475,7 @@ async fn measure(
 
     eprintln!("measuring http …");
     let state = AppState {
-        engine: handle.clone(),
+        models: api::Models::new(vec![handle.clone()])?,
         metrics,
         api_keys: Arc::new(Vec::new()),
         max_images_per_request: a.n,

@@ -101,15 +101,20 @@ def request(port, method, path, body=None, headers=None, timeout=120.0):
         conn.close()
 
 
+MODEL_LABEL = re.compile(r',?model="[^"]*"')
+
+
 def parse_metrics(text):
-    """Prometheus text format -> {series: value} (series written as in the exposition)."""
+    """Prometheus text format -> {series: value} (series written as in the exposition), summed over
+    the `model` label: these steps serve one model and read the server's totals."""
     out = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         series, _, value = line.rpartition(" ")
+        series = MODEL_LABEL.sub("", series.strip()).replace("{,", "{").replace("{}", "")
         try:
-            out[series.strip()] = float(value)
+            out[series] = out.get(series, 0.0) + float(value)
         except ValueError:
             pass
     return out
