@@ -671,7 +671,7 @@ async fn smaller_protocol_items() {
     assert!(r.is_err());
     assert!(
         s.wait_metric(
-            "diffit_requests_total{route=\"/generate\",status=\"499\"}",
+            "diffit_requests_total{route=\"/generate\",status=\"499\",model=\"diffit_tiny_model\"}",
             1.0
         )
         .await
