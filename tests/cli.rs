@@ -257,6 +257,67 @@ fn bench_serve_reports_engine_png_and_http_throughput() {
     assert!(report["http_overhead_pct"].as_f64().unwrap().is_finite());
 }
 
+/// Two models at once: the `mixed` pass reports images/s and p50/p99 for each.
+#[test]
+fn bench_serve_with_two_models_reports_each_under_a_mixed_workload() {
+    let json_path = out_dir().join("bench-serve-two.json");
+    let out = bin()
+        .args(["bench", "serve", "--device", "cpu", "--model"])
+        .arg(fixture("diffit_tiny_model.safetensors"))
+        .arg("--vae")
+        .arg(fixture("vae_tiny_model.safetensors"))
+        .arg("--second-model")
+        .arg(fixture("diffit_tiny_model.safetensors"))
+        .arg("--second-vae")
+        .arg(fixture("vae_tiny_model.safetensors"))
+        .args([
+            "--steps",
+            "3",
+            "--images",
+            "6",
+            "--concurrency",
+            "4",
+            "--max-batch",
+            "4",
+            "--max-secs",
+            "120",
+            "--json",
+        ])
+        .arg(&json_path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench serve failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("| model | requests | images | images/s | p50 ms | p99 ms |"),
+        "{table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let mixed = report["mixed"].as_array().unwrap();
+    let names: Vec<&str> = mixed.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    assert_eq!(names, ["diffit_tiny_model", "diffit_tiny_model-2"]);
+    for r in mixed {
+        assert_eq!(
+            (r["requests"].as_u64(), r["images"].as_u64()),
+            (Some(6), Some(6)),
+            "{r}"
+        );
+        let (rate, p50, p99) = (
+            r["images_per_sec"].as_f64().unwrap(),
+            r["p50_ms"].as_f64().unwrap(),
+            r["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(rate > 0.0 && p50 > 0.0 && p99 >= p50, "{r}");
+    }
+    assert!(report["mixed_wall_secs"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn bench_serve_refuses_bad_settings() {
     for (flag, value, words) in [
