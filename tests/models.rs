@@ -475,18 +475,8 @@ async fn sigterm_drains_both_models_requests() {
 async fn readiness_waits_for_every_model() {
     use diffit_server::api::{router, AppState, Models};
     use diffit_server::engine::{start_models, EngineConfig};
-    use diffit_server::pipeline::{LoadOptions, Pipeline};
     let load = |name: &str| {
-        let mut p = Pipeline::load(&LoadOptions {
-            model: fixture("diffit_tiny_model.safetensors"),
-            vae: fixture("vae_tiny_model.safetensors"),
-            vae_config: None,
-            device: candle_core::Device::Cpu,
-            dtype: candle_core::DType::F32,
-            decode_chunk: 8,
-            kernels: Default::default(),
-        })
-        .unwrap();
+        let mut p = common::tiny_pipeline();
         p.info.name = name.to_string();
         p
     };

@@ -152,7 +152,6 @@ async fn openai_sdk_request_and_response_shapes() {
             json!({"prompt": "class 7", "response_format": "html"}),
             "response_format",
         ),
-        (json!({"prompt": "class 7", "model": "dall-e-3"}), "model"),
         (json!({"prompt": "class 7", "n": 0}), "n"),
     ] {
         let r = s.post("/v1/images/generations", body.clone()).await;
@@ -161,6 +160,20 @@ async fn openai_sdk_request_and_response_shapes() {
         assert_eq!(e["error"]["param"], param, "{body}");
         assert!(e["error"]["message"].as_str().unwrap().len() > 10);
     }
+    // A model that is not served: 404 model_not_found naming the one that is, as OpenAI does.
+    let r = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "class 7", "model": "dall-e-3"}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("'diffit_tiny_model'"));
 }
 
 #[tokio::test]

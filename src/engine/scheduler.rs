@@ -22,7 +22,7 @@ pub const PREVIEWS_PER_IMAGE: usize = 10;
 pub struct EngineConfig {
     /// Most samples (images) one engine denoises together; guided ones cost two network rows.
     pub max_batch: usize,
-    /// Most images waiting for a slot, all engines together.
+    /// Most images waiting for a slot, all engines (of every model) together.
     pub max_queue: usize,
     /// Request-level batching: admit only when the batch is empty (for benchmarks).
     pub request_level: bool,
