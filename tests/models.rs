@@ -589,5 +589,15 @@ fn bad_model_settings_fail_start_up_naming_the_model() {
             "{args:?} failed at once"
         );
     }
+    // The environment form: entries separated by ';'.
+    let out = serve_command(&[] as &[&str], "warn")
+        .env("DIFFIT_MODEL", "y=embedded;y=embedded,steps=9")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("model 'y' is given twice"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

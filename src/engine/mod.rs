@@ -214,7 +214,7 @@ impl Job {
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SubmitError {
     #[error(
-        "the queue of model '{model}' is full ({queued} images waiting, {limit} allowed now); \
+        "the queue is full for model '{model}' ({queued} images waiting, {limit} allowed now); \
          retry in {retry_after_secs} s"
     )]
     QueueFull {

@@ -92,3 +92,49 @@ fn explain(
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Precision;
+
+    fn entry(name: &str) -> ModelEntry {
+        ModelEntry {
+            name: name.into(),
+            model: format!("/m/{name}.safetensors").into(),
+            vae: "/m/vae".into(),
+            vae_config: None,
+            dtype: Precision::Bf16,
+            defaults: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_model_that_does_not_fit_is_named_with_those_loaded_before_it() {
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("loading blocks.3.attn.qkv.weight");
+        let e = explain(oom, &entry("in512"), &["in256", "fmnist"], &[Device::Cpu]);
+        let msg = format!("{e:#}");
+        assert!(
+            msg.starts_with(
+                "model 'in512' (/m/in512.safetensors, bf16) does not fit in the memory of cpu \
+                 beside in256, fmnist"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            "the cause stays: {msg}"
+        );
+        let other = explain(
+            anyhow::anyhow!("no tensor 'x'"),
+            &entry("a"),
+            &[],
+            &[Device::Cpu],
+        );
+        assert_eq!(
+            format!("{other:#}"),
+            "cannot load model 'a' (/m/a.safetensors): no tensor 'x'"
+        );
+    }
+}

@@ -1066,6 +1066,7 @@ def specialised_openapi(spec_path, srv, auth, out_path, max_images, max_timeout,
     props = dict(g["properties"])
     props["class_label"] = {"type": "integer", "minimum": 0, "maximum": len(classes) - 1}
     props["class_name"] = {"type": "string", "enum": [c["name"] for c in classes]}
+    props["model"] = {"type": ["string", "null"], "enum": [model["id"], None]}
     props["n"] = {"type": "integer", "minimum": 1, "maximum": max_images}
     props["steps"] = {"type": "integer", "minimum": 2, "maximum": max_steps}
     # Deadlines long enough to be met: the deadline path has its own explicit test (504).
@@ -1085,6 +1086,8 @@ def specialised_openapi(spec_path, srv, auth, out_path, max_images, max_timeout,
     i["n"] = {"type": "integer", "minimum": 1, "maximum": max_images}
     i["steps"] = {"type": "integer", "minimum": 2, "maximum": max_steps}
     spec["paths"]["/v1/models/{id}"]["get"]["parameters"][0]["schema"] = {
+        "type": "string", "enum": [model["id"]]}
+    spec["paths"]["/v1/classes"]["get"]["parameters"][0]["schema"] = {
         "type": "string", "enum": [model["id"]]}
     with open(out_path, "w") as f:
         json.dump(spec, f, indent=1)
