@@ -395,10 +395,18 @@ pub const DEFAULT_VAE_FILE: &str = "vae_fmnist.safetensors";
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// DiffiT checkpoint; the embedded default in weights/ when left out.
-    #[arg(long, env = "DIFFIT_MODEL")]
-    pub model: Option<PathBuf>,
-    /// VAE weights (.safetensors, or a diffusers directory); the embedded default when left out.
+    /// A model to serve: `NAME=PATH[,vae=PATH][,dtype=..][,steps=..][,sampler=..]
+    /// [,guidance_scale=..][,guidance_schedule=..]`, or a bare PATH (named after the file);
+    /// PATH `embedded` is the embedded model. Repeat for several models (the env var separates
+    /// them with `;`). With no --model and no --models: the embedded model.
+    #[arg(long, env = "DIFFIT_MODEL", value_delimiter = ';')]
+    pub model: Vec<String>,
+    /// A model file (.toml or .json) listing models to serve: `[[models]]` entries with
+    /// `name`, `path` and the keys of --model.
+    #[arg(long, env = "DIFFIT_MODELS")]
+    pub models: Option<PathBuf>,
+    /// VAE weights (.safetensors, or a diffusers directory) of every model that names none;
+    /// the embedded default when left out.
     #[arg(long, env = "DIFFIT_VAE")]
     pub vae: Option<PathBuf>,
     #[arg(long, env = "DIFFIT_VAE_CONFIG")]
@@ -415,13 +423,14 @@ pub struct ServeArgs {
     /// `0,1` (GPU ordinals) or `cpu,cpu`. Overrides --device when given.
     #[arg(long, env = "DIFFIT_DEVICES", value_delimiter = ',')]
     pub devices: Vec<DeviceSpec>,
-    /// Weights are converted to this at load.
+    /// Weights are converted to this at load (a model's own `dtype=` overrides it).
     #[arg(long, env = "DIFFIT_DTYPE", value_enum, default_value = "f32")]
     pub dtype: Precision,
     /// Most images denoised together in one step.
     #[arg(long, env = "DIFFIT_MAX_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_batch: u32,
-    /// Most images waiting for a batch slot; beyond it requests get 429.
+    /// Most images waiting for a batch slot, all models together; beyond it requests get 429.
+    /// With several models each is guaranteed an equal share of half of it (docs/models.md).
     #[arg(long, env = "DIFFIT_MAX_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_queue: u32,
     /// Most images one request may ask for.
@@ -575,6 +584,19 @@ impl ServeArgs {
                 Ok(o)
             })
             .collect()
+    }
+
+    /// Every model to serve, checked (names, keys, files) before any is loaded.
+    pub fn model_entries(&self) -> anyhow::Result<Vec<crate::catalog::ModelEntry>> {
+        crate::catalog::entries(
+            &self.model,
+            self.models.as_deref(),
+            &crate::catalog::Globals {
+                vae: self.vae.clone(),
+                vae_config: self.vae_config.clone(),
+                dtype: Some(self.dtype),
+            },
+        )
     }
 
     /// The devices to start an engine on: `--devices` if given, else `--device`.

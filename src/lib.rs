@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod catalog;
 pub mod classes;
 pub mod cli;
 pub mod config;

@@ -1,9 +1,10 @@
-//! `serve`: load the model, start the engine, serve HTTP, drain on SIGTERM.
+//! `serve`: load the models, start their engines, serve HTTP, drain on SIGTERM.
 
 mod conn;
 mod drain;
 mod fdlimit;
 mod io;
+mod load;
 mod trim;
 
 use std::sync::Arc;
@@ -12,10 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::api::{self, AppState, HttpGuards};
-use crate::config::{open_devices, resolve_model_paths, ServeArgs, Timeouts};
-use crate::engine::{self, EngineConfig, EngineHandle};
-use crate::pipeline::{LoadOptions, Pipeline};
+use crate::api::{self, AppState, HttpGuards, Models};
+use crate::config::{open_devices, ServeArgs, Timeouts};
+use crate::engine::{self, EngineConfig};
 use crate::telemetry;
 use conn::{ConnLimits, Connections};
 
@@ -35,22 +35,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Settings first: a bad value ends start-up before seconds of model loading.
     let timeouts = args.timeouts()?;
     let cors_origins = args.cors_origins()?;
+    let entries = args.model_entries()?;
     let metrics = telemetry::init_metrics()?;
-    let (model, vae) = resolve_model_paths(args.model.clone(), args.vae.clone())?;
     let devices = open_devices(&args.device_specs())?;
-    let opts = LoadOptions {
-        model,
-        vae,
-        vae_config: args.vae_config.clone(),
-        device: devices[0].clone(),
-        dtype: args.dtype.into(),
-        decode_chunk: args.decode_chunk,
-        kernels: args.kernels.with_precision(args.dtype),
-    };
+    let (decode_chunk, kernels) = (args.decode_chunk, args.kernels);
     let t0 = Instant::now();
-    let pipelines =
-        tokio::task::spawn_blocking(move || Pipeline::load_on_each(&opts, &devices)).await??;
-    let (engine, engines) = engine::start(
+    let pipelines = tokio::task::spawn_blocking(move || {
+        let shared = load::Shared {
+            devices: &devices,
+            decode_chunk,
+            kernels,
+        };
+        load::load_all(&entries, &shared)
+    })
+    .await??;
+    let (handles, engines) = engine::start_models(
         pipelines,
         EngineConfig {
             max_batch: args.max_batch as usize,
@@ -58,16 +57,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             request_level: args.request_level_batching,
         },
     )?;
-    let info = engine.info().clone();
-    tracing::info!(model = %info.name, config = ?info.config, devices = %info.device, dtype = %info.dtype,
-        engines = engine.devices().len(), elapsed = ?t0.elapsed(), "model loaded");
-    metrics::gauge!("diffit_model_info",
-        "model" => info.name.clone(), "dtype" => info.dtype.clone(), "device" => info.device.clone(),
-        "image_size" => info.image_size.to_string(), "num_classes" => info.config.num_classes.to_string())
-    .set(1.0);
+    for h in &handles {
+        let info = h.info();
+        tracing::info!(model = %info.name, config = ?info.config, devices = %info.device, dtype = %info.dtype,
+            engines = h.devices().len(), queue_floor = h.queue_floor(), queue_max = h.max_queue(), "model ready to warm up");
+        metrics::gauge!("diffit_model_info",
+            "model" => info.name.clone(), "dtype" => info.dtype.clone(), "device" => info.device.clone(),
+            "image_size" => info.image_size.to_string(), "num_classes" => info.config.num_classes.to_string())
+        .set(1.0);
+    }
+    tracing::info!(models = handles.len(), elapsed = ?t0.elapsed(), "models loaded");
+    let models = Models::new(handles)?;
 
     let (cutoff, cutoff_rx) = tokio::sync::watch::channel(false);
-    let mut state = app_state(engine.clone(), metrics.clone(), &args, &timeouts);
+    let mut state = app_state(models.clone(), metrics.clone(), &args, &timeouts);
     state.http = HttpGuards {
         body_read_timeout: timeouts.body_read,
         inflight_requests: Arc::new(tokio::sync::Semaphore::new(
@@ -116,10 +119,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // ready must not linger half-alive (listening, healthy, never ready).
     let failure = tokio::select! {
         _ = shutdown_signal() => None,
-        reason = engine.failed() => Some(reason),
+        reason = models.failed() => Some(reason),
     };
     if let Some(reason) = failure {
-        engine.start_draining();
+        models.start_draining();
         let _ = stop_accepting.send(());
         conns.close_all();
         let _ = accept.await;
@@ -128,7 +131,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let outcome = drain::run(&state, &conns, timeouts.drain, &cutoff, stop_accepting).await;
     let _ = accept.await;
     drop(state);
-    drop(engine);
+    drop(models);
     if let drain::Outcome::CutOff {
         requests,
         generations,
@@ -155,13 +158,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The HTTP side's shared state for `serve`'s settings.
 pub fn app_state(
-    engine: EngineHandle,
+    models: Models,
     metrics: PrometheusHandle,
     args: &ServeArgs,
     timeouts: &Timeouts,
 ) -> AppState {
     AppState {
-        engine,
+        models,
         metrics,
         api_keys: Arc::new(
             args.api_keys

@@ -33,35 +33,44 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full("diffit_batch_size".into()), &BATCH_BUCKETS)?
         .install_recorder()?;
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("diffit_requests_total", "HTTP requests by route and status");
+    describe_counter!(
+        "diffit_requests_total",
+        "HTTP requests by route and status (and model, for generation requests that named one)"
+    );
     describe_histogram!(
         "diffit_request_duration_seconds",
         Unit::Seconds,
-        "HTTP request latency by route"
+        "HTTP request latency by route (and model)"
     );
-    describe_gauge!("diffit_queue_depth", "Images waiting for a batch slot");
+    describe_gauge!(
+        "diffit_queue_depth",
+        "Images waiting for a batch slot, by model (sum for the server's queue)"
+    );
     describe_histogram!(
         "diffit_queue_wait_seconds",
         Unit::Seconds,
-        "Time from admission to first denoising step"
+        "Time from admission to first denoising step, by model"
     );
-    describe_gauge!("diffit_active_samples", "Images being denoised now");
+    describe_gauge!(
+        "diffit_active_samples",
+        "Images being denoised now, by model"
+    );
     describe_histogram!(
         "diffit_batch_size",
-        "Images per denoising step, by engine and device"
+        "Images per denoising step, by engine, device and model"
     );
     describe_histogram!(
         "diffit_step_duration_seconds",
         Unit::Seconds,
-        "Latency of one batched denoising step, by engine and device"
+        "Latency of one batched denoising step, by engine, device and model"
     );
     describe_gauge!(
         "diffit_engines",
-        "Engines (one per device, each with its own model copy) sharing the queue"
+        "Engines (one per device per model, each with its own model copy)"
     );
     describe_counter!(
         "diffit_images_generated_total",
-        "Images returned to clients"
+        "Images returned to clients, by model"
     );
     describe_histogram!(
         "diffit_decode_duration_seconds",
@@ -84,9 +93,12 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     );
     describe_gauge!(
         "diffit_ready",
-        "1 when the model is loaded, warmed up and not draining"
+        "1 when every model is loaded, warmed up and not draining"
     );
-    describe_gauge!("diffit_model_info", "The loaded model (labels) ; always 1");
+    describe_gauge!(
+        "diffit_model_info",
+        "One series per served model (labels); always 1"
+    );
     describe_gauge!("diffit_connections_open", "Open client connections");
     describe_counter!(
         "diffit_connections_refused_total",
@@ -109,9 +121,8 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     ] {
         metrics::counter!("diffit_rejections_total", "reason" => reason).absolute(0);
     }
-    metrics::counter!("diffit_images_generated_total").absolute(0);
-    metrics::gauge!("diffit_queue_depth").set(0.0);
-    metrics::gauge!("diffit_active_samples").set(0.0);
+    // The per-model series (queue depth, active samples, images) start at 0 when each model's
+    // engines start (`engine::start_models`).
     metrics::gauge!("diffit_ready").set(0.0);
     metrics::gauge!("diffit_connections_open").set(0.0);
     metrics::counter!("diffit_connections_refused_total").absolute(0);

@@ -190,15 +190,44 @@ fn class_names_come_from_a_side_file() {
     assert_eq!(text["class_name"], "thing 4");
 }
 
+/// `bench serve` on the tiny fixture model with `extra` flags and `--json`: the printed table
+/// and the JSON report.
+fn bench_serve(name: &str, extra: &[&str]) -> (String, serde_json::Value) {
+    let json_path = out_dir().join(name);
+    let model = fixture("diffit_tiny_model.safetensors");
+    let vae = fixture("vae_tiny_model.safetensors");
+    let out = bin()
+        .args(["bench", "serve", "--model"])
+        .arg(&model)
+        .arg("--vae")
+        .arg(&vae)
+        .args(extra.iter().map(|a| match *a {
+            // The fixture's own paths, where a test names them.
+            "MODEL" => model.as_os_str(),
+            "VAE" => vae.as_os_str(),
+            other => std::ffi::OsStr::new(other),
+        }))
+        .args(["--max-secs", "120", "--json"])
+        .arg(&json_path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench serve failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), report)
+}
+
 #[test]
 fn bench_serve_reports_engine_png_and_http_throughput() {
-    let json_path = out_dir().join("bench-serve.json");
-    let out = bin()
-        .args(["bench", "serve", "--devices", "cpu,cpu", "--model"])
-        .arg(fixture("diffit_tiny_model.safetensors"))
-        .arg("--vae")
-        .arg(fixture("vae_tiny_model.safetensors"))
-        .args([
+    let (table, report) = bench_serve(
+        "bench-serve.json",
+        &[
+            "--devices",
+            "cpu,cpu",
             "--steps",
             "4",
             "--images",
@@ -209,20 +238,8 @@ fn bench_serve_reports_engine_png_and_http_throughput() {
             "3",
             "--max-batch",
             "4",
-            "--max-secs",
-            "120",
-            "--json",
-        ])
-        .arg(&json_path)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bench serve failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let table = String::from_utf8_lossy(&out.stdout);
     for words in [
         "| path | requests | images | wall s | images/s | vs engine | p50 ms | p99 ms |",
         "| engine |",
@@ -232,8 +249,6 @@ fn bench_serve_reports_engine_png_and_http_throughput() {
     ] {
         assert!(table.contains(words), "no '{words}' in:\n{table}");
     }
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(report["devices"], serde_json::json!(["cpu", "cpu"]));
     assert_eq!(report["images"], 12);
     let rows = report["rows"].as_array().unwrap();
@@ -255,6 +270,51 @@ fn bench_serve_reports_engine_png_and_http_throughput() {
         assert!(r["p99_ms"].as_f64() >= r["p50_ms"].as_f64(), "{r}");
     }
     assert!(report["http_overhead_pct"].as_f64().unwrap().is_finite());
+}
+
+/// Two models at once: the `mixed` pass reports images/s and p50/p99 for each.
+#[test]
+fn bench_serve_with_two_models_reports_each_under_a_mixed_workload() {
+    let (table, report) = bench_serve(
+        "bench-serve-two.json",
+        &[
+            "--device",
+            "cpu",
+            "--second-model",
+            "MODEL",
+            "--second-vae",
+            "VAE",
+            "--steps",
+            "3",
+            "--images",
+            "6",
+            "--concurrency",
+            "4",
+            "--max-batch",
+            "4",
+        ],
+    );
+    assert!(
+        table.contains("| model | requests | images | images/s | p50 ms | p99 ms |"),
+        "{table}"
+    );
+    let mixed = report["mixed"].as_array().unwrap();
+    let names: Vec<&str> = mixed.iter().map(|r| r["model"].as_str().unwrap()).collect();
+    assert_eq!(names, ["diffit_tiny_model", "diffit_tiny_model-2"]);
+    for r in mixed {
+        assert_eq!(
+            (r["requests"].as_u64(), r["images"].as_u64()),
+            (Some(6), Some(6)),
+            "{r}"
+        );
+        let (rate, p50, p99) = (
+            r["images_per_sec"].as_f64().unwrap(),
+            r["p50_ms"].as_f64().unwrap(),
+            r["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(rate > 0.0 && p50 > 0.0 && p99 >= p50, "{r}");
+    }
+    assert!(report["mixed_wall_secs"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

@@ -261,12 +261,16 @@ async fn live_responses_match_openapi_for_every_route_and_status() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     for _ in 0..200 {
-        if s.metric("diffit_queue_depth").await == 2.0 {
+        if s.metric_total("diffit_queue_depth").await == 2.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(s.metric("diffit_queue_depth").await, 2.0, "queue filled");
+    assert_eq!(
+        s.metric_total("diffit_queue_depth").await,
+        2.0,
+        "queue filled"
+    );
     let r = post(gen, json!({"class_label": 1, "steps": 2}))
         .send()
         .await
@@ -298,6 +302,44 @@ async fn live_responses_match_openapi_for_every_route_and_status() {
         );
     }
     assert_eq!(s.wait_exit(Duration::from_secs(30)).await, Some(0));
+
+    // Two models: `model` routes, is required, and an unknown id is a 404 on every route.
+    let tiny = |name: &str| {
+        format!(
+            "{name}={},vae={}",
+            common::fixture("diffit_tiny_model.safetensors").display(),
+            common::fixture("vae_tiny_model.safetensors").display()
+        )
+    };
+    let two = TestServer::start_with(&["--model", &tiny("a"), "--model", &tiny("b")]).await;
+    let r = two.get("/v1/models").await;
+    let (_, models) = c.check("get", "/v1/models", r).await;
+    assert_eq!(models["data"].as_array().unwrap().len(), 2);
+    for (query, want) in [
+        ("?model=b", 200),
+        ("?model=nope", 404),
+        ("", 422),
+        ("?model=a&model=b", 400),
+    ] {
+        let r = two.get(&format!("/v1/classes{query}")).await;
+        assert_eq!(c.check("get", "/v1/classes", r).await.0, want, "{query}");
+    }
+    for (path, body) in [
+        (gen, json!({"model": "b", "class_label": 1, "steps": 2})),
+        (oai, json!({"model": "b", "prompt": "class 1", "steps": 2})),
+    ] {
+        let r = two.post(path, body.clone()).await;
+        assert_eq!(c.check("post", path, r).await.0, 200, "{path}");
+        let mut other = body;
+        other["model"] = json!("dall-e-3");
+        let r = two.post(path, other).await;
+        let (status, e) = c.check("post", path, r).await;
+        assert_eq!(
+            (status, e["error"]["code"].as_str()),
+            (404, Some("model_not_found"))
+        );
+    }
+    drop(two);
 
     // Every documented (route, method, status) was seen, except internal failures, which no
     // valid request can provoke.

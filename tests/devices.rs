@@ -72,7 +72,7 @@ async fn two_engines_share_the_queue_and_match_one_engine() {
     for engine in ["0", "1"] {
         let steps = two
             .metric(&format!(
-                "diffit_step_duration_seconds_count{{engine=\"{engine}\",device=\"cpu\"}}"
+                "diffit_step_duration_seconds_count{{engine=\"{engine}\",device=\"cpu\",model=\"diffit_tiny_model\"}}"
             ))
             .await;
         assert!(steps > 0.0, "engine {engine} ran no step");
@@ -82,11 +82,17 @@ async fn two_engines_share_the_queue_and_match_one_engine() {
         .map(|b| b["n"].as_u64().unwrap() as usize)
         .sum();
     assert_eq!(
-        two.metric("diffit_images_generated_total").await,
+        two.metric_total("diffit_images_generated_total").await,
         images as f64
     );
-    assert!(two.wait_metric("diffit_queue_depth", 0.0).await);
-    assert!(two.wait_metric("diffit_active_samples", 0.0).await);
+    assert!(
+        two.wait_metric("diffit_queue_depth{model=\"diffit_tiny_model\"}", 0.0)
+            .await
+    );
+    assert!(
+        two.wait_metric("diffit_active_samples{model=\"diffit_tiny_model\"}", 0.0)
+            .await
+    );
 
     // Streaming a request split over both engines (4 images, 2 slots each): progress only
     // moves forward and ends at the step count.
@@ -119,7 +125,7 @@ async fn two_engines_share_the_queue_and_match_one_engine() {
     let inflight =
         tokio::spawn(async move { c.post(url).json(&long).send().await.unwrap().status() });
     for _ in 0..400 {
-        if two.metric("diffit_active_samples").await >= 4.0 {
+        if two.metric_total("diffit_active_samples").await >= 4.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

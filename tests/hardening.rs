@@ -258,7 +258,10 @@ async fn drain_ends_at_its_timeout_whatever_clients_do() {
                 .await
         }));
     }
-    assert!(s.wait_metric("diffit_active_samples", 4.0).await);
+    assert!(
+        s.wait_metric("diffit_active_samples{model=\"diffit_tiny_model\"}", 4.0)
+            .await
+    );
     let t = Instant::now();
     s.sigterm();
     let code = s.wait_exit(Duration::from_secs(10)).await;
@@ -668,7 +671,7 @@ async fn smaller_protocol_items() {
     assert!(r.is_err());
     assert!(
         s.wait_metric(
-            "diffit_requests_total{route=\"/generate\",status=\"499\"}",
+            "diffit_requests_total{route=\"/generate\",status=\"499\",model=\"diffit_tiny_model\"}",
             1.0
         )
         .await
@@ -685,17 +688,7 @@ fn uuid_like(s: &str) -> bool {
 #[tokio::test]
 async fn an_engine_whose_warm_up_fails_reports_it() {
     use diffit_server::engine::{self, EngineConfig};
-    use diffit_server::pipeline::{LoadOptions, Pipeline};
-    let mut pipe = Pipeline::load(&LoadOptions {
-        model: fixture("diffit_tiny_model.safetensors"),
-        vae: fixture("vae_tiny_model.safetensors"),
-        vae_config: None,
-        device: candle_core::Device::Cpu,
-        dtype: candle_core::DType::F32,
-        decode_chunk: 8,
-        kernels: Default::default(),
-    })
-    .unwrap();
+    let mut pipe = common::tiny_pipeline();
     pipe.info.defaults.guidance_scale = 1e30;
     let (handle, engines) = engine::start(vec![pipe], EngineConfig::default()).unwrap();
     let reason = tokio::time::timeout(Duration::from_secs(30), handle.failed())

@@ -100,7 +100,7 @@ async fn generate_json_png_stream_and_info_routes() {
 
     let metrics = s.get("/metrics").await.text().await.unwrap();
     for name in [
-        "diffit_requests_total{route=\"/generate\",status=\"200\"}",
+        "diffit_requests_total{route=\"/generate\",status=\"200\",model=\"diffit_tiny_model\"}",
         "diffit_request_duration_seconds_bucket",
         "diffit_queue_depth",
         "diffit_queue_wait_seconds_bucket",
@@ -114,7 +114,7 @@ async fn generate_json_png_stream_and_info_routes() {
     ] {
         assert!(metrics.contains(name), "metric {name} missing");
     }
-    assert_eq!(s.metric("diffit_images_generated_total").await, 4.0);
+    assert_eq!(s.metric_total("diffit_images_generated_total").await, 4.0);
 }
 
 #[tokio::test]
@@ -152,7 +152,6 @@ async fn openai_sdk_request_and_response_shapes() {
             json!({"prompt": "class 7", "response_format": "html"}),
             "response_format",
         ),
-        (json!({"prompt": "class 7", "model": "dall-e-3"}), "model"),
         (json!({"prompt": "class 7", "n": 0}), "n"),
     ] {
         let r = s.post("/v1/images/generations", body.clone()).await;
@@ -161,6 +160,20 @@ async fn openai_sdk_request_and_response_shapes() {
         assert_eq!(e["error"]["param"], param, "{body}");
         assert!(e["error"]["message"].as_str().unwrap().len() > 10);
     }
+    // A model that is not served: 404 model_not_found naming the one that is, as OpenAI does.
+    let r = s
+        .post(
+            "/v1/images/generations",
+            json!({"prompt": "class 7", "model": "dall-e-3"}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("'diffit_tiny_model'"));
 }
 
 #[tokio::test]
@@ -436,7 +449,7 @@ async fn full_queue_gets_429_with_retry_after_and_accepted_requests_complete() {
     assert!(full >= 1, "some requests must be refused");
     assert!(ok >= 2, "accepted requests complete ({ok})");
     assert_eq!(
-        s.metric("diffit_rejections_total{reason=\"queue_full\"}")
+        s.metric("diffit_rejections_total{reason=\"queue_full\",model=\"diffit_tiny_model\"}")
             .await,
         full as f64
     );
@@ -462,7 +475,8 @@ async fn disconnected_client_frees_its_samples_and_deadline_gives_504() {
         "the disconnect is counted"
     );
     assert!(
-        s.wait_metric("diffit_active_samples", 0.0).await,
+        s.wait_metric("diffit_active_samples{model=\"diffit_tiny_model\"}", 0.0)
+            .await,
         "disconnected samples left the batch"
     );
 
@@ -481,7 +495,8 @@ async fn disconnected_client_frees_its_samples_and_deadline_gives_504() {
         "the deadline rejection is counted"
     );
     assert!(
-        s.wait_metric("diffit_active_samples", 0.0).await,
+        s.wait_metric("diffit_active_samples{model=\"diffit_tiny_model\"}", 0.0)
+            .await,
         "its samples left the batch"
     );
 }
@@ -500,7 +515,7 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
     });
     // SIGTERM only once the request is being denoised.
     for _ in 0..200 {
-        if s.metric("diffit_active_samples").await > 0.0 {
+        if s.metric_total("diffit_active_samples").await > 0.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

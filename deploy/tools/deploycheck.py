@@ -44,18 +44,21 @@ K8S_VERSIONS = ["1.29.0", "1.37.0"]
 
 # The metrics contract of the server (docs/deploy.md, "Metrics"); alerts, dashboard, adapter and HPA may only
 # use these. kind: counter | gauge | histogram; labels: the labels the server puts on them.
+# `model` is a served model's id (bounded: only ids the server was configured with); a generation request's
+# request series carry it once the request named a served model. diffit_queue_depth is one series per model: the
+# HPA's adapter rule sums them per pod (total queue depth).
 METRICS = {
-    "diffit_requests_total": ("counter", {"route", "status"}),
-    "diffit_request_duration_seconds": ("histogram", {"route"}),
-    "diffit_queue_depth": ("gauge", set()),
-    "diffit_queue_wait_seconds": ("histogram", set()),
-    "diffit_active_samples": ("gauge", set()),
-    "diffit_batch_size": ("histogram", {"engine", "device"}),
-    "diffit_step_duration_seconds": ("histogram", {"engine", "device"}),
-    "diffit_images_generated_total": ("counter", set()),
+    "diffit_requests_total": ("counter", {"route", "status", "model"}),
+    "diffit_request_duration_seconds": ("histogram", {"route", "model"}),
+    "diffit_queue_depth": ("gauge", {"model"}),
+    "diffit_queue_wait_seconds": ("histogram", {"model"}),
+    "diffit_active_samples": ("gauge", {"model"}),
+    "diffit_batch_size": ("histogram", {"engine", "device", "model"}),
+    "diffit_step_duration_seconds": ("histogram", {"engine", "device", "model"}),
+    "diffit_images_generated_total": ("counter", {"model"}),
     "diffit_decode_duration_seconds": ("histogram", set()),
     "diffit_encode_duration_seconds": ("histogram", set()),
-    "diffit_rejections_total": ("counter", {"reason"}),
+    "diffit_rejections_total": ("counter", {"reason", "model"}),
     "diffit_ready": ("gauge", set()),
     "diffit_model_info": ("gauge", {"model", "dtype", "device", "image_size", "num_classes"}),
 }
@@ -118,7 +121,9 @@ def dashboard() -> dict:
     """The Grafana dashboard over the server's metrics (schemaVersion 39: Grafana 10.x / 11.x)."""
     ds = {"type": "prometheus", "uid": "${datasource}"}
     sel = 'namespace="$namespace", pod=~"$pod"'
-    api = f'{sel}, route!~"{HEALTH_ROUTES}"'
+    # Series with a `model` label follow the model selector; `=~".*"` (All) also matches series without it.
+    msel = f'{sel}, model=~"$model"'
+    api = f'{msel}, route!~"{HEALTH_ROUTES}"'
     rate = "$__rate_interval"
     panels: list[dict] = []
     next_id = iter(range(1, 1000))
@@ -164,7 +169,7 @@ def dashboard() -> dict:
           4, 1, 4, 4, [target(f"sum(rate(diffit_requests_total{{{api}}}[{rate}]))", "req/s", "A")],
           unit="reqps")
     panel("stat", "Images/s", "Images generated per second, all pods.",
-          8, 1, 4, 4, [target(f"sum(rate(diffit_images_generated_total{{{sel}}}[{rate}]))", "images/s", "A")])
+          8, 1, 4, 4, [target(f"sum(rate(diffit_images_generated_total{{{msel}}}[{rate}]))", "images/s", "A")])
     panel("stat", "5xx share", "Share of API requests answered with a 5xx status.",
           12, 1, 4, 4, [target(f'sum(rate(diffit_requests_total{{{api}, status=~"5.."}}[{rate}])) / '
                                f"sum(rate(diffit_requests_total{{{api}}}[{rate}]))", "5xx", "A")],
@@ -172,10 +177,11 @@ def dashboard() -> dict:
           thresholds={"mode": "absolute", "steps": [{"color": "green", "value": None},
                                                     {"color": "orange", "value": 0.01},
                                                     {"color": "red", "value": 0.05}]})
-    panel("stat", "Queue depth", "Images waiting in the admission queues, all pods (the HPA's metric).",
-          16, 1, 4, 4, [target(f"sum(diffit_queue_depth{{{sel}}})", "images", "A")], unit="none")
+    panel("stat", "Queue depth", "Images waiting in the admission queues, all pods and the selected models "
+          "(the HPA scales on every model's together).",
+          16, 1, 4, 4, [target(f"sum(diffit_queue_depth{{{msel}}})", "images", "A")], unit="none")
     panel("stat", "Active samples", "Samples being denoised right now, all pods.",
-          20, 1, 4, 4, [target(f"sum(diffit_active_samples{{{sel}}})", "samples", "A")], unit="none")
+          20, 1, 4, 4, [target(f"sum(diffit_active_samples{{{msel}}})", "samples", "A")], unit="none")
 
     row("Requests", 5)
     panel("timeseries", "Requests by status", "API requests per second by HTTP status.",
@@ -186,7 +192,7 @@ def dashboard() -> dict:
     panel("timeseries", "Rejections by reason",
           "Requests refused or abandoned per second: queue_full (429), deadline (504), disconnected, "
           "unauthorized (401), invalid (400/422), draining (503).",
-          0, 14, 12, 8, [target(f"sum by (reason) (rate(diffit_rejections_total{{{sel}}}[{rate}]))",
+          0, 14, 12, 8, [target(f"sum by (reason) (rate(diffit_rejections_total{{{msel}}}[{rate}]))",
                                 "{{reason}}", "A")], unit="reqps")
     panel("timeseries", "p99 latency by route", "p99 request latency per API route.",
           12, 14, 12, 8, [target("histogram_quantile(0.99, sum by (route, le) "
@@ -195,22 +201,22 @@ def dashboard() -> dict:
 
     row("Queue and batching", 22)
     panel("timeseries", "Queue depth and active samples",
-          "Images waiting in each pod's admission queue, and samples in its running batch.",
-          0, 23, 12, 8, [target(f"sum by (pod) (diffit_queue_depth{{{sel}}})", "queued {{pod}}", "A"),
-                         target(f"sum by (pod) (diffit_active_samples{{{sel}}})", "active {{pod}}", "B")],
+          "Images waiting in each pod's admission queues, and samples in its running batches.",
+          0, 23, 12, 8, [target(f"sum by (pod) (diffit_queue_depth{{{msel}}})", "queued {{pod}}", "A"),
+                         target(f"sum by (pod) (diffit_active_samples{{{msel}}})", "active {{pod}}", "B")],
           unit="none")
     panel("timeseries", "Queue wait", "Time from admission to the first denoising step.",
-          12, 23, 12, 8, quantiles("diffit_queue_wait_seconds", sel), unit="s")
+          12, 23, 12, 8, quantiles("diffit_queue_wait_seconds", msel), unit="s")
     panel("timeseries", "Batch size", "Samples per network forward (continuous batching).",
-          0, 31, 12, 8, quantiles("diffit_batch_size", sel, (0.5, 0.95)) + [
-              target(f"sum(rate(diffit_batch_size_sum{{{sel}}}[{rate}])) / "
-                     f"sum(rate(diffit_batch_size_count{{{sel}}}[{rate}]))", "mean", "C")], unit="none")
+          0, 31, 12, 8, quantiles("diffit_batch_size", msel, (0.5, 0.95)) + [
+              target(f"sum(rate(diffit_batch_size_sum{{{msel}}}[{rate}])) / "
+                     f"sum(rate(diffit_batch_size_count{{{msel}}}[{rate}]))", "mean", "C")], unit="none")
     panel("timeseries", "Step latency", "Duration of one denoising step over the whole batch.",
-          12, 31, 12, 8, quantiles("diffit_step_duration_seconds", sel), unit="s")
+          12, 31, 12, 8, quantiles("diffit_step_duration_seconds", msel), unit="s")
 
     row("Output", 39)
     panel("timeseries", "Images generated", "Images per second by pod.",
-          0, 40, 12, 8, [target(f"sum by (pod) (rate(diffit_images_generated_total{{{sel}}}[{rate}]))",
+          0, 40, 12, 8, [target(f"sum by (pod) (rate(diffit_images_generated_total{{{msel}}}[{rate}]))",
                                 "{{pod}}", "A")])
     panel("timeseries", "VAE decode and PNG encode latency",
           "Latency of the batched VAE decode and of PNG encoding.",
@@ -224,13 +230,28 @@ def dashboard() -> dict:
               target(f"histogram_quantile(0.95, sum by (le) (rate(diffit_encode_duration_seconds_bucket{{{sel}}}"
                      f"[{rate}])))", "encode p95", "D")], unit="s")
 
-    row("Replicas", 48)
+    row("Models", 48)
+    panel("timeseries", "Images/s by model", "Images generated per second for each served model.",
+          0, 49, 8, 8, [target(f"sum by (model) (rate(diffit_images_generated_total{{{msel}}}[{rate}]))",
+                               "{{model}}", "A")])
+    panel("timeseries", "p99 latency by model",
+          "p99 generation request latency per model: one model's backlog should not raise another's.",
+          8, 49, 8, 8, [target("histogram_quantile(0.99, sum by (model, le) "
+                               f"(rate(diffit_request_duration_seconds_bucket{{{api}, model!=\"\"}}[{rate}])))",
+                               "{{model}}", "A")], unit="s")
+    panel("timeseries", "Queue depth by model",
+          "Images waiting per model; each model is guaranteed max_queue / (2 x models) of the queue.",
+          16, 49, 8, 8, [target(f"sum by (model) (diffit_queue_depth{{{msel}}})", "{{model}}", "A"),
+                         target(f'sum by (model) (rate(diffit_rejections_total{{{msel}, reason="queue_full"}}'
+                                f"[{rate}]))", "429/s {{model}}", "B")], unit="none")
+
+    row("Replicas", 57)
     panel("timeseries", "Ready by pod", "1 = ready, 0 = loading, warming up or draining.",
-          0, 49, 12, 8, [target(f"max by (pod) (diffit_ready{{{sel}}})", "{{pod}}", "A")], unit="none",
+          0, 58, 12, 8, [target(f"max by (pod) (diffit_ready{{{sel}}})", "{{pod}}", "A")], unit="none",
           min=0, max=1, custom={"lineInterpolation": "stepAfter", "fillOpacity": 10})
-    model = panel("table", "Model", "What each pod serves (diffit_model_info).",
-                  12, 49, 12, 8, [target(f"max by (pod, model, dtype, device, image_size, num_classes) "
-                                         f"(diffit_model_info{{{sel}}})", "", "A",
+    model = panel("table", "Models", "What each pod serves (diffit_model_info, one row per model).",
+                  12, 58, 12, 8, [target(f"max by (pod, model, dtype, device, image_size, num_classes) "
+                                         f"(diffit_model_info{{{msel}}})", "", "A",
                                          format="table", instant=True, range=False)], unit="none")
     model["transformations"] = [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]
 
@@ -263,6 +284,7 @@ def dashboard() -> dict:
              "multi": False},
             var("namespace", "Namespace", "label_values(diffit_ready, namespace)", False),
             var("pod", "Pod", 'label_values(diffit_ready{namespace="$namespace"}, pod)', True),
+            var("model", "Model", 'label_values(diffit_model_info{namespace="$namespace"}, model)', True),
         ]},
         "panels": panels,
     }

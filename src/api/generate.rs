@@ -22,9 +22,9 @@ use super::types::{
     build_specs, check_encoding, check_timeout, resolve_class, resolve_name_off_runtime, Encoding,
     GenerateRequest, GenerateResponse, ImageJson, SamplingFields,
 };
-use super::{AppState, RequestId};
+use super::{AppState, RequestId, RequestModel};
 use crate::encode::OutputFormat;
-use crate::pipeline::ImageSpec;
+use crate::pipeline::{ImageSpec, ModelInfo};
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -45,12 +45,15 @@ fn accepted_image(headers: &HeaderMap) -> Option<OutputFormat> {
 pub async fn generate(
     State(state): State<AppState>,
     Extension(RequestId(id)): Extension<RequestId>,
+    Extension(routed): Extension<RequestModel>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: GenerateRequest =
         read_json(body, state.max_body_bytes, state.http.body_read_timeout).await?;
-    let info = state.engine.info().clone();
+    let engine = state.models.resolve(req.model.as_deref(), "model")?;
+    routed.set(engine.name());
+    let info = engine.info().clone();
     let label = match (req.class_label, &req.class_name) {
         (None, Some(name)) => {
             resolve_name_off_runtime(info.clone(), name.clone(), "class_name").await?
@@ -65,7 +68,7 @@ pub async fn generate(
         guidance_scale: req.guidance_scale,
         guidance_schedule: req.guidance_schedule.clone(),
     };
-    let specs = build_specs(&info, label, &fields, &state.limits())?;
+    let specs = build_specs(&info, label, &fields, &state.limits(&engine))?;
     let timeout = check_timeout(
         req.timeout_secs,
         state.request_timeout,
@@ -80,12 +83,13 @@ pub async fn generate(
     // Previews travel in progress events: without a stream there is nowhere to send them, so
     // none are made (as OpenAI's partial_images without stream).
     let previews = req.preview && req.stream;
-    let (rx, deadline) = submit(&state, &id, specs.clone(), timeout, req.stream, previews)?;
+    let (rx, deadline) = submit(&engine, &id, specs.clone(), timeout, req.stream, previews)?;
     let _inflight = state.inflight_guard();
 
     if req.stream {
         return Ok(stream_response(
             state.clone(),
+            info,
             id,
             rx,
             specs,
@@ -93,7 +97,7 @@ pub async fn generate(
             encoding,
         ));
     }
-    let outcome = collect(&state, rx, &specs, deadline, encoding, |_| {}).await?;
+    let outcome = collect(&state, &info, rx, &specs, deadline, encoding, |_| {}).await?;
     if let (Some(img), true) = (outcome.images.first(), raw.is_some()) {
         let mut resp = (
             [(
@@ -108,17 +112,16 @@ pub async fn generate(
         h.insert("x-class-label", HeaderValue::from(img.spec.label));
         return Ok(resp);
     }
-    Ok(axum::Json(response_body(&state, id, &specs, encoding.format, outcome)).into_response())
+    Ok(axum::Json(response_body(&info, id, &specs, encoding.format, outcome)).into_response())
 }
 
 pub fn response_body(
-    state: &AppState,
+    info: &ModelInfo,
     id: String,
     specs: &[ImageSpec],
     format: OutputFormat,
     outcome: Outcome,
 ) -> GenerateResponse {
-    let info = state.engine.info();
     let first = specs[0];
     GenerateResponse {
         id,
@@ -184,6 +187,7 @@ fn progress_data(update: Update, job_step: &mut usize) -> serde_json::Value {
 /// away the collector is dropped, and with it the job's samples.
 fn stream_response(
     state: AppState,
+    info: std::sync::Arc<ModelInfo>,
     id: String,
     rx: tokio::sync::mpsc::UnboundedReceiver<crate::engine::JobEvent>,
     specs: Vec<ImageSpec>,
@@ -195,17 +199,25 @@ fn stream_response(
         let _inflight = state.inflight_guard();
         let progress_tx = tx.clone();
         let mut job_step = 0;
-        let work = collect(&state, rx, &specs, deadline, encoding, move |update| {
-            let data = progress_data(update, &mut job_step).to_string();
-            let _ = progress_tx.send(Event::default().event("progress").data(data));
-        });
+        let work = collect(
+            &state,
+            &info,
+            rx,
+            &specs,
+            deadline,
+            encoding,
+            move |update| {
+                let data = progress_data(update, &mut job_step).to_string();
+                let _ = progress_tx.send(Event::default().event("progress").data(data));
+            },
+        );
         let result = tokio::select! {
             r = work => r,
             _ = tx.closed() => return,
         };
         let event = match result {
             Ok(outcome) => {
-                let body = response_body(&state, id, &specs, encoding.format, outcome);
+                let body = response_body(&info, id, &specs, encoding.format, outcome);
                 Event::default()
                     .event("result")
                     .data(serde_json::to_string(&body).unwrap_or_default())

@@ -1,6 +1,7 @@
 //! Submitting a validated request to the engine and collecting its images, encoded (PNG, JPEG
 //! or WebP, with metadata) on the blocking pool.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -9,8 +10,8 @@ use super::error::ApiError;
 use super::types::{Encoding, Timings};
 use super::AppState;
 use crate::encode::EncodeOptions;
-use crate::engine::{EngineError, Job, JobEvent, SubmitError};
-use crate::pipeline::ImageSpec;
+use crate::engine::{EngineError, EngineHandle, Job, JobEvent, SubmitError};
+use crate::pipeline::{ImageSpec, ModelInfo};
 use crate::png::PngCompression;
 
 pub struct EncodedImage {
@@ -39,9 +40,9 @@ pub struct Outcome {
     pub timings: Timings,
 }
 
-/// Admits the job or refuses it (429 with Retry-After, 503 while draining).
+/// Admits the job to `engine`'s model or refuses it (429 with Retry-After, 503 while draining).
 pub fn submit(
-    state: &AppState,
+    engine: &EngineHandle,
     id: &str,
     specs: Vec<ImageSpec>,
     timeout: Duration,
@@ -54,7 +55,7 @@ pub fn submit(
         .ok_or_else(|| ApiError::invalid_field("timeout_secs", "timeout_secs is too large"))?;
     let (job, rx) = Job::new(id.to_string(), specs, deadline, progress);
     let job = if previews { job.with_previews() } else { job };
-    match state.engine.submit(job) {
+    match engine.submit(job) {
         Ok(()) => Ok((rx, deadline)),
         Err(SubmitError::Draining) => {
             metrics::counter!("diffit_rejections_total", "reason" => "draining").increment(1);
@@ -67,16 +68,18 @@ pub fn submit(
                 retry_after_secs, ..
             },
         ) => {
-            metrics::counter!("diffit_rejections_total", "reason" => "queue_full").increment(1);
+            metrics::counter!("diffit_rejections_total", "reason" => "queue_full", "model" => engine.name().to_string())
+                .increment(1);
             Err(ApiError::queue_full(e.to_string(), retry_after_secs))
         }
     }
 }
 
-/// Waits for every image of the job, encoding each as `encoding` says. `on_update` sees the
-/// progress (and previews) of streaming requests.
+/// Waits for every image of the job (of model `info`), encoding each as `encoding` says.
+/// `on_update` sees the progress (and previews) of streaming requests.
 pub async fn collect(
     state: &AppState,
+    info: &Arc<ModelInfo>,
     mut rx: mpsc::UnboundedReceiver<JobEvent>,
     specs: &[ImageSpec],
     deadline: Instant,
@@ -162,10 +165,10 @@ pub async fn collect(
                 // a request's images arrive together after their shared decode, so they encode
                 // side by side, and the engine never waits for any of them.
                 let spec = specs[index];
-                let info = state.engine.info().clone();
+                let model = info.clone();
                 encoding_tasks.push(tokio::task::spawn_blocking(move || {
                     let t0 = Instant::now();
-                    let bytes = info.encode_as(&pixels, &spec, options);
+                    let bytes = model.encode_as(&pixels, &spec, options);
                     (index, bytes, t0.elapsed())
                 }));
                 timings.denoise_ms = timings.denoise_ms.max(ms(denoise));
@@ -193,7 +196,8 @@ pub async fn collect(
             "image decoded and encoded"
         );
         metrics::histogram!("diffit_encode_duration_seconds").record(took.as_secs_f64());
-        metrics::counter!("diffit_images_generated_total").increment(1);
+        metrics::counter!("diffit_images_generated_total", "model" => info.name.clone())
+            .increment(1);
         timings.encode_ms += ms(took);
         images[index] = Some(EncodedImage { bytes, spec });
     }

@@ -1,5 +1,6 @@
 //! The HTTP face of the server: routes, middleware (request id, auth, metrics, tracing) and
-//! shared state. Everything model-related goes through the [`EngineHandle`].
+//! shared state. Everything model-related goes through the [`EngineHandle`] of the model a
+//! request names, which [`Models`] resolves.
 
 mod body;
 pub mod error;
@@ -8,6 +9,7 @@ pub use generate::unix_now;
 mod guard;
 mod info;
 mod jobs;
+pub mod models;
 mod openai;
 mod page;
 mod spec;
@@ -15,7 +17,7 @@ pub mod types;
 
 use crate::png::PngCompression;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -29,14 +31,31 @@ use subtle::ConstantTimeEq;
 
 use crate::engine::EngineHandle;
 use error::ApiError;
+pub use models::Models;
 
 /// The request's id: the client's `x-request-id` if it sent a sane one, else a new UUID.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// The model a generation request was routed to, once known: the `model` label of its
+/// request metrics (only served ids ever land here, so the label stays bounded).
+#[derive(Debug, Clone, Default)]
+pub struct RequestModel(Arc<OnceLock<String>>);
+
+impl RequestModel {
+    pub fn set(&self, id: &str) {
+        let _ = self.0.set(id.to_string());
+    }
+
+    fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: EngineHandle,
+    /// Every served model (at least one).
+    pub models: Models,
     pub metrics: PrometheusHandle,
     pub api_keys: Arc<Vec<String>>,
     pub max_images_per_request: usize,
@@ -96,10 +115,11 @@ impl Drop for InflightGuard {
 }
 
 impl AppState {
-    pub fn limits(&self) -> types::Limits {
+    /// The request limits for `engine`'s model (its share of the queue bounds `n`).
+    pub fn limits(&self, engine: &EngineHandle) -> types::Limits {
         types::Limits {
             max_images: self.max_images_per_request,
-            max_queue: self.engine.max_queue(),
+            max_queue: engine.max_queue(),
         }
     }
 
@@ -170,6 +190,7 @@ fn request_id(req: &Request) -> String {
 /// "client closed request").
 struct Completion {
     route: String,
+    model: RequestModel,
     span: tracing::Span,
     start: Instant,
     recorded: bool,
@@ -179,13 +200,24 @@ impl Completion {
     fn record(&mut self, code: u16) {
         self.recorded = true;
         let elapsed = self.start.elapsed();
+        // A generation request's model, when it got as far as naming a served one.
+        let model: Vec<(&'static str, String)> = self
+            .model
+            .get()
+            .map(|m| ("model", m.to_string()))
+            .into_iter()
+            .collect();
         if GENERATE_ROUTES.contains(&self.route.as_str()) && matches!(code, 400 | 413 | 422) {
-            metrics::counter!("diffit_rejections_total", "reason" => "invalid").increment(1);
+            let mut labels = vec![("reason", "invalid".to_string())];
+            labels.extend(model.iter().cloned());
+            metrics::counter!("diffit_rejections_total", &labels).increment(1);
         }
         let status = code.to_string();
-        metrics::counter!("diffit_requests_total", "route" => self.route.clone(), "status" => status.clone())
-            .increment(1);
-        metrics::histogram!("diffit_request_duration_seconds", "route" => self.route.clone())
+        let mut labels = vec![("route", self.route.clone()), ("status", status.clone())];
+        labels.extend(model.iter().cloned());
+        metrics::counter!("diffit_requests_total", &labels).increment(1);
+        labels.remove(1);
+        metrics::histogram!("diffit_request_duration_seconds", &labels)
             .record(elapsed.as_secs_f64());
         let ms = elapsed.as_millis() as u64;
         self.span.in_scope(|| {
@@ -213,6 +245,8 @@ impl Drop for Completion {
 async fn observe(mut req: Request, next: Next) -> Response {
     let id = request_id(&req);
     req.extensions_mut().insert(RequestId(id.clone()));
+    let model = RequestModel::default();
+    req.extensions_mut().insert(model.clone());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -222,6 +256,7 @@ async fn observe(mut req: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", id = %id, %method, route = %route);
     let mut completion = Completion {
         route,
+        model,
         span: span.clone(),
         start: Instant::now(),
         recorded: false,

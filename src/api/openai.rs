@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::generate::unix_now;
 use super::jobs::{collect, submit};
 use super::types::{build_specs, check_encoding, SamplingFields};
-use super::{AppState, RequestId};
+use super::{AppState, RequestId, RequestModel};
 use crate::classes::PromptError;
 use crate::encode::OutputFormat;
 
@@ -224,20 +224,17 @@ fn prompt_class(info: &crate::pipeline::ModelInfo, prompt: &str) -> Result<usize
 pub async fn images_generations(
     State(state): State<AppState>,
     Extension(RequestId(id)): Extension<RequestId>,
+    Extension(routed): Extension<RequestModel>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: ImagesRequest =
         read_json(body, state.max_body_bytes, state.http.body_read_timeout).await?;
-    let info = state.engine.info().clone();
-    if let Some(m) = &req.model {
-        if m != &info.name {
-            return Err(ApiError::bad_request(format!(
-                "model '{m}' is not served here; use '{}'",
-                info.name
-            ))
-            .with_param("model"));
-        }
-    }
+    let engine = state
+        .models
+        .resolve(req.model.as_deref(), "model")
+        .map_err(as_400)?;
+    routed.set(engine.name());
+    let info = engine.info().clone();
     let side = info.image_size;
     check_openai_options(&req, side)?;
     let encoding = check_encoding(
@@ -271,9 +268,9 @@ pub async fn images_generations(
         guidance_scale: req.guidance_scale,
         guidance_schedule: None,
     };
-    let specs = build_specs(&info, label, &fields, &state.limits()).map_err(as_400)?;
+    let specs = build_specs(&info, label, &fields, &state.limits(&engine)).map_err(as_400)?;
     let (rx, deadline) = submit(
-        &state,
+        &engine,
         &id,
         specs.clone(),
         state.request_timeout,
@@ -281,7 +278,7 @@ pub async fn images_generations(
         false,
     )?;
     let _inflight = state.inflight_guard();
-    let outcome = collect(&state, rx, &specs, deadline, encoding, |_| {}).await?;
+    let outcome = collect(&state, &info, rx, &specs, deadline, encoding, |_| {}).await?;
     let as_url = req.response_format.as_deref() == Some("url");
     let mime = encoding.format.mime();
     let data = outcome

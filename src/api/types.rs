@@ -14,6 +14,8 @@ use crate::pipeline::{ImageSpec, ModelInfo};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
+    /// The model's id: optional when one model is served.
+    pub model: Option<String>,
     #[serde(default, deserialize_with = "super::body::opt_integer")]
     pub class_label: Option<i64>,
     pub class_name: Option<String>,

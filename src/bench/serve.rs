@@ -8,6 +8,10 @@
 //!
 //! Each pass is a closed loop of `--concurrency` requests in flight; every pass is bounded by
 //! `--max-secs`.
+//!
+//! With a second model (`--second-model` or `--second-resolution`) both models are served at
+//! once, each with its own engines, and a fourth pass, `mixed`, sends the two models' requests
+//! interleaved over HTTP: images/s and p50/p99 per model under the mixed workload.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -41,6 +45,15 @@ pub struct ServeBenchArgs {
     /// Random-weight model size without --model: 256 or 512 (the ImageNet checkpoint shapes).
     #[arg(long, default_value_t = 256)]
     pub resolution: usize,
+    /// A second model served beside the first (its own engines), for the `mixed` pass.
+    #[arg(long, requires = "second_vae", conflicts_with = "second_resolution")]
+    pub second_model: Option<PathBuf>,
+    /// VAE for --second-model.
+    #[arg(long, requires = "second_model")]
+    pub second_vae: Option<PathBuf>,
+    /// A second model of random weights, 256 or 512, for the `mixed` pass.
+    #[arg(long)]
+    pub second_resolution: Option<usize>,
     /// auto | cpu | cuda:N
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
@@ -101,6 +114,17 @@ pub struct PathRow {
     pub max_ms: f64,
 }
 
+/// One model's share of the `mixed` pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedRow {
+    pub model: String,
+    pub requests: usize,
+    pub images: usize,
+    pub images_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ServeBenchReport {
     pub model: String,
@@ -117,6 +141,12 @@ pub struct ServeBenchReport {
     pub rows: Vec<PathRow>,
     /// 1 − http / engine images/s, in percent: what HTTP, JSON, base64 and PNG cost.
     pub http_overhead_pct: f64,
+    /// Both models' requests interleaved over HTTP (only with a second model).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mixed: Vec<MixedRow>,
+    /// Wall time of the mixed pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixed_wall_secs: Option<f64>,
 }
 
 impl std::fmt::Display for ServeBenchReport {
@@ -160,7 +190,27 @@ impl std::fmt::Display for ServeBenchReport {
             "HTTP end to end runs at {:.1} % of engine-only throughput (overhead {:.1} %)",
             100.0 - self.http_overhead_pct,
             self.http_overhead_pct
-        )
+        )?;
+        if let Some(wall) = self.mixed_wall_secs {
+            writeln!(
+                f,
+                "mixed: both models' requests interleaved over HTTP, {} in flight, {wall:.2} s",
+                self.concurrency
+            )?;
+            writeln!(
+                f,
+                "| model | requests | images | images/s | p50 ms | p99 ms |"
+            )?;
+            writeln!(f, "|---|---|---|---|---|---|")?;
+            for r in &self.mixed {
+                writeln!(
+                    f,
+                    "| {} | {} | {} | {:.3} | {:.0} | {:.0} |",
+                    r.model, r.requests, r.images, r.images_per_sec, r.p50_ms, r.p99_ms
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -187,6 +237,11 @@ impl ServeBenchArgs {
             self.model.is_some() || matches!(self.resolution, 256 | 512),
             "--resolution must be 256 or 512"
         );
+        anyhow::ensure!(
+            self.second_resolution
+                .is_none_or(|r| matches!(r, 256 | 512)),
+            "--second-resolution must be 256 or 512"
+        );
         Ok(())
     }
 
@@ -206,6 +261,15 @@ struct Request {
 }
 
 fn workload(a: &ServeBenchArgs, handle: &EngineHandle) -> anyhow::Result<Vec<Request>> {
+    workload_for(a, handle, a.images)
+}
+
+/// `images` images of `handle`'s model in requests of `--n`, each body naming the model.
+fn workload_for(
+    a: &ServeBenchArgs,
+    handle: &EngineHandle,
+    images: usize,
+) -> anyhow::Result<Vec<Request>> {
     let info = handle.info();
     let d = info.defaults;
     let sampler = a.sampler.unwrap_or(d.sampler);
@@ -213,10 +277,10 @@ fn workload(a: &ServeBenchArgs, handle: &EngineHandle) -> anyhow::Result<Vec<Req
         a.guidance_scale.unwrap_or(d.guidance_scale),
         d.guidance_schedule,
     )?;
-    let requests = a.images.div_ceil(a.n);
+    let requests = images.div_ceil(a.n);
     Ok((0..requests)
         .map(|r| {
-            let n = a.n.min(a.images - r * a.n);
+            let n = a.n.min(images - r * a.n);
             let label = r % info.config.num_classes;
             let seed = (r * a.n) as u64;
             let specs = (0..n as u64)
@@ -229,6 +293,7 @@ fn workload(a: &ServeBenchArgs, handle: &EngineHandle) -> anyhow::Result<Vec<Req
                 })
                 .collect();
             let body = json!({
+                "model": info.name,
                 "class_label": label, "seed": seed, "n": n, "steps": a.steps,
                 "sampler": sampler.to_string(), "guidance_scale": guidance.scale(),
                 "guidance_schedule": guidance.schedule().to_string(),
@@ -354,11 +419,36 @@ fn row(path: &str, requests: usize, (lat, images, wall): (Vec<f64>, usize, f64))
     }
 }
 
-fn load_pipelines(a: &ServeBenchArgs) -> anyhow::Result<Vec<Pipeline>> {
+/// The first model's pipelines, and the second model's if one is asked for (renamed if both
+/// would share a name).
+fn load_models(a: &ServeBenchArgs) -> anyhow::Result<Vec<Vec<Pipeline>>> {
+    let first = load_pipelines(a, a.model.as_ref().zip(a.vae.as_ref()), a.resolution)?;
+    let second = match (&a.second_model, &a.second_vae, a.second_resolution) {
+        (Some(m), Some(v), _) => Some(load_pipelines(a, Some((m, v)), a.resolution)?),
+        (_, _, Some(r)) => Some(load_pipelines(a, None, r)?),
+        _ => None,
+    };
+    let mut models = vec![first];
+    if let Some(mut second) = second {
+        if second[0].info.name == models[0][0].info.name {
+            for p in &mut second {
+                p.info.name.push_str("-2");
+            }
+        }
+        models.push(second);
+    }
+    Ok(models)
+}
+
+fn load_pipelines(
+    a: &ServeBenchArgs,
+    files: Option<(&PathBuf, &PathBuf)>,
+    resolution: usize,
+) -> anyhow::Result<Vec<Pipeline>> {
     let devices = open_devices(&a.device_specs())?;
     let dtype = a.dtype.into();
-    match (&a.model, &a.vae) {
-        (Some(model), Some(vae)) => Pipeline::load_on_each(
+    match files {
+        Some((model, vae)) => Pipeline::load_on_each(
             &LoadOptions {
                 model: model.clone(),
                 vae: vae.clone(),
@@ -370,9 +460,9 @@ fn load_pipelines(a: &ServeBenchArgs) -> anyhow::Result<Vec<Pipeline>> {
             },
             &devices,
         ),
-        _ => Pipeline::build_on_each(&devices, |device| {
+        None => Pipeline::build_on_each(&devices, |device| {
             Pipeline::random(
-                a.resolution / 8,
+                resolution / 8,
                 dtype,
                 device,
                 a.decode_chunk,
@@ -393,6 +483,9 @@ fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
 }
 
 async fn wait_ready(handle: &EngineHandle, engines: usize) -> anyhow::Result<()> {
+    if let Some(reason) = handle.stats().failure() {
+        anyhow::bail!("{reason}");
+    }
     let until = Instant::now() + Duration::from_secs(1800);
     while !handle.stats().ready() {
         anyhow::ensure!(
@@ -421,34 +514,42 @@ pub fn cli(a: ServeBenchArgs) -> anyhow::Result<()> {
 pub fn run(a: &ServeBenchArgs) -> anyhow::Result<ServeBenchReport> {
     a.check()?;
     let t0 = Instant::now();
-    let pipelines = load_pipelines(a)?;
-    let engines = pipelines.len();
-    eprintln!("{engines} pipeline(s) ready in {:.1?}", t0.elapsed());
+    let models = load_models(a)?;
+    let engines = models[0].len();
+    eprintln!(
+        "{} model(s), {engines} pipeline(s) each, ready in {:.1?}",
+        models.len(),
+        t0.elapsed()
+    );
     let metrics = metrics_handle();
-    let (handle, threads) = engine::start(
-        pipelines,
+    let (handles, threads) = engine::start_models(
+        models,
         EngineConfig {
             max_batch: a.max_batch,
-            max_queue: (a.concurrency * a.n).max(a.max_batch * engines) + 1024,
+            // Room for every request in flight even within one model's share of the queue.
+            max_queue: 2 * ((a.concurrency * a.n).max(a.max_batch * engines) + 1024),
             request_level: false,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(measure(a, &handle, metrics, engines));
-    drop(handle);
+    let result = runtime.block_on(measure(a, &handles, metrics, engines));
+    drop(handles);
     threads.join();
     result
 }
 
 async fn measure(
     a: &ServeBenchArgs,
-    handle: &EngineHandle,
+    handles: &[EngineHandle],
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     engines: usize,
 ) -> anyhow::Result<ServeBenchReport> {
-    wait_ready(handle, engines).await?;
+    for h in handles {
+        wait_ready(h, engines).await?;
+    }
+    let handle = &handles[0];
     let requests = workload(a, handle)?;
     let max = Duration::from_secs_f64(a.max_secs);
 
@@ -475,7 +576,7 @@ async fn measure(
 
     eprintln!("measuring http …");
     let state = AppState {
-        engine: handle.clone(),
+        models: api::Models::new(handles.to_vec())?,
         metrics,
         api_keys: Arc::new(Vec::new()),
         max_images_per_request: a.n,
@@ -513,12 +614,21 @@ async fn measure(
     })
     .await
     .context("http pass");
+    let mixed = match (&measured, handles.get(1)) {
+        (Ok(_), Some(second)) => {
+            eprintln!("measuring mixed …");
+            let mixed = mixed_pass(a, &client, &url, handles, second, max).await;
+            Some(mixed.context("mixed pass"))
+        }
+        _ => None,
+    };
     let _ = stop.send(());
     server
         .await
         .context("the HTTP server task failed")?
         .context("the HTTP server failed")?;
     rows.push(row("http", requests.len(), measured?));
+    let mixed = mixed.transpose()?;
 
     let engine_rate = rows[0].images_per_sec;
     for r in &mut rows {
@@ -540,5 +650,72 @@ async fn measure(
         max_batch: a.max_batch,
         http_overhead_pct: 100.0 * (1.0 - rows[2].relative_to_engine),
         rows,
+        mixed_wall_secs: mixed.as_ref().map(|m| m.1),
+        mixed: mixed.map(|m| m.0).unwrap_or_default(),
     })
+}
+
+/// Both models' workloads (`--images` each), interleaved request by request, over HTTP with
+/// `--concurrency` in flight: per model, images/s over the pass's wall time and p50/p99.
+async fn mixed_pass(
+    a: &ServeBenchArgs,
+    client: &reqwest::Client,
+    url: &str,
+    handles: &[EngineHandle],
+    second: &EngineHandle,
+    max: Duration,
+) -> anyhow::Result<(Vec<MixedRow>, f64)> {
+    let per_model = [
+        workload_for(a, &handles[0], a.images)?,
+        workload_for(a, second, a.images)?,
+    ];
+    // Request k alternates between the models while both have requests left.
+    let order: Vec<(usize, usize)> = (0..per_model[0].len().max(per_model[1].len()))
+        .flat_map(|r| [(0, r), (1, r)])
+        .filter(|&(m, r)| r < per_model[m].len())
+        .collect();
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(order.len());
+    for &(m, r) in &order {
+        let permit = sem.clone().acquire_owned().await?;
+        let req = &per_model[m][r];
+        let fut = http_request(
+            client.clone(),
+            url.to_string(),
+            req.body.clone(),
+            req.specs.len(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let result = tokio::time::timeout(max, fut).await;
+            drop(permit);
+            let images = result.context("the mixed pass passed --max-secs")??;
+            anyhow::Ok((m, t0.elapsed().as_secs_f64() * 1e3, images))
+        }));
+    }
+    let mut latencies = [Vec::new(), Vec::new()];
+    let mut images = [0usize; 2];
+    for t in tasks {
+        let (m, ms, n) = t.await.context("a request task failed")??;
+        latencies[m].push(ms);
+        images[m] += n;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let rows = [&handles[0], second]
+        .iter()
+        .enumerate()
+        .map(|(m, h)| {
+            latencies[m].sort_by(|x, y| x.total_cmp(y));
+            MixedRow {
+                model: h.name().to_string(),
+                requests: latencies[m].len(),
+                images: images[m],
+                images_per_sec: images[m] as f64 / wall.max(1e-9),
+                p50_ms: percentile(&latencies[m], 50.0),
+                p99_ms: percentile(&latencies[m], 99.0),
+            }
+        })
+        .collect();
+    Ok((rows, wall))
 }

@@ -3,7 +3,12 @@
 //! and only as many images as it has free batch slots, so the load spreads over the devices.
 //! It knows nothing of HTTP: requests arrive as [`Job`]s through an [`EngineHandle`], results
 //! leave on each job's event channel.
+//!
+//! A server with several models runs one such engine set per model ([`start_models`]): each
+//! model has its own queue, its own engine threads (one per device) and so its own batches;
+//! only the queue capacity is shared, under the fair admission of [`admission`].
 
+mod admission;
 mod decoder;
 pub mod preview;
 mod queue;
@@ -17,6 +22,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::pipeline::{ImageSpec, ModelInfo, Pipeline};
+use admission::Admission;
 use queue::JobQueue;
 
 pub use scheduler::EngineConfig;
@@ -208,9 +214,11 @@ impl Job {
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SubmitError {
     #[error(
-        "the queue is full ({queued} images waiting, limit {limit}); retry in {retry_after_secs} s"
+        "the queue is full for model '{model}' ({queued} images waiting, {limit} allowed now); \
+         retry in {retry_after_secs} s"
     )]
     QueueFull {
+        model: String,
         queued: usize,
         limit: usize,
         retry_after_secs: u64,
@@ -253,41 +261,52 @@ impl EngineSlot {
     }
 }
 
-/// Counters the HTTP side reads and the engines write.
+/// Why an engine could not start (warm-up failed or it panicked): the server exits. One for
+/// the whole server, whichever model's engine fails.
+#[derive(Debug, Default)]
+pub(crate) struct Failure {
+    reason: std::sync::Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Counters of one model's engines, which the HTTP side reads and the engines write.
 #[derive(Debug)]
 pub struct EngineStats {
-    /// Images waiting for a batch slot (the bounded queue, in images), all engines together.
+    /// Images waiting for a batch slot (the bounded queue, in images), all of this model's
+    /// engines together.
     pub queued_images: AtomicUsize,
     engines: Vec<EngineSlot>,
     /// Engine threads still running.
     alive: AtomicUsize,
-    /// Why an engine could not start (warm-up failed or it panicked): the server exits.
-    failure: std::sync::Mutex<Option<String>>,
-    failed: tokio::sync::Notify,
+    failure: Arc<Failure>,
 }
 
 impl EngineStats {
-    fn new(engines: usize) -> Self {
+    pub(crate) fn new(engines: usize, failure: Arc<Failure>) -> Self {
         Self {
             queued_images: AtomicUsize::new(0),
             engines: (0..engines).map(|_| EngineSlot::default()).collect(),
             alive: AtomicUsize::new(engines),
-            failure: std::sync::Mutex::new(None),
-            failed: tokio::sync::Notify::new(),
+            failure,
         }
     }
 
     /// Records why an engine cannot run (the first reason is kept) and wakes the server.
     pub(crate) fn report_failure(&self, reason: String) {
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self
+            .failure
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         f.get_or_insert(reason);
         drop(f);
-        self.failed.notify_waiters();
+        self.failure.notify.notify_waiters();
     }
 
-    /// Why an engine could not start, if one could not.
+    /// Why an engine (of any model) could not start, if one could not.
     pub fn failure(&self) -> Option<String> {
         self.failure
+            .reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -330,12 +349,15 @@ impl Drop for Submitter {
     }
 }
 
-/// The HTTP side's end of the engines: admission control and submission.
+/// The HTTP side's end of one model's engines: admission control and submission.
 #[derive(Clone)]
 pub struct EngineHandle {
     submitter: Arc<Submitter>,
     stats: Arc<EngineStats>,
-    max_queue: usize,
+    /// The queue capacity shared with the other models, and this model's place in it.
+    admission: Arc<Admission>,
+    slot: usize,
+    /// One flag for the whole server: draining stops every model's admission.
     draining: Arc<AtomicBool>,
     info: Arc<ModelInfo>,
     devices: Arc<Vec<String>>,
@@ -347,6 +369,11 @@ impl EngineHandle {
         &self.info
     }
 
+    /// The model's id (its name in the API and in metric labels).
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
     /// Each engine's device, by engine index.
     pub fn devices(&self) -> &[String] {
         &self.devices
@@ -356,8 +383,20 @@ impl EngineHandle {
         &self.stats
     }
 
+    /// The most images this model can ever have queued (the capacity less the other models'
+    /// guaranteed floors): a larger request could never be admitted.
     pub fn max_queue(&self) -> usize {
-        self.max_queue
+        self.admission.most_for(self.slot)
+    }
+
+    /// The queue capacity all models share (`--max-queue`).
+    pub fn queue_capacity(&self) -> usize {
+        self.admission.capacity()
+    }
+
+    /// The queue space this model is guaranteed whatever the others queue.
+    pub fn queue_floor(&self) -> usize {
+        self.admission.floor(self.slot)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -367,7 +406,7 @@ impl EngineHandle {
     /// Waits until an engine reports that it cannot run, and returns why.
     pub async fn failed(&self) -> String {
         loop {
-            let notified = self.stats.failed.notified();
+            let notified = self.stats.failure.notify.notified();
             tokio::pin!(notified);
             // Registered before the check, so a report between the two is not missed.
             notified.as_mut().enable();
@@ -383,8 +422,8 @@ impl EngineHandle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Seconds until the queue has room for `n` more images at the current throughput of all
-    /// engines together.
+    /// Seconds until this model's queue has room for `n` more images at the current
+    /// throughput of its engines together.
     pub fn retry_after_secs(&self, n: usize) -> u64 {
         /// Before the first image finishes there is no throughput to go by.
         const UNKNOWN_RATE_RETRY_SECS: u64 = 5;
@@ -402,20 +441,15 @@ impl EngineHandle {
             return Err(SubmitError::Draining);
         }
         let n = job.specs.len();
-        let reserved =
-            self.stats
-                .queued_images
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                    (q + n <= self.max_queue).then_some(q + n)
-                });
-        if let Err(queued) = reserved {
+        if let Err(refused) = self.admission.reserve(self.slot, n) {
             return Err(SubmitError::QueueFull {
-                queued,
-                limit: self.max_queue,
+                model: self.info.name.clone(),
+                queued: refused.queued,
+                limit: refused.limit,
                 retry_after_secs: self.retry_after_secs(n),
             });
         }
-        metrics::gauge!("diffit_queue_depth")
+        metrics::gauge!("diffit_queue_depth", "model" => self.info.name.clone())
             .set(self.stats.queued_images.load(Ordering::SeqCst) as f64);
         if self.submitter.queue.push(job).is_err() {
             self.stats.queued_images.fetch_sub(n, Ordering::SeqCst);
@@ -446,53 +480,99 @@ pub fn start(
     pipelines: Vec<Pipeline>,
     config: EngineConfig,
 ) -> anyhow::Result<(EngineHandle, Engines)> {
-    let first = pipelines
-        .first()
-        .context("no pipeline to start an engine on")?;
-    let devices: Vec<String> = pipelines.iter().map(|p| p.info.device.clone()).collect();
-    for p in &pipelines[1..] {
+    let (mut handles, engines) = start_models(vec![pipelines], config)?;
+    Ok((handles.remove(0), engines))
+}
+
+/// Starts every model's engines: `models[m]` holds model m's pipelines, one per device, all
+/// named alike (`info.name`, the model's id). Each model gets its own queue and engine
+/// threads; the queue capacity (`config.max_queue`) is shared under [`admission`]'s floors.
+/// One handle per model, in order.
+pub fn start_models(
+    models: Vec<Vec<Pipeline>>,
+    config: EngineConfig,
+) -> anyhow::Result<(Vec<EngineHandle>, Engines)> {
+    anyhow::ensure!(!models.is_empty(), "no model to start engines for");
+    let mut names = std::collections::HashSet::new();
+    for pipelines in &models {
+        let first = pipelines
+            .first()
+            .context("no pipeline to start an engine on")?;
         anyhow::ensure!(
-            p.info.model_sha256 == first.info.model_sha256 && p.info.config == first.info.config,
-            "the engines on {} and {} hold different models",
-            first.info.device,
-            p.info.device
+            names.insert(first.info.name.clone()),
+            "two models are named '{}'",
+            first.info.name
         );
+        for p in &pipelines[1..] {
+            anyhow::ensure!(
+                p.info.model_sha256 == first.info.model_sha256
+                    && p.info.config == first.info.config,
+                "the engines on {} and {} hold different models",
+                first.info.device,
+                p.info.device
+            );
+        }
     }
-    let mut info = first.info.clone();
-    info.device = devices.join(",");
-    let queue = Arc::new(JobQueue::default());
-    let stats = Arc::new(EngineStats::new(pipelines.len()));
-    metrics::gauge!("diffit_engines").set(pipelines.len() as f64);
-    let handle = EngineHandle {
-        submitter: Arc::new(Submitter {
-            queue: queue.clone(),
-        }),
-        stats: stats.clone(),
-        max_queue: config.max_queue,
-        draining: Arc::new(AtomicBool::new(false)),
-        info: Arc::new(info),
-        devices: Arc::new(devices),
-    };
-    let mut threads = Vec::with_capacity(pipelines.len());
-    for (index, pipeline) in pipelines.into_iter().enumerate() {
-        let ctx = scheduler::EngineContext {
-            index,
-            queue: queue.clone(),
+    let failure = Arc::new(Failure::default());
+    let draining = Arc::new(AtomicBool::new(false));
+    let engines_total: usize = models.iter().map(Vec::len).sum();
+    // Engines of every model not yet warmed up: the server is ready at zero.
+    let warming = Arc::new(AtomicUsize::new(engines_total));
+    let stats: Vec<Arc<EngineStats>> = models
+        .iter()
+        .map(|p| Arc::new(EngineStats::new(p.len(), failure.clone())))
+        .collect();
+    let admission = Arc::new(Admission::new(config.max_queue, stats.clone()));
+    metrics::gauge!("diffit_engines").set(engines_total as f64);
+    let mut handles = Vec::with_capacity(models.len());
+    let mut threads = Vec::with_capacity(engines_total);
+    for (slot, (pipelines, stats)) in models.into_iter().zip(stats).enumerate() {
+        let devices: Vec<String> = pipelines.iter().map(|p| p.info.device.clone()).collect();
+        let mut info = pipelines[0].info.clone();
+        info.device = devices.join(",");
+        let name = info.name.clone();
+        for gauge in ["diffit_queue_depth", "diffit_active_samples"] {
+            metrics::gauge!(gauge, "model" => name.clone()).set(0.0);
+        }
+        metrics::counter!("diffit_images_generated_total", "model" => name.clone()).absolute(0);
+        let queue = Arc::new(JobQueue::default());
+        handles.push(EngineHandle {
+            submitter: Arc::new(Submitter {
+                queue: queue.clone(),
+            }),
             stats: stats.clone(),
-        };
-        let config = config.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("diffit-engine-{index}"))
-            .spawn(move || {
-                let stats = ctx.stats.clone();
-                let device = pipeline.info.device.clone();
-                let run = std::panic::AssertUnwindSafe(|| scheduler::run(pipeline, config, ctx));
-                if std::panic::catch_unwind(run).is_err() {
-                    stats.report_failure(format!("engine {index} on {device} panicked"));
-                }
-            })
-            .context("cannot spawn an engine thread")?;
-        threads.push(thread);
+            admission: admission.clone(),
+            slot,
+            draining: draining.clone(),
+            info: Arc::new(info),
+            devices: Arc::new(devices),
+        });
+        for (index, pipeline) in pipelines.into_iter().enumerate() {
+            let ctx = scheduler::EngineContext {
+                index,
+                model: name.clone(),
+                queue: queue.clone(),
+                stats: stats.clone(),
+                warming: warming.clone(),
+            };
+            let config = config.clone();
+            let label = name.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("diffit-engine-{slot}-{index}"))
+                .spawn(move || {
+                    let stats = ctx.stats.clone();
+                    let device = pipeline.info.device.clone();
+                    let run =
+                        std::panic::AssertUnwindSafe(|| scheduler::run(pipeline, config, ctx));
+                    if std::panic::catch_unwind(run).is_err() {
+                        stats.report_failure(format!(
+                            "model '{label}': engine {index} on {device} panicked"
+                        ));
+                    }
+                })
+                .context("cannot spawn an engine thread")?;
+            threads.push(thread);
+        }
     }
-    Ok((handle, Engines { threads }))
+    Ok((handles, Engines { threads }))
 }

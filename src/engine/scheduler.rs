@@ -22,7 +22,7 @@ pub const PREVIEWS_PER_IMAGE: usize = 10;
 pub struct EngineConfig {
     /// Most samples (images) one engine denoises together; guided ones cost two network rows.
     pub max_batch: usize,
-    /// Most images waiting for a slot, all engines together.
+    /// Most images waiting for a slot, all engines (of every model) together.
     pub max_queue: usize,
     /// Request-level batching: admit only when the batch is empty (for benchmarks).
     pub request_level: bool,
@@ -38,11 +38,14 @@ impl Default for EngineConfig {
     }
 }
 
-/// Where an engine sits among the others: its index, the shared queue and the shared counters.
+/// Where an engine sits among the others: its index, its model's id, queue and counters, and
+/// how many engines of the server (every model's) are still warming up.
 pub(super) struct EngineContext {
     pub index: usize,
+    pub model: String,
     pub queue: Arc<JobQueue>,
     pub stats: Arc<EngineStats>,
+    pub warming: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A part of a job while this engine holds it: all of its images are in the batch.
@@ -103,17 +106,19 @@ pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
     match s.warm_up() {
         Ok(()) => {
             s.slot().ready.store(true, Ordering::SeqCst);
-            if s.ctx.stats.ready() {
+            if s.ctx.warming.fetch_sub(1, Ordering::SeqCst) == 1 {
+                // The last engine of the last model: the server is ready.
                 metrics::gauge!("diffit_ready").set(1.0);
             }
-            tracing::info!(engine, %device, "engine ready");
+            tracing::info!(engine, %device, model = %s.ctx.model, "engine ready");
             s.serve();
             s.slot().ready.store(false, Ordering::SeqCst);
         }
         Err(e) => {
-            tracing::error!(engine, %device, error = %e, "engine warm-up failed");
+            tracing::error!(engine, %device, model = %s.ctx.model, error = %e, "engine warm-up failed");
             s.ctx.stats.report_failure(format!(
-                "engine {engine} on {device} could not start: warm-up failed: {e:#}"
+                "model '{}': engine {engine} on {device} could not start: warm-up failed: {e:#}",
+                s.ctx.model
             ));
         }
     }
@@ -132,9 +137,9 @@ pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
                 let _ = job.events.send(JobEvent::Failed(EngineError::ShuttingDown));
             }
         }
-        metrics::gauge!("diffit_queue_depth").set(0.0);
+        metrics::gauge!("diffit_queue_depth", "model" => ctx.model.clone()).set(0.0);
     }
-    tracing::info!(engine, %device, "engine stopped");
+    tracing::info!(engine, %device, model = %ctx.model, "engine stopped");
 }
 
 impl Scheduler {
@@ -222,9 +227,11 @@ impl Scheduler {
         self.slot()
             .active
             .store(self.active.len(), Ordering::SeqCst);
-        metrics::gauge!("diffit_queue_depth")
+        let model = self.ctx.model.clone();
+        metrics::gauge!("diffit_queue_depth", "model" => model.clone())
             .set(self.ctx.stats.queued_images.load(Ordering::SeqCst) as f64);
-        metrics::gauge!("diffit_active_samples").set(self.ctx.stats.active_samples() as f64);
+        metrics::gauge!("diffit_active_samples", "model" => model)
+            .set(self.ctx.stats.active_samples() as f64);
     }
 
     /// Reports why a job ended (once, whichever engine or part notices first).
@@ -334,7 +341,8 @@ impl Scheduler {
         });
         if job.shared.start() {
             let wait = now - job.enqueued;
-            metrics::histogram!("diffit_queue_wait_seconds").record(wait.as_secs_f64());
+            metrics::histogram!("diffit_queue_wait_seconds", "model" => self.ctx.model.clone())
+                .record(wait.as_secs_f64());
             let _ = job.events.send(JobEvent::Started { queue_wait: wait });
         }
         let id = self.next_part;
@@ -382,6 +390,7 @@ impl Scheduler {
         let labels = [
             ("engine", self.engine_label.clone()),
             ("device", self.device_label.clone()),
+            ("model", self.ctx.model.clone()),
         ];
         metrics::histogram!("diffit_batch_size", &labels).record(batch as f64);
         metrics::histogram!("diffit_step_duration_seconds", &labels)

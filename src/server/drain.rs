@@ -43,8 +43,8 @@ pub async fn run(
     cutoff: &tokio::sync::watch::Sender<bool>,
     stop_accepting: tokio::sync::oneshot::Sender<()>,
 ) -> Outcome {
-    let engine = &state.engine;
-    engine.start_draining();
+    let models = &state.models;
+    models.start_draining();
     metrics::gauge!("diffit_ready").set(0.0);
     let start = Instant::now();
     let deadline = start + timeout;
@@ -59,8 +59,8 @@ pub async fn run(
     let busy = || {
         conns.busy_requests()
             + state.inflight.load(Ordering::SeqCst)
-            + engine.stats().queued_images.load(Ordering::SeqCst)
-            + engine.stats().active_samples()
+            + models.queued_images()
+            + models.active_samples()
     };
     while busy() > 0 && Instant::now() < answer_at {
         tokio::time::sleep_until((Instant::now() + Duration::from_millis(20)).min(answer_at)).await;
@@ -80,8 +80,8 @@ pub async fn run(
     tracing::warn!(
         requests,
         generations,
-        queued_images = engine.stats().queued_images.load(Ordering::SeqCst),
-        active_samples = engine.stats().active_samples(),
+        queued_images = models.queued_images(),
+        active_samples = models.active_samples(),
         "drain timeout: answering the remaining requests 503 and closing every connection"
     );
     metrics::counter!("diffit_rejections_total", "reason" => "drain_timeout")

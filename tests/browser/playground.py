@@ -3,7 +3,8 @@
     python tests/browser/playground.py --bin target/debug/diffit-server [--screenshot docs/playground.png]
 
 Starts the server twice on 127.0.0.1 (the embedded model, CPU): once open, once with an API
-key. Each run loads the page, searches a class by a synonym, generates, and checks what a person
+key; then once with two models (the embedded one and the tiny test fixture), where the page offers
+a model selector and each model generates at its own size with its own classes. Each run loads the page, searches a class by a synonym, generates, and checks what a person
 would see: the progress bar while it runs, previews, then <img> elements in the region labelled
 Results at the model's own size; no console error; no request leaving the server's origin; the
 "copy as curl" request reproducing the shown image byte for byte; arrow keys moving through the
@@ -23,6 +24,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -269,6 +271,38 @@ def run(binary, key, screenshot):
         server.stop()
 
 
+def run_two_models(binary):
+    """Two models: a selector lists both; switching reloads defaults, classes and size."""
+    label = "two models"
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+    tiny = (f"tiny={os.path.join(fixtures, 'diffit_tiny_model.safetensors')},"
+            f"vae={os.path.join(fixtures, 'vae_tiny_model.safetensors')},steps=4")
+    server = Server(binary, ["--model", "fashion=embedded,steps=10", "--model", tiny])
+    d = browser()
+    try:
+        d.get(server.base + "/")
+        models = {m["id"]: m for m in json.load(urllib.request.urlopen(server.base + "/v1/models"))["data"]}
+        wait_for(lambda: d.find_element(By.ID, "model-field").is_displayed(), 20,
+                 f"{label}: the page offers a model selector")
+        select = Select(field(d, "Model"))
+        names = [o.get_attribute("value") for o in select.options]
+        check(names == ["fashion", "tiny"], f"{label}: the selector lists both models {names}")
+        wait_for(lambda: d.find_element(By.ID, "model-id").text == "fashion", 20, f"{label}: fashion first")
+        generate_and_check(d, server, models["fashion"], "trainer", "Sneaker", 1, label + " (fashion)")
+        select.select_by_value("tiny")
+        wait_for(lambda: d.find_element(By.ID, "model-id").text == "tiny", 20, f"{label}: switched to tiny")
+        wait_for(lambda: field(d, "Steps").get_attribute("value") == "4", 10,
+                 f"{label}: steps prefilled with tiny's default")
+        # Clear the fashion image: the count of images at tiny's size starts from zero.
+        d.find_element(By.ID, "clear").click()
+        generate_and_check(d, server, models["tiny"], "class 3", "class 3", 2, label + " (tiny)")
+        errors = console_errors(d)
+        check(not errors, f"{label}: no console errors {errors}")
+    finally:
+        d.quit()
+        server.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/debug/diffit-server")
@@ -277,6 +311,7 @@ def main():
     t0 = time.monotonic()
     run(a.bin, None, a.screenshot)
     run(a.bin, "browser-test-key", None)
+    run_two_models(a.bin)
     print(f"{time.monotonic() - t0:.0f} s")
     print(f"{len(PASSED)} passed, 0 failed")
 

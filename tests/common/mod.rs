@@ -12,6 +12,20 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The tiny fixture model and VAE, loaded on the CPU in f32.
+pub fn tiny_pipeline() -> diffit_server::pipeline::Pipeline {
+    diffit_server::pipeline::Pipeline::load(&diffit_server::pipeline::LoadOptions {
+        model: fixture("diffit_tiny_model.safetensors"),
+        vae: fixture("vae_tiny_model.safetensors"),
+        vae_config: None,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        decode_chunk: 8,
+        kernels: Default::default(),
+    })
+    .expect("the tiny fixture loads")
+}
+
 pub fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("fixture loads")
 }

@@ -101,15 +101,20 @@ def request(port, method, path, body=None, headers=None, timeout=120.0):
         conn.close()
 
 
+MODEL_LABEL = re.compile(r',?model="[^"]*"')
+
+
 def parse_metrics(text):
-    """Prometheus text format -> {series: value} (series written as in the exposition)."""
+    """Prometheus text format -> {series: value} (series written as in the exposition), summed over
+    the `model` label: these steps serve one model and read the server's totals."""
     out = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         series, _, value = line.rpartition(" ")
+        series = MODEL_LABEL.sub("", series.strip()).replace("{,", "{").replace("{}", "")
         try:
-            out[series.strip()] = float(value)
+            out[series] = out.get(series, 0.0) + float(value)
         except ValueError:
             pass
     return out
@@ -1061,6 +1066,7 @@ def specialised_openapi(spec_path, srv, auth, out_path, max_images, max_timeout,
     props = dict(g["properties"])
     props["class_label"] = {"type": "integer", "minimum": 0, "maximum": len(classes) - 1}
     props["class_name"] = {"type": "string", "enum": [c["name"] for c in classes]}
+    props["model"] = {"type": ["string", "null"], "enum": [model["id"], None]}
     props["n"] = {"type": "integer", "minimum": 1, "maximum": max_images}
     props["steps"] = {"type": "integer", "minimum": 2, "maximum": max_steps}
     # Deadlines long enough to be met: the deadline path has its own explicit test (504).
@@ -1080,6 +1086,8 @@ def specialised_openapi(spec_path, srv, auth, out_path, max_images, max_timeout,
     i["n"] = {"type": "integer", "minimum": 1, "maximum": max_images}
     i["steps"] = {"type": "integer", "minimum": 2, "maximum": max_steps}
     spec["paths"]["/v1/models/{id}"]["get"]["parameters"][0]["schema"] = {
+        "type": "string", "enum": [model["id"]]}
+    spec["paths"]["/v1/classes"]["get"]["parameters"][0]["schema"] = {
         "type": "string", "enum": [model["id"]]}
     with open(out_path, "w") as f:
         json.dump(spec, f, indent=1)

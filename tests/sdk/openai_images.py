@@ -5,7 +5,9 @@
 Starts the server on 127.0.0.1 with an API key, points the SDK at it, and checks what a user of
 the SDK would try: prompts as sentences ("sneakers", "a photo of a red sneaker"), size="auto",
 response_format="url" (data: URLs), output_format="jpeg" with its metadata, the typed errors, and
-models.retrieve(id). Exits non-zero on the first failed check.
+models.retrieve(id). Then a server with two models (the embedded one and the tiny test fixture):
+models.list() lists both, each id generates its own images, an unknown id is a NotFoundError with
+code model_not_found. Exits non-zero on the first failed check.
 """
 
 import argparse
@@ -43,22 +45,60 @@ def jpeg_comment(data):
     return None
 
 
+def start(binary, *extra):
+    """`serve` on a free loopback port with an API key; (process, base URL) once it is ready."""
+    proc = subprocess.Popen([binary, "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+                             "--api-key", KEY, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "RUST_LOG": "warn"})
+    base = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+    for _ in range(1200):
+        try:
+            if urllib.request.urlopen(base + "/readyz", timeout=2).status == 200:
+                break
+        except Exception:
+            time.sleep(0.1)
+    return proc, base
+
+
+def two_models(binary):
+    """Two models in one server, addressed by the SDK's `model`."""
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+    tiny = (f"tiny={os.path.join(fixtures, 'diffit_tiny_model.safetensors')},"
+            f"vae={os.path.join(fixtures, 'vae_tiny_model.safetensors')}")
+    proc, base = start(binary, "--model", "fashion=embedded", "--model", tiny)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        ids = [m.id for m in client.models.list().data]
+        check(ids == ["fashion", "tiny"], f"two models: models.list() -> {ids}")
+        r = client.images.generate(model="fashion", prompt="sneakers", extra_body={"steps": 2, "seed": 5})
+        check(r.data[0].revised_prompt == "Sneaker" and r.size == "32x32", "model='fashion': a 32x32 Sneaker")
+        r = client.images.generate(model="tiny", prompt="class 3", n=2, extra_body={"steps": 2})
+        check(len(r.data) == 2 and r.data[0].revised_prompt == "class 3" and r.size == "64x64",
+              "model='tiny': two 64x64 images of class 3")
+        check(client.models.retrieve("tiny").id == "tiny", "models.retrieve('tiny')")
+        try:
+            client.images.generate(model="dall-e-3", prompt="sneakers")
+            check(False, "an unknown model is refused")
+        except openai.NotFoundError as e:
+            check(e.code == "model_not_found" and "'fashion', 'tiny'" in e.message,
+                  f"model='dall-e-3': NotFoundError model_not_found listing the ids: {e.message[:80]!r}")
+        try:
+            client.images.generate(prompt="sneakers")
+            check(False, "no model with two served is refused")
+        except openai.BadRequestError as e:
+            check(e.param == "model", "no model with two served: BadRequestError naming model")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/debug/diffit-server")
     a = ap.parse_args()
     t0 = time.monotonic()
-    proc = subprocess.Popen([a.bin, "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-                             "--api-key", KEY], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "RUST_LOG": "warn"})
+    proc, base = start(a.bin)
     try:
-        base = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
-        for _ in range(1200):
-            try:
-                if urllib.request.urlopen(base + "/readyz", timeout=2).status == 200:
-                    break
-            except Exception:
-                time.sleep(0.1)
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         model_id = client.models.list().data[0].id
         m = client.models.retrieve(model_id)
@@ -116,6 +156,7 @@ def main():
     finally:
         proc.terminate()
         proc.wait(30)
+    two_models(a.bin)
     print(f"{time.monotonic() - t0:.0f} s")
     print(f"{len(PASSED)} passed, 0 failed")
 
