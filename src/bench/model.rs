@@ -28,8 +28,8 @@ pub struct ModelArgs {
     /// Images per guided step (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
     pub batches: Vec<usize>,
-    /// VAE decode batch sizes (comma-separated; empty to skip).
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    /// VAE decode batch sizes (comma-separated; the flag with no value skips the decode).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,8")]
     pub vae_batches: Vec<usize>,
     /// Latents per VAE decode chunk (as `serve --decode-chunk`); each chunk is one pass where
     /// it fits the decoder's buffers.
