@@ -241,6 +241,8 @@ async fn requests_route_by_model_with_its_defaults_classes_and_metrics() {
             "fashion",
         ),
         ("diffit_queue_wait_seconds_count{model=", "tiny"),
+        ("diffit_decode_duration_seconds_count{model=", "fashion"),
+        ("diffit_encode_duration_seconds_count{model=", "tiny"),
         ("diffit_active_samples{model=", "fashion"),
         ("diffit_model_info{model=", "tiny"),
     ] {

@@ -470,8 +470,11 @@ async fn disconnected_client_frees_its_samples_and_deadline_gives_504() {
         .await;
     assert!(r.is_err(), "the client timed out");
     assert!(
-        s.wait_metric("diffit_rejections_total{reason=\"disconnected\"}", 1.0)
-            .await,
+        s.wait_metric(
+            "diffit_rejections_total{reason=\"disconnected\",model=\"diffit_tiny_model\"}",
+            1.0
+        )
+        .await,
         "the disconnect is counted"
     );
     assert!(
@@ -490,8 +493,11 @@ async fn disconnected_client_frees_its_samples_and_deadline_gives_504() {
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["type"], "timeout_error");
     assert!(
-        s.wait_metric("diffit_rejections_total{reason=\"deadline\"}", 1.0)
-            .await,
+        s.wait_metric(
+            "diffit_rejections_total{reason=\"deadline\",model=\"diffit_tiny_model\"}",
+            1.0
+        )
+        .await,
         "the deadline rejection is counted"
     );
     assert!(

@@ -195,7 +195,8 @@ pub async fn collect(
             encode_ms = ms(took),
             "image decoded and encoded"
         );
-        metrics::histogram!("diffit_encode_duration_seconds").record(took.as_secs_f64());
+        metrics::histogram!("diffit_encode_duration_seconds", "model" => info.name.clone())
+            .record(took.as_secs_f64());
         metrics::counter!("diffit_images_generated_total", "model" => info.name.clone())
             .increment(1);
         timings.encode_ms += ms(took);

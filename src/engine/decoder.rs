@@ -21,6 +21,8 @@ pub(super) struct DecodeWork {
     pub index: usize,
     pub denoise: Duration,
     pub events: UnboundedSender<JobEvent>,
+    /// The served model's id (the `model` label of the decode histogram).
+    pub model: String,
 }
 
 pub(super) enum Decoder {
@@ -131,7 +133,9 @@ fn decode_batch(vae: &VaeDecoder, mut batch: Vec<DecodeWork>, chunk: usize) {
         .map_err(anyhow::Error::from)
         .and_then(|z| decode_pixels(vae, &z, chunk));
     let decode = t0.elapsed();
-    metrics::histogram!("diffit_decode_duration_seconds").record(decode.as_secs_f64());
+    // One engine's decoder: every latent of a batch is of its model.
+    metrics::histogram!("diffit_decode_duration_seconds", "model" => batch[0].model.clone())
+        .record(decode.as_secs_f64());
     let decode_batch = batch.len();
     match result {
         Ok(pixels) => {
@@ -182,6 +186,7 @@ mod tests {
                     index,
                     denoise: Duration::ZERO,
                     events: tx.clone(),
+                    model: "test".into(),
                 })
                 .collect();
             decoder.submit(work).unwrap();

@@ -234,13 +234,14 @@ impl Scheduler {
             .set(self.ctx.stats.active_samples() as f64);
     }
 
-    /// Reports why a job ended (once, whichever engine or part notices first).
-    fn report_end(job: &Job, reason: &'static str) {
+    /// Reports why a job of `model` ended (once, whichever engine or part notices first).
+    fn report_end(job: &Job, reason: &'static str, model: &str) {
         if !job.shared.end() {
             return;
         }
         tracing::info!(job = %job.id, reason, "job ended early");
-        metrics::counter!("diffit_rejections_total", "reason" => reason).increment(1);
+        metrics::counter!("diffit_rejections_total", "reason" => reason, "model" => model.to_string())
+            .increment(1);
         if reason == "deadline" {
             let _ = job.events.send(JobEvent::Failed(EngineError::Deadline));
         }
@@ -266,7 +267,7 @@ impl Scheduler {
         self.set_gauges();
         for job in &gone {
             if let Some(reason) = job.end_reason(now) {
-                Self::report_end(job, reason);
+                Self::report_end(job, reason, &self.ctx.model);
             }
         }
     }
@@ -297,7 +298,7 @@ impl Scheduler {
         for (part, reason) in removed {
             if let Some(reason) = reason {
                 tracing::info!(job = %part.job.id, freed = part.in_flight, "samples freed");
-                Self::report_end(&part.job, reason);
+                Self::report_end(&part.job, reason, &self.ctx.model);
             }
         }
     }
@@ -467,7 +468,7 @@ impl Scheduler {
             }
             Err(e) => tracing::warn!(error = %e, "previews failed"),
         }
-        metrics::histogram!("diffit_preview_duration_seconds")
+        metrics::histogram!("diffit_preview_duration_seconds", "model" => self.ctx.model.clone())
             .record(started.elapsed().as_secs_f64());
     }
 
@@ -486,6 +487,7 @@ impl Scheduler {
                 index: a.index,
                 denoise: now - part.started,
                 events: part.job.events.clone(),
+                model: self.ctx.model.clone(),
             });
             self.recent.push_back(now);
             if part.in_flight == 0 {
