@@ -130,6 +130,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let outcome = drain::run(&state, &conns, timeouts.drain, &cutoff, stop_accepting).await;
     let _ = accept.await;
+    // Not left to the last handle's drop: a closed connection's task may still hold one.
+    models.close_queues();
     drop(state);
     drop(models);
     if let drain::Outcome::CutOff {
@@ -142,8 +144,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             timeouts.drain.as_secs_f64()
         );
     }
-    // Dropping the last handle lets every engine finish what it holds and exit; nothing is
-    // left to finish, but a step may be running.
+    // With the queues closed every engine finishes what it holds and exits; nothing is left
+    // to finish, but a step may be running.
     let joined = tokio::time::timeout(
         Duration::from_secs(2),
         tokio::task::spawn_blocking(move || engines.join()),

@@ -94,6 +94,13 @@ impl Models {
         self.handles[0].start_draining();
     }
 
+    /// Closes every model's queue, so that the engines exit once what they hold is done.
+    pub fn close_queues(&self) {
+        for handle in self.handles.iter() {
+            handle.close_queue();
+        }
+    }
+
     /// Images queued for any model.
     pub fn queued_images(&self) -> usize {
         self.stats()

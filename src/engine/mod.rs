@@ -422,6 +422,13 @@ impl EngineHandle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Closes this model's queue: its engines finish what they hold and exit, even while some
+    /// clone of a handle lives on (a connection task the drain has closed but that has not
+    /// ended yet). Later submissions are refused as draining.
+    pub fn close_queue(&self) {
+        self.submitter.queue.close();
+    }
+
     /// Seconds until this model's queue has room for `n` more images at the current
     /// throughput of its engines together.
     pub fn retry_after_secs(&self, n: usize) -> u64 {
