@@ -61,6 +61,34 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// [`dispatch!`] for the tensor-core paths (mma.sync, cuBLASLt epilogues, FP8): bf16 or f16
+/// only; any other dtype is an error naming `$op`.
+macro_rules! dispatch_half {
+    ($dev:expr, $first:expr, $op:literal, |$t:ident| $body:expr) => {{
+        use candle_core::cuda_backend::CudaStorageSlice;
+        let slice = match &$first.slice {
+            CudaStorageSlice::BF16(_) => {
+                type $t = half::bf16;
+                CudaStorageSlice::BF16($body)
+            }
+            CudaStorageSlice::F16(_) => {
+                type $t = half::f16;
+                CudaStorageSlice::F16($body)
+            }
+            _ => candle_core::bail!(
+                "{}: the CUDA path is for bf16/f16, not {:?}",
+                $op,
+                $first.dtype()
+            ),
+        };
+        Ok(candle_core::CudaStorage {
+            slice,
+            device: $dev.clone(),
+        })
+    }};
+}
+pub(crate) use dispatch_half;
+
 /// A contiguous input as a view of its elements.
 pub fn view<'a, T: CudaDType>((s, l): In<'a>) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {

@@ -9,7 +9,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::WithDType;
 
 use crate::kernels::launch::{
-    self, aligned, config, dispatch, flat, grid_flat, pack, ptx, view, Buf, In, Ptx, MAX_GRID,
+    self, aligned, config, dispatch, dispatch_half, flat, grid_flat, pack, ptx, view, Buf, In, Ptx,
+    MAX_GRID,
 };
 use crate::kernels::tiling::{conv_igemm_smem, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS, ROW_BLOCK};
 
@@ -134,16 +135,9 @@ pub fn conv3x3_igemm(
     dims: [usize; 4],
     cout: usize,
 ) -> Result<CudaStorage> {
-    use candle_core::cuda_backend::CudaStorageSlice as S;
-    let slice = match &x.0.slice {
-        S::BF16(_) => S::BF16(igemm::<half::bf16>(x, w, bias, residual, dims, cout)?),
-        S::F16(_) => S::F16(igemm::<half::f16>(x, w, bias, residual, dims, cout)?),
-        _ => candle_core::bail!("conv3x3_igemm: tensor cores take bf16 or f16 only"),
-    };
-    Ok(CudaStorage {
-        slice,
-        device: x.0.device().clone(),
-    })
+    dispatch_half!(x.0.device(), x.0, "conv3x3_igemm", |T| igemm::<T>(
+        x, w, bias, residual, dims, cout
+    )?)
 }
 
 fn igemm<T: CudaDType + WithDType + DeviceRepr>(

@@ -6,7 +6,7 @@ use candle_core::{CudaDevice, CudaStorage, Result, Storage, Tensor};
 use float8::F8E4M3;
 
 use super::{Fp8Linear, Fp8Scaling, Prologue};
-use crate::kernels::launch::{aligned, flat, ptx, view, warp_rows, Buf, In, Ptx};
+use crate::kernels::launch::{aligned, dispatch_half, flat, ptx, view, warp_rows, Buf, In, Ptx};
 use crate::kernels::linear::cublaslt::{fp8_matmul, Fp8Operands, Fp8Output};
 use crate::kernels::tiling::LN_PACKS;
 use crate::kernels::Activation;
@@ -47,16 +47,13 @@ pub fn quantize_scaled(w: In, scale: In, rows: usize, cols: usize) -> Result<Cud
 
 pub fn fp8_linear(op: &Fp8Linear, x: In, w: In, [m, n, k]: [usize; 3]) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
-    let slice = match &x.0.slice {
-        CudaStorageSlice::BF16(_) => {
-            CudaStorageSlice::BF16(run::<half::bf16>(op, &dev, x, w, [m, n, k])?)
-        }
-        CudaStorageSlice::F16(_) => {
-            CudaStorageSlice::F16(run::<half::f16>(op, &dev, x, w, [m, n, k])?)
-        }
-        _ => candle_core::bail!("fp8_linear: CUDA path is for bf16/f16"),
-    };
-    Ok(CudaStorage { slice, device: dev })
+    dispatch_half!(dev, x.0, "fp8_linear", |T| run::<T>(
+        op,
+        &dev,
+        x,
+        w,
+        [m, n, k]
+    )?)
 }
 
 fn run<T>(

@@ -16,11 +16,11 @@ use candle_core::cuda_backend::cudarc::cublaslt::{
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
 };
-use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Result};
 use float8::F8E4M3;
 
-use crate::kernels::launch::{view, In};
+use crate::kernels::launch::{dispatch_half, view, In};
 
 /// The cuBLASLt workspace of the residual matmul.
 const LT_WORKSPACE: usize = 32 << 20;
@@ -65,16 +65,9 @@ fn lt_workspace(dev: &CudaDevice) -> Result<Arc<CudaSlice<u8>>> {
 
 /// y [m, n] = act(x [m, k] · w [n, k]ᵀ + b [n]) through cuBLASLt's BIAS or GELU_BIAS epilogue.
 pub fn linear_bias_act(x: In, w: In, b: In, dims: [usize; 3], gelu: bool) -> Result<CudaStorage> {
-    let dev = x.0.device();
-    let slice = match &x.0.slice {
-        CudaStorageSlice::BF16(_) => CudaStorageSlice::BF16(bias_act_lt(x, w, b, dims, gelu)?),
-        CudaStorageSlice::F16(_) => CudaStorageSlice::F16(bias_act_lt(x, w, b, dims, gelu)?),
-        _ => candle_core::bail!("linear_bias_act: cuBLASLt path is for bf16/f16"),
-    };
-    Ok(CudaStorage {
-        slice,
-        device: dev.clone(),
-    })
+    dispatch_half!(x.0.device(), x.0, "linear_bias_act", |T| bias_act_lt::<T>(
+        x, w, b, dims, gelu
+    )?)
 }
 
 fn bias_act_lt<T: CudaDType + DeviceRepr>(
@@ -150,16 +143,12 @@ fn workspace_pref() -> Result<LtHandle<sys::cublasLtMatmulPreference_t>> {
 /// beta = 1, the BIAS epilogue, D a new buffer): the bias and the residual add cost no pass of
 /// their own. bf16/f16 only.
 pub fn linear_bias_residual(x: In, w: In, b: In, res: In, dims: [usize; 3]) -> Result<CudaStorage> {
-    let dev = x.0.device();
-    let slice = match &x.0.slice {
-        CudaStorageSlice::BF16(_) => CudaStorageSlice::BF16(residual_lt(x, w, b, res, dims)?),
-        CudaStorageSlice::F16(_) => CudaStorageSlice::F16(residual_lt(x, w, b, res, dims)?),
-        _ => candle_core::bail!("linear_bias_residual: cuBLASLt path is for bf16/f16"),
-    };
-    Ok(CudaStorage {
-        slice,
-        device: dev.clone(),
-    })
+    dispatch_half!(
+        x.0.device(),
+        x.0,
+        "linear_bias_residual",
+        |T| residual_lt::<T>(x, w, b, res, dims)?
+    )
 }
 
 fn residual_lt<T: CudaDType + DeviceRepr>(
