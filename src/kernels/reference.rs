@@ -264,6 +264,9 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         (2, 9, 4, 16, 3),
         (1, 33, 17, 128, 3),
         (1, 6, 6, 64, 4),
+        (1, 9, 10, 336, 4),
+        // More pixels than one round of the CUDA kernel's grid (16 384 half-warps × 4 pixels).
+        (3, 160, 160, 128, 3),
     ] {
         let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
         let (k, kf) = rnd(&[cout, c, 3, 3], 0.05)?;

@@ -45,6 +45,10 @@ pub const CONV_STAGES: usize = 3;
 /// Threads of a `conv3x3_igemm` CTA (the warp layout above is written for 8 warps).
 pub const CONV_THREADS: u32 = 256;
 
+/// Pixels a half-warp of `conv3x3_cout4_v` (the ≤ 4-output convolution) takes at once: each
+/// weight it loads from shared memory feeds this many pixels.
+pub const COUT4_PIXELS: usize = 4;
+
 /// Shared memory of one `conv3x3_igemm` CTA: the A and B rings, rows padded by 8 elements.
 pub const fn conv_igemm_smem(elem_bytes: usize) -> usize {
     CONV_STAGES * (CONV_BM + CONV_BN) * (CONV_BK + 8) * elem_bytes
@@ -67,4 +71,6 @@ pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("CONV_BN", CONV_BN),
     ("CONV_BK", CONV_BK),
     ("CONV_STAGES", CONV_STAGES),
+    ("CONV_THREADS", CONV_THREADS as usize),
+    ("COUT4_PIXELS", COUT4_PIXELS),
 ];

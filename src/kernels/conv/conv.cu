@@ -5,7 +5,8 @@
 #include "../common.cuh"
 #include "../mma.cuh"
 
-#if !defined(CONV_BM) || !defined(CONV_BN) || !defined(CONV_BK) || !defined(CONV_STAGES)
+#if !defined(CONV_BM) || !defined(CONV_BN) || !defined(CONV_BK) || !defined(CONV_STAGES) || \
+    !defined(CONV_THREADS) || !defined(COUT4_PIXELS)
 #error "the CONV_* tiling comes from src/kernels/tiling.rs through build.rs"
 #endif
 
@@ -131,53 +132,97 @@ __device__ void pixel_shuffle_bias_v(const T *y, const T *bias, T *out, uint32_t
 // A 3×3 convolution (padding 1) with at most 4 output channels, straight from the
 // channels-last input: out[p, co] = bias[co] + Σ_{tap, c} x[p + tap, c] · w[co, tap·C + c].
 // The VAE's conv_out (128 → 3 channels at full resolution) as im2col + matmul wrote and read
-// nine copies of its input and ran cuBLAS's slow unaligned path (N = 3): 1.5 ms a chunk of 8
-// on an H100. One thread a pixel; the weights sit in shared memory as [9·C] float4 (one
-// broadcast load feeds all four outputs). C a multiple of the pack; 9·C·16 bytes of shared memory.
+// nine copies of its input and ran cuBLAS's slow unaligned path (N = 3).
+//
+// A half-warp takes COUT4_PIXELS consecutive pixels: its 16 lanes split each input row into
+// 16-byte packs (lane j: packs j, j + 16, …; one coalesced 256-byte row for C = 128 bf16), each
+// lane loads a pack's weights once and uses them for all the strip's pixels, and the lanes'
+// partial sums are added by a fixed butterfly. The weights sit in shared memory as float4 (all
+// four outputs) in [tap][element of the pack][pack] order, so the 16 lanes read 16 consecutive
+// float4 (no bank conflicts) and the two half-warps read the same ones (a broadcast). One thread
+// a pixel, with the weights in [9·C] order, ran ≈ 8× slower: each lane's 256-byte rows were 256
+// bytes apart from its neighbours' and every weight load fed four FMAs. C a multiple of the pack;
+// 9·C·16 bytes of shared memory. COUT4_PIXELS comes from tiling.rs.
+
 template <typename T>
 __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, uint32_t batch,
                                 uint32_t h, uint32_t wd, uint32_t c, uint32_t cout) {
     constexpr int N = Pack<T>::N;
     extern __shared__ float4 wsm[];
-    const uint32_t k = 9 * c;
+    const uint32_t k = 9 * c, packs = c / N;
     for (uint32_t i = threadIdx.x; i < k; i += blockDim.x) {
+        const uint32_t tap = i / c, ch = i % c;
         float4 v;
         v.x = cout > 0 ? ld(w, i) : 0.0f;
         v.y = cout > 1 ? ld(w, (size_t)k + i) : 0.0f;
         v.z = cout > 2 ? ld(w, 2 * (size_t)k + i) : 0.0f;
         v.w = cout > 3 ? ld(w, 3 * (size_t)k + i) : 0.0f;
-        wsm[i] = v;
+        wsm[(tap * N + ch % N) * packs + ch / N] = v;
     }
     __syncthreads();
     const uint32_t pixels = batch * h * wd;
-    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += gridDim.x * blockDim.x) {
-        const uint32_t xo = p % wd, yo = (p / wd) % h, b = p / (wd * h);
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int tap = 0; tap < 9; ++tap) {
-            const int yy = (int)yo + tap / 3 - 1, xx = (int)xo + tap % 3 - 1;
-            if (yy < 0 || xx < 0 || yy >= (int)h || xx >= (int)wd) continue;
-            const T *src = x + (((size_t)b * h + yy) * wd + xx) * c;
-            const float4 *wt = wsm + tap * c;
-            for (uint32_t q = 0; q < c; q += N) {
-                const Pack<T> a = ldp(src, q);
+    const uint32_t j = threadIdx.x % 16;  // lane within the half-warp
+    const uint32_t half = (blockIdx.x * blockDim.x + threadIdx.x) / 16, halves = gridDim.x * blockDim.x / 16;
+    // Every lane runs the same number of iterations (the butterfly needs the whole warp).
+    const uint32_t strips = (pixels + COUT4_PIXELS - 1) / COUT4_PIXELS;
+    const uint32_t rounds = (strips + halves - 1) / halves;
+    for (uint32_t r = 0; r < rounds; ++r) {
+        const uint32_t p0 = (r * halves + half) * COUT4_PIXELS;
+        float acc[COUT4_PIXELS][4];
+        uint32_t xo[COUT4_PIXELS], yo[COUT4_PIXELS], bo[COUT4_PIXELS];
 #pragma unroll
-                for (int e = 0; e < N; ++e) {
-                    const float v = f(a.v[e]);
-                    const float4 ww = wt[q + e];
-                    acc[0] += v * ww.x;
-                    acc[1] += v * ww.y;
-                    acc[2] += v * ww.z;
-                    acc[3] += v * ww.w;
+        for (int i = 0; i < COUT4_PIXELS; ++i) {
+            const uint32_t p = p0 + i;
+            xo[i] = p % wd;
+            yo[i] = (p / wd) % h;
+            bo[i] = p / (wd * h);
+            acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+        }
+#pragma unroll 1
+        for (int tap = 0; tap < 9; ++tap) {
+            const T *src[COUT4_PIXELS];  // the strip's neighbours at this tap (null: padding)
+#pragma unroll
+            for (int i = 0; i < COUT4_PIXELS; ++i) {
+                const int yy = (int)yo[i] + tap / 3 - 1, xx = (int)xo[i] + tap % 3 - 1;
+                const bool ok = p0 + i < pixels && yy >= 0 && xx >= 0 && yy < (int)h && xx < (int)wd;
+                src[i] = ok ? x + (((size_t)bo[i] * h + yy) * wd + xx) * c : nullptr;
+            }
+            for (uint32_t q = j; q < packs; q += 16) {
+                float4 ww[N];
+#pragma unroll
+                for (int e = 0; e < N; ++e) ww[e] = wsm[(tap * N + e) * packs + q];
+#pragma unroll
+                for (int i = 0; i < COUT4_PIXELS; ++i) {
+                    if (src[i] == nullptr) continue;
+                    const Pack<T> a = ldp(src[i], (size_t)q * N);
+#pragma unroll
+                    for (int e = 0; e < N; ++e) {
+                        const float v = f(a.v[e]);
+                        acc[i][0] += v * ww[e].x;
+                        acc[i][1] += v * ww[e].y;
+                        acc[i][2] += v * ww[e].z;
+                        acc[i][3] += v * ww[e].w;
+                    }
                 }
             }
         }
-        // A constant trip count keeps acc in registers (a run-time index would put it in local memory).
 #pragma unroll
-        for (uint32_t co = 0; co < 4; ++co)
-            if (co < cout) st(out, (size_t)p * cout + co, acc[co] + ld(bias, co));
+        for (int i = 0; i < COUT4_PIXELS; ++i)
+#pragma unroll
+            for (int co = 0; co < 4; ++co)
+#pragma unroll
+                for (int o = 8; o > 0; o >>= 1) acc[i][co] += __shfl_xor_sync(FULL_MASK, acc[i][co], o);
+        if (j == 0) {
+#pragma unroll
+            for (int i = 0; i < COUT4_PIXELS; ++i)
+                // A constant trip count keeps acc in registers (a run-time index would put it in
+                // local memory).
+#pragma unroll
+                for (uint32_t co = 0; co < 4; ++co)
+                    if (p0 + i < pixels && co < cout) st(out, (size_t)(p0 + i) * cout + co, acc[i][co] + ld(bias, co));
+        }
     }
 }
-
 
 // ---- Implicit-GEMM 3×3 convolution (mma.sync tensor cores) ----
 //
@@ -197,7 +242,7 @@ __device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *re
                               uint32_t has_res) {
     constexpr int BM = CONV_BM, BN = CONV_BN, BK = CONV_BK, STAGES = CONV_STAGES;
     constexpr int LD = BK + 8;  // row stride: 16-byte multiple, ldmatrix rows on distinct banks
-    static_assert(BM == 128 && BN == 128 && BK == 32, "the warp layout below is for 128 × 128 × 32");
+    static_assert(BM == 128 && BN == 128 && BK % 32 == 0, "the warp layout below is for 128 × 128 × 32k");
     extern __shared__ __align__(16) unsigned char smem[];
     T *as_ring = reinterpret_cast<T *>(smem);   // [STAGES][BM][LD]
     T *bs_ring = as_ring + STAGES * BM * LD;    // [STAGES][BN][LD]
@@ -208,22 +253,24 @@ __device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *re
     const uint32_t wm = warp / 4, wn = warp % 4;
     const uint32_t kdim = 9 * c, kblocks = kdim / BK;
 
-    // Each thread copies rows lrow and lrow + 64 of both tiles, 16-byte chunk lchunk of BK.
-    const uint32_t lrow = tid / 4, lchunk = tid % 4;
-    int py[2], px[2];
-    const T *pimg[2];
-    const T *wrow[2];
-    bool mok[2], nok[2];
+    // Each thread copies rows lrow + i·RPP (i < PASSES) of both tiles, 16-byte chunk lchunk of BK.
+    constexpr int CHUNKS = BK / 8, RPP = CONV_THREADS / CHUNKS, PASSES = BM / RPP;
+    static_assert(BM == BN && BM % RPP == 0, "the copy passes must tile both operands");
+    const uint32_t lrow = tid / CHUNKS, lchunk = tid % CHUNKS;
+    int py[PASSES], px[PASSES];
+    const T *pimg[PASSES];
+    const T *wrow[PASSES];
+    bool mok[PASSES], nok[PASSES];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const uint32_t m = m0 + lrow + 64 * i;
+    for (int i = 0; i < PASSES; ++i) {
+        const uint32_t m = m0 + lrow + RPP * i;
         mok[i] = m < m_total;
         const uint32_t mm = mok[i] ? m : 0;
         px[i] = (int)(mm % wd);
         const uint32_t t = mm / wd;
         py[i] = (int)(t % h);
         pimg[i] = x + (size_t)(t / h) * h * wd * c;
-        const uint32_t n = n0 + lrow + 64 * i;
+        const uint32_t n = n0 + lrow + RPP * i;
         nok[i] = n < cout;
         wrow[i] = w + (size_t)(nok[i] ? n : 0) * kdim;
     }
@@ -235,12 +282,12 @@ __device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *re
         T *as = as_ring + stage * BM * LD;
         T *bs = bs_ring + stage * BN * LD;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < PASSES; ++i) {
             const int yy = py[i] + dy, xx = px[i] + dx;
             const bool ok = mok[i] && yy >= 0 && yy < (int)h && xx >= 0 && xx < (int)wd;
             const T *src = ok ? pimg[i] + ((size_t)yy * wd + xx) * c + ch : x;
-            cp_async16(as + (lrow + 64 * i) * LD + lchunk * 8, src, ok ? 16 : 0);
-            cp_async16(bs + (lrow + 64 * i) * LD + lchunk * 8, nok[i] ? wrow[i] + k0 + lchunk * 8 : w,
+            cp_async16(as + (lrow + RPP * i) * LD + lchunk * 8, src, ok ? 16 : 0);
+            cp_async16(bs + (lrow + RPP * i) * LD + lchunk * 8, nok[i] ? wrow[i] + k0 + lchunk * 8 : w,
                        nok[i] ? 16 : 0);
         }
     };
@@ -348,7 +395,7 @@ FOR_EACH_DTYPE(INSTANTIATE_CONV)
 
 // The implicit-GEMM convolution: tensor cores, so bf16 and f16 only.
 #define INSTANTIATE_IGEMM(T, SFX)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256) conv3x3_igemm_##SFX(                         \
+    extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3x3_igemm_##SFX(                \
         const T *x, const T *w, const T *b, const T *res, T *out, uint32_t batch, uint32_t h,      \
         uint32_t wd, uint32_t c, uint32_t cout, uint32_t has_res) {                                \
         conv3x3_igemm<T>(x, w, b, res, out, batch, h, wd, c, cout, has_res);                       \

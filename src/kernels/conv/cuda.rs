@@ -12,7 +12,9 @@ use crate::kernels::launch::{
     self, aligned, config, dispatch, dispatch_half, flat, grid_flat, pack, ptx, view, Buf, In, Ptx,
     MAX_GRID,
 };
-use crate::kernels::tiling::{conv_igemm_smem, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS, ROW_BLOCK};
+use crate::kernels::tiling::{
+    conv_igemm_smem, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS, COUT4_PIXELS, ROW_BLOCK,
+};
 
 const PTX: Ptx = ptx!("conv");
 
@@ -60,7 +62,10 @@ pub fn conv3x3_small(x: In, w: In, bias: In, dims: [usize; 4], cout: usize) -> R
         }
         let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(bias)?);
         let out = unsafe { dev.alloc::<T>(pixels * cout)? };
-        let cfg = config((grid_flat(pixels), 1, 1), ROW_BLOCK, smem);
+        // conv.cu: a half-warp a strip of COUT4_PIXELS pixels. At most 1024 blocks, each
+        // striding over the image: every block first loads all the weights.
+        let threads = pixels.div_ceil(COUT4_PIXELS) * 16;
+        let cfg = config((grid_flat(threads).min(1024), 1, 1), ROW_BLOCK, smem);
         let sizes = [batch, h, wd, c, cout];
         // SAFETY: reads batch·h·w·c, cout·9·c weights and cout biases; writes pixels·cout.
         unsafe {

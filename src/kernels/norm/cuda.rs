@@ -54,8 +54,10 @@ pub fn group_norm(
     let dev = x.0.device().clone();
     let stream = dev.cuda_stream();
     // Per-(sample, group) mean and 1/std, in f32, from each tile's shifted moments.
-    let sums = stream.alloc_zeros::<f32>(batch * groups).w()?;
-    let sq = stream.alloc_zeros::<f32>(batch * groups).w()?;
+    // SAFETY (these and the partials below): every element is written by gn_moments /
+    // gn_finalize before anything reads it, so no memsets.
+    let sums = unsafe { stream.alloc::<f32>(batch * groups) }.w()?;
+    let sq = unsafe { stream.alloc::<f32>(batch * groups) }.w()?;
     dispatch!(dev, x.0, |T| {
         let (xv, gv, bv) = (view::<T>(x)?, view::<T>(gamma)?, view::<T>(beta)?);
         let out = unsafe { dev.alloc::<T>(batch * hw * c)? };
@@ -72,15 +74,15 @@ pub fn group_norm(
             ("gn_moments", threads, GN_TILE, 1)
         };
         let tiles = hw.div_ceil(tile).max(1);
-        let partial_a = stream.alloc_zeros::<f32>(batch * tiles * groups).w()?;
-        let partial_q = stream.alloc_zeros::<f32>(batch * tiles * groups).w()?;
+        let partial_a = unsafe { stream.alloc::<f32>(batch * tiles * groups) }.w()?;
+        let partial_q = unsafe { stream.alloc::<f32>(batch * tiles * groups) }.w()?;
         let grid = (tiles as u32, batch as u32, 1);
         let cfg = config(grid, threads, 2 * slots * c * std::mem::size_of::<f32>());
         let sizes = [hw, c, groups, tile];
         // SAFETY: reads batch·hw·c, writes every one of the batch·tiles·groups partials.
         let bufs = [&xv as &dyn Buf, &partial_a, &partial_q];
         unsafe { PTX.launch::<T>(&dev, name, cfg, &bufs, &sizes, &[]) }?;
-        let cfg = flat(batch * groups);
+        let cfg = warp_rows(batch * groups);
         let sizes = [batch, hw, c, groups, tiles];
         // SAFETY: reads the partials and one value of x per (sample, group), writes sums and sq.
         let bufs = [&xv as &dyn Buf, &partial_a, &partial_q, &sums, &sq];
