@@ -137,7 +137,9 @@ __device__ void pixel_shuffle_bias_v(const T *y, const T *bias, T *out, uint32_t
 // A half-warp takes COUT4_PIXELS consecutive pixels: its 16 lanes split each input row into
 // 16-byte packs (lane j: packs j, j + 16, …; one coalesced 256-byte row for C = 128 bf16), each
 // lane loads a pack's weights once and uses them for all the strip's pixels, and the lanes'
-// partial sums are added by a fixed butterfly. The weights sit in shared memory as float4 (all
+// partial sums are added by a fixed butterfly. A lane issues the strip's four loads of a pack
+// before any FMA (zeros at the padding, no branch between them), and three taps are unrolled, so
+// several loads are in flight a lane. The weights sit in shared memory as float4 (all
 // four outputs) in [tap][element of the pack][pack] order, so the 16 lanes read 16 consecutive
 // float4 (no bank conflicts) and the two half-warps read the same ones (a broadcast). One thread
 // a pixel, with the weights in [9·C] order, ran ≈ 8× slower: each lane's 256-byte rows were 256
@@ -178,7 +180,7 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
             bo[i] = p / (wd * h);
             acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
         }
-#pragma unroll 1
+#pragma unroll 3
         for (int tap = 0; tap < 9; ++tap) {
             const T *src[COUT4_PIXELS];  // the strip's neighbours at this tap (null: padding)
 #pragma unroll
@@ -188,22 +190,23 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
                 src[i] = ok ? x + (((size_t)bo[i] * h + yy) * wd + xx) * c : nullptr;
             }
             for (uint32_t q = j; q < packs; q += 16) {
+                // The strip's loads first, all in flight together (zeros at the padding).
+                Pack<T> a[COUT4_PIXELS];
+#pragma unroll
+                for (int i = 0; i < COUT4_PIXELS; ++i) a[i] = src[i] ? ldp(src[i], (size_t)q * N) : zero_pack<T>();
                 float4 ww[N];
 #pragma unroll
                 for (int e = 0; e < N; ++e) ww[e] = wsm[(tap * N + e) * packs + q];
 #pragma unroll
-                for (int i = 0; i < COUT4_PIXELS; ++i) {
-                    if (src[i] == nullptr) continue;
-                    const Pack<T> a = ldp(src[i], (size_t)q * N);
+                for (int i = 0; i < COUT4_PIXELS; ++i)
 #pragma unroll
                     for (int e = 0; e < N; ++e) {
-                        const float v = f(a.v[e]);
+                        const float v = f(a[i].v[e]);
                         acc[i][0] += v * ww[e].x;
                         acc[i][1] += v * ww[e].y;
                         acc[i][2] += v * ww[e].z;
                         acc[i][3] += v * ww[e].w;
                     }
-                }
             }
         }
 #pragma unroll
