@@ -9,13 +9,14 @@ mod tiling {
 }
 
 /// Each .cu file and the PTX it becomes in OUT_DIR (src/kernels/launch.rs, `ptx!`).
-const SOURCES: [(&str, &str); 6] = [
+const SOURCES: [(&str, &str); 7] = [
     ("src/kernels/attention/attention.cu", "attention.ptx"),
     ("src/kernels/attention/flash.cu", "flash.ptx"),
     ("src/kernels/conv/conv.cu", "conv.ptx"),
     ("src/kernels/fp8/fp8.cu", "fp8.ptx"),
     ("src/kernels/linear/linear.cu", "linear.ptx"),
     ("src/kernels/norm/norm.cu", "norm.ptx"),
+    ("src/kernels/step/step.cu", "step.ptx"),
 ];
 
 fn main() {

@@ -19,6 +19,7 @@
 //!   in), one cuBLASLt FP8 matmul with the scales and the epilogues.
 //! - `conv`: the VAE's 3×3 convolutions (im2col, the ×2 upsampling phases, the
 //!   small output convolution).
+//! - `step`: the end of a bucketed denoising step (guidance and the sampler update) as one op.
 //!
 //! Shared: `cpu` (the fallbacks' f32 in and out), `launch` (PTX modules, dispatch and the one
 //! launch helper), `tiling` (the constants kernels and launchers share, defined once),
@@ -34,6 +35,7 @@ mod launch;
 mod linear;
 mod norm;
 pub mod reference;
+mod step;
 /// The tiling constants kernels and launchers share (build.rs passes them to nvcc).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod tiling;
@@ -46,6 +48,7 @@ pub use conv::{
 pub use fp8::{fp8_fits, fp8_linear, Fp8Scaling, Fp8Weight, Prologue};
 pub use linear::{bias_act, linear_bias_act, linear_bias_residual, Activation};
 pub use norm::{group_norm, layer_norm};
+pub use step::{guided_update, UpdateColumns, UpdateSpec};
 
 #[cfg(test)]
 mod tests;

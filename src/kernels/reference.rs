@@ -379,6 +379,52 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             )?;
         }
     }
+    // The fused end of a bucketed step (f32 only: the sampler runs in f32), against the candle
+    // expressions it replaces; every flag on and off across the rows, with and without learned
+    // variances. Expected bit-identical (rel err 0).
+    if dtype == DType::F32 {
+        for learn_sigma in [true, false] {
+            let (rows, c, h, w) = (6, 4, 3, 5);
+            let (base, count) = (7, 14);
+            let columns = super::UpdateColumns {
+                coefs: std::array::from_fn(|i| base + i * rows),
+                d: base + 5 * rows,
+                log_var_max: base + 6 * rows,
+                log_var_min: base + 7 * rows,
+                noise_weight: base + 8 * rows,
+                prev: base + 9 * rows,
+                guided: base + 10 * rows,
+                scale: base + 11 * rows,
+                uncond: base + 12 * rows,
+                noise: base + count * rows,
+            };
+            let (params, _) = rnd(&[base + count * rows + rows * c * h * w], 1.0)?;
+            let mut host = params.to_vec1::<f32>()?;
+            for r in 0..rows {
+                host[columns.noise_weight + r] = (r % 2) as f32;
+                host[columns.prev + r] = (r % 3 == 0) as u8 as f32;
+                host[columns.guided + r] = (r < 4) as u8 as f32;
+                host[columns.uncond + r] = if r < 2 { (r + 4) as f32 } else { r as f32 };
+                host[columns.log_var_min + r] = -host[columns.log_var_min + r].abs() - 1.0;
+            }
+            let params = Tensor::from_vec(host, params.shape(), device)?;
+            let out_c = if learn_sigma { 2 * c } else { c };
+            let (out, _) = rnd(&[rows, out_c, h, w], 1.0)?;
+            let (x, _) = rnd(&[rows, c, h, w], 1.0)?;
+            let (prev, _) = rnd(&[rows, c, h, w], 1.0)?;
+            let spec = super::UpdateSpec {
+                columns,
+                channels: c,
+                learn_sigma,
+                guided_channels: 3,
+            };
+            push(
+                format!("guided_update [{rows},{c},{h},{w}] learn_sigma {learn_sigma}"),
+                super::guided_update(&out, &x, &prev, &params, spec)?,
+                guided_update(&out, &x, &prev, &params, spec)?,
+            )?;
+        }
+    }
     Ok(out)
 }
 
@@ -488,4 +534,59 @@ pub fn check_fp8(device: &Device) -> Result<Vec<(CaseReport, f64)>> {
         }
     }
     Ok(out)
+}
+
+/// The unfused end of a bucketed step: classifier-free guidance and the sampler update as candle
+/// expressions (what `pipeline::graphs` ran before `kernels::guided_update`, and what
+/// `diffusion::denoise_step` computes), terms a row does not use selected away per row.
+pub fn guided_update(
+    out: &Tensor,
+    x: &Tensor,
+    x0_prev: &Tensor,
+    params: &Tensor,
+    spec: super::UpdateSpec,
+) -> Result<Tensor> {
+    let (r, c, _, _) = x.dims4()?;
+    let shape = x.dims().to_vec();
+    let cols = spec.columns;
+    let column = |o: usize| params.narrow(0, o, r);
+    let per_row = |o: usize| column(o)?.reshape((r, 1, 1, 1));
+    let flag = |o: usize| per_row(o)?.gt(0.5)?.broadcast_as(shape.as_slice());
+    let noise = params
+        .narrow(0, cols.noise, x.elem_count())?
+        .reshape(shape.as_slice())?;
+    let cond = out;
+    let uncond = out.index_select(&column(cols.uncond)?.to_dtype(DType::U32)?, 0)?;
+    let eps = cond.narrow(1, 0, c)?;
+    let g = spec.guided_channels.min(c);
+    let (c3, u3) = (cond.narrow(1, 0, g)?, uncond.narrow(1, 0, g)?);
+    let mut guided = (&u3 + (c3 - &u3)?.broadcast_mul(&per_row(cols.scale)?)?)?;
+    if c > g {
+        guided = Tensor::cat(&[&guided, &cond.narrow(1, g, c - g)?], 1)?;
+    }
+    let eps = flag(cols.guided)?.where_cond(&guided, &eps)?;
+    let k = |i: usize| per_row(cols.coefs[i]);
+    let x0 = (x.broadcast_mul(&k(0)?)? - eps.broadcast_mul(&k(1)?)?)?;
+    let next =
+        ((x.broadcast_mul(&k(2)?)? + eps.broadcast_mul(&k(3)?)?)? + x0.broadcast_mul(&k(4)?)?)?;
+    let with_prev = (&next + x0_prev.broadcast_mul(&per_row(cols.d)?)?)?;
+    let next = flag(cols.prev)?.where_cond(&with_prev, &next)?;
+    let log_var = match spec.learn_sigma {
+        true => {
+            let v = cond.narrow(1, c, c)?;
+            let frac = ((v + 1.0)? / 2.0)?;
+            (frac.broadcast_mul(&per_row(cols.log_var_max)?)?
+                + (1.0 - frac)?.broadcast_mul(&per_row(cols.log_var_min)?)?)?
+        }
+        false => per_row(cols.log_var_max)?
+            .broadcast_as(shape.as_slice())?
+            .contiguous()?,
+    };
+    let noisy = (&next
+        + (log_var * 0.5)?
+            .exp()?
+            .mul(&noise)?
+            .broadcast_mul(&per_row(cols.noise_weight)?)?)?;
+    let next = flag(cols.noise_weight)?.where_cond(&noisy, &next)?;
+    Tensor::stack(&[next, x0], 0)
 }

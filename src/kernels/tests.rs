@@ -23,6 +23,15 @@ fn every_fused_op_matches_its_unfused_version_on_the_cpu() {
             case.rel_err
         );
     }
+    // The fused step update promises the candle expressions' exact bits.
+    let update: Vec<_> = report
+        .iter()
+        .filter(|c| c.name.starts_with("guided_update"))
+        .collect();
+    assert_eq!(update.len(), 2);
+    for case in update {
+        assert_eq!(case.rel_err, 0.0, "{}", case.name);
+    }
 }
 
 #[test]

@@ -29,6 +29,7 @@ use crate::config::Toggle;
 use crate::diffusion::guidance::GUIDED_CHANNELS;
 use crate::diffusion::sampler::StepRow;
 use crate::diffusion::SampleState;
+use crate::kernels;
 use crate::model::diffit::{timestep_features, TIME_FREQ_DIM};
 use crate::model::DiffiT;
 
@@ -315,64 +316,39 @@ fn fill_params(steps: &[StepRow], rows: usize, per_sample: usize, null: i64) -> 
 /// labels and indices travel as f32 (exact below 2^24) and are cast on the device.
 fn step_body(model: &DiffiT, b: &Bucket) -> candle_core::Result<()> {
     let (r, cin) = (b.rows, model.config().in_channels);
-    let shape = b.x.dims().to_vec();
     let base = r * TIME_FREQ_DIM;
-    let column = |c: usize| b.params.narrow(0, base + c * r, r);
-    let per_row = |c: usize| column(c)?.reshape((r, 1, 1, 1));
-    let index = |c: usize| column(c)?.to_dtype(DType::U32);
-    let flag = |c: usize| per_row(c)?.gt(0.5)?.broadcast_as(shape.as_slice());
+    let at = |c: usize| base + c * r;
+    let index = |c: usize| b.params.narrow(0, at(c), r)?.to_dtype(DType::U32);
     let features = b.params.narrow(0, 0, base)?.reshape((r, TIME_FREQ_DIM))?;
-    let noise = b
-        .params
-        .narrow(0, base + col::COUNT * r, b.x.elem_count())?
-        .reshape(shape.as_slice())?;
 
     let net_in = b.x.index_select(&index(col::SOURCE)?, 0)?;
     let out = model
         .forward_features(&net_in, &features, &index(col::LABEL)?)?
         .to_dtype(DType::F32)?;
     // Network rows 0..n are sample rows 0..n; past n a sample row is padding either way.
-    let cond = &out;
-    let uncond = out.index_select(&index(col::UNCOND)?, 0)?;
-
-    // Classifier-free guidance (`guidance::guided_eps`) where the sample is guided.
-    let eps = cond.narrow(1, 0, cin)?;
-    let g = GUIDED_CHANNELS.min(cin);
-    let (c3, u3) = (cond.narrow(1, 0, g)?, uncond.narrow(1, 0, g)?);
-    let mut guided = (&u3 + (c3 - &u3)?.broadcast_mul(&per_row(col::SCALE)?)?)?;
-    if cin > g {
-        guided = Tensor::cat(&[&guided, &cond.narrow(1, g, cin - g)?], 1)?;
-    }
-    let eps = flag(col::GUIDED)?.where_cond(&guided, &eps)?;
-
-    // The sampler update, as `denoise_step` writes it.
-    let k = |c: usize| per_row(col::COEFS + c);
-    let x = &b.x;
-    let x0 = (x.broadcast_mul(&k(0)?)? - eps.broadcast_mul(&k(1)?)?)?;
-    let next =
-        ((x.broadcast_mul(&k(2)?)? + eps.broadcast_mul(&k(3)?)?)? + x0.broadcast_mul(&k(4)?)?)?;
-    let with_prev = (&next + b.x0_prev.broadcast_mul(&per_row(col::D)?)?)?;
-    let next = flag(col::PREV)?.where_cond(&with_prev, &next)?;
-    let log_var = match model.config().learn_sigma() {
-        true => {
-            let v = cond.narrow(1, cin, cin)?;
-            let frac = ((v + 1.0)? / 2.0)?;
-            (frac.broadcast_mul(&per_row(col::LOG_VAR_MAX)?)?
-                + (1.0 - frac)?.broadcast_mul(&per_row(col::LOG_VAR_MIN)?)?)?
-        }
-        false => per_row(col::LOG_VAR_MAX)?
-            .broadcast_as(shape.as_slice())?
-            .contiguous()?,
+    // Classifier-free guidance (`guidance::guided_eps`) where the sample is guided, then the
+    // sampler update as `denoise_step` writes it: one fused op (kernels::guided_update).
+    let columns = kernels::UpdateColumns {
+        coefs: std::array::from_fn(|i| at(col::COEFS + i)),
+        d: at(col::D),
+        log_var_max: at(col::LOG_VAR_MAX),
+        log_var_min: at(col::LOG_VAR_MIN),
+        noise_weight: at(col::NOISE),
+        prev: at(col::PREV),
+        guided: at(col::GUIDED),
+        scale: at(col::SCALE),
+        uncond: at(col::UNCOND),
+        noise: at(col::COUNT),
     };
-    let noisy = (&next
-        + (log_var * 0.5)?
-            .exp()?
-            .mul(&noise)?
-            .broadcast_mul(&per_row(col::NOISE)?)?)?;
-    let next = flag(col::NOISE)?.where_cond(&noisy, &next)?;
-
-    b.next.slice_set(&next, 0, 0)?;
-    b.x0.slice_set(&x0, 0, 0)
+    let spec = kernels::UpdateSpec {
+        columns,
+        channels: cin,
+        learn_sigma: model.config().learn_sigma(),
+        guided_channels: GUIDED_CHANNELS.min(cin),
+    };
+    let both = kernels::guided_update(&out, &b.x, &b.x0_prev, &b.params, spec)?;
+    b.next.slice_set(&both.get(0)?, 0, 0)?;
+    b.x0.slice_set(&both.get(1)?, 0, 0)
 }
 
 /// Capture and replay (CUDA builds); elsewhere steps never get this far uncaptured.
