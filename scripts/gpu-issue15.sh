@@ -5,7 +5,8 @@
 # 2. bench model IN-256 (B = 1, 4, 16, 64; VAE B = 64), old and new interleaved twice, then new with
 #    --lt-epilogue false, with --lt-gelu-epilogue false, and in fp8; IN-512 B = 16 old and new;
 # 3. bench serve at 250 steps through HTTP (images/s at concurrency 64, max batch 64) old, new, new fp8;
-#    and one 250-step image at a time on an idle server (p50 wall time) old and new.
+#    and one 250-step image at a time on an idle server (p50 wall time) old and new. LOAD="new fp8"
+#    (say) runs only those loaded passes.
 # Raw JSON in /tmp/i15, a summary in $OUT/summary.json and the log in $OUT/log.txt; the table last.
 set -u
 OLD=${1:?old binary}; NEW=${2:?new binary}
@@ -55,9 +56,14 @@ for b in old new; do
   bin=$OLD; [ $b = new ] && bin=$NEW
   serve $b-one $bin --dtype bf16 --images 6 --concurrency 1 --n 1 --max-batch 64
 done
-serve old-load "$OLD" --dtype bf16 --images 64 --concurrency 64 --max-batch 64
-serve new-load "$NEW" --dtype bf16 --images 64 --concurrency 64 --max-batch 64
-serve new-fp8-load "$NEW" --dtype fp8 --images 64 --concurrency 64 --max-batch 64
+# The loaded passes take ≈ 45 s each (engine, engine + PNG, HTTP at 250 steps); LOAD picks them.
+for l in ${LOAD-old new fp8}; do
+  case $l in
+    old) serve old-load "$OLD" --dtype bf16 --images 64 --concurrency 64 --max-batch 64 ;;
+    new) serve new-load "$NEW" --dtype bf16 --images 64 --concurrency 64 --max-batch 64 ;;
+    fp8) serve new-fp8-load "$NEW" --dtype fp8 --images 64 --concurrency 64 --max-batch 64 ;;
+  esac
+done
 
 python3 - "$R" "$OUT/summary.json" <<'PY'
 import json, os, sys
