@@ -79,6 +79,16 @@ impl Guidance {
     }
 
     /// The effective scale at model timestep `t` (0..999).
+    /// The scale a step at model timestep `t` applies, as the f32 the update multiplies by;
+    /// None when the step needs no unconditional pass: an unguided sample, or a step whose
+    /// scale is exactly 1 in f32, where ε_u + 1·(ε_c − ε_u) is ε_c (the power-cosine ramp at
+    /// scale 4.4 is 1 in f32 above t ≈ 904: the first ≈ 10 % of a 250-step DDPM run, where
+    /// skipping the unconditional rows halves the network's work).
+    pub fn scale_for_step(&self, t: i64) -> Option<f32> {
+        let s = self.scale_at(t) as f32;
+        (self.is_guided() && s != 1.0).then_some(s)
+    }
+
     pub fn scale_at(&self, t: i64) -> f64 {
         let scale = self.scale as f64;
         match self.schedule {
@@ -142,6 +152,35 @@ mod tests {
         assert!((g.scale_at(600) - 1.0).abs() < 0.01);
         let c = Guidance::new(1.49, GuidanceSchedule::Constant).unwrap();
         assert_eq!(c.scale_at(999), 1.49f32 as f64);
+    }
+
+    #[test]
+    fn steps_whose_scale_is_one_in_f32_skip_the_unconditional_pass() {
+        let g = Guidance::new(4.4, GuidanceSchedule::PowerCosine).unwrap();
+        // The ramp is exactly 1 in f32 at the first steps of a run, and only there.
+        let skipped: Vec<i64> = (0..1000)
+            .filter(|&t| g.scale_for_step(t).is_none())
+            .collect();
+        assert!(skipped.contains(&999) && skipped.contains(&950));
+        assert!(!skipped.contains(&0) && !skipped.contains(&500));
+        let first = *skipped.first().unwrap();
+        assert!((880..=930).contains(&first), "ramp leaves 1 at {first}");
+        assert!(
+            skipped
+                .iter()
+                .zip(skipped.iter().skip(1))
+                .all(|(a, b)| b - a == 1),
+            "one run of timesteps"
+        );
+        for t in skipped {
+            assert_eq!(g.scale_at(t) as f32, 1.0);
+        }
+        assert_eq!(g.scale_for_step(0), Some(g.scale_at(0) as f32));
+        // A constant scale guides every step; scale 1 none.
+        let c = Guidance::new(1.49, GuidanceSchedule::Constant).unwrap();
+        assert!((0..1000).all(|t| c.scale_for_step(t) == Some(1.49)));
+        let none = Guidance::new(1.0, GuidanceSchedule::PowerCosine).unwrap();
+        assert!((0..1000).all(|t| none.scale_for_step(t).is_none()));
     }
 
     #[test]

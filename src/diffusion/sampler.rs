@@ -268,10 +268,7 @@ impl SampleState {
         Ok(StepRow {
             timestep: t,
             label: self.label,
-            guidance: self
-                .guidance
-                .is_guided()
-                .then(|| self.guidance.scale_at(t) as f32),
+            guidance: self.guidance.scale_for_step(t),
             coefs: [k.r1, k.r2, k.a, k.b, k.c, k.d, k.log_var_max, k.log_var_min].map(|v| v as f32),
             noise,
             x0_prev: (k.d != 0.0).then(|| self.x0_prev.clone()).flatten(),
@@ -360,10 +357,11 @@ pub fn denoise_step(
     }
     let device = model.device();
     let learn_sigma = model.learn_sigma();
-    // Guided samples first, so their conditional rows are a prefix of the batch.
-    samples.sort_by_key(|s| !s.guidance.is_guided());
+    // Samples guided at this step first, so their conditional rows are a prefix of the batch.
+    let guided_now = |s: &SampleState| s.guidance.scale_for_step(s.model_timestep());
+    samples.sort_by_key(|s| guided_now(s).is_none());
     let b = samples.len();
-    let g = samples.iter().filter(|s| s.guidance.is_guided()).count();
+    let g = samples.iter().filter(|s| guided_now(s).is_some()).count();
 
     let xs: Vec<&Tensor> = samples.iter().map(|s| &s.x).collect();
     let x = Tensor::cat(&xs, 0)?;
@@ -384,7 +382,7 @@ pub fn denoise_step(
     if g > 0 {
         let scales: Vec<f64> = samples[..g]
             .iter()
-            .map(|s| s.guidance.scale_at(s.model_timestep()))
+            .filter_map(|s| guided_now(s).map(f64::from))
             .collect();
         let guided = guided_eps(&cond.narrow(0, 0, g)?, &out.narrow(0, b, g)?, &scales)?;
         let guided = if cin > GUIDED_CHANNELS {

@@ -165,8 +165,12 @@ impl Scheduler {
             )?,
         };
         let mut s = self.pipe.new_sample(&spec)?;
-        // Also captures the one-image step's graph (`pipeline::graphs`), where graphs are on.
-        self.pipe.step(&mut [&mut s])?;
+        // Both steps: that also captures the one-image steps' graphs (`pipeline::graphs`), where
+        // graphs are on — one row at t = 999 where the schedule's scale is still 1 there
+        // (`Guidance::scale_for_step`), two rows (guided) at t = 0.
+        while !s.is_done() {
+            self.pipe.step(&mut [&mut s])?;
+        }
         self.pipe.decode(s.latent())?;
         let cfg = &self.pipe.info.config;
         let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
