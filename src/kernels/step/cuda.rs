@@ -32,7 +32,6 @@ pub fn guided_update(
         view::<f32>(params)?,
     );
     let res = unsafe { dev.alloc::<f32>(2 * total)? };
-    let cols = spec.columns;
     let mut sizes = vec![
         rows,
         spec.channels,
@@ -40,18 +39,7 @@ pub fn guided_update(
         usize::from(spec.learn_sigma),
         spec.guided_channels,
     ];
-    sizes.extend(cols.coefs);
-    sizes.extend([
-        cols.d,
-        cols.log_var_max,
-        cols.log_var_min,
-        cols.noise_weight,
-        cols.prev,
-        cols.guided,
-        cols.scale,
-        cols.uncond,
-        cols.noise,
-    ]);
+    sizes.extend(spec.columns.offsets());
     // SAFETY: reads out, x, prev (their sizes checked by the caller) and params up to the
     // columns' ends (checked by the caller); writes 2·total.
     unsafe {

@@ -40,6 +40,29 @@ pub struct UpdateColumns {
     pub noise: usize,
 }
 
+impl UpdateColumns {
+    /// Every offset in the field order (the CUDA kernel's argument order); the noise last.
+    pub fn offsets(&self) -> [usize; 14] {
+        let [k0, k1, k2, k3, k4] = self.coefs;
+        [
+            k0,
+            k1,
+            k2,
+            k3,
+            k4,
+            self.d,
+            self.log_var_max,
+            self.log_var_min,
+            self.noise_weight,
+            self.prev,
+            self.guided,
+            self.scale,
+            self.uncond,
+            self.noise,
+        ]
+    }
+}
+
 /// What the update needs besides its tensors.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateSpec {
@@ -73,22 +96,14 @@ pub fn guided_update(
             spec.channels
         );
     }
-    let cols = spec.columns;
-    let last = cols.coefs.iter().copied().chain([
-        cols.d,
-        cols.log_var_max,
-        cols.log_var_min,
-        cols.noise_weight,
-        cols.prev,
-        cols.guided,
-        cols.scale,
-        cols.uncond,
-    ]);
-    let needed = last
+    let offsets = spec.columns.offsets();
+    let (columns, noise) = offsets.split_at(13);
+    let needed = columns
+        .iter()
         .map(|o| o + rows)
+        .chain([noise[0] + x.elem_count()])
         .max()
-        .unwrap_or(0)
-        .max(cols.noise + x.elem_count());
+        .unwrap_or(0);
     if params.rank() != 1 || params.dim(0)? < needed {
         candle_core::bail!(
             "guided_update: a parameter buffer of {:?} is shorter than its columns ({needed})",
