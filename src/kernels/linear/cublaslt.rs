@@ -326,9 +326,8 @@ impl LtCall {
         }
     }
 
-    /// Up to HEURISTIC_RESULTS algorithms in the heuristic's order that fit the workspace (all
-    /// of them when `deterministic_only` is false, else those that do not split K).
-    fn candidates(&self, deterministic_only: bool) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
+    /// Up to HEURISTIC_RESULTS algorithms in the heuristic's order that fit the workspace.
+    fn candidates(&self) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
         let pref = workspace_pref()?;
         // SAFETY: plain-data C structs, written by the heuristic below.
         let mut found: Vec<sys::cublasLtMatmulHeuristicResult_t> = (0..autotune::HEURISTIC_RESULTS)
@@ -360,7 +359,6 @@ impl LtCall {
             .into_iter()
             .filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
             .filter(|h| h.workspaceSize <= LT_WORKSPACE)
-            .filter(|h| !deterministic_only || !splits_k(&h.algo))
             .map(|h| h.algo)
             .collect())
     }
@@ -387,30 +385,23 @@ impl LtCall {
     }
 }
 
-/// Whether an algorithm splits K (then its sum runs in another order than the others').
+/// Whether an algorithm splits K (then its sums run in another order than the others'; with
+/// one split its reduction scheme has nothing to reduce). Unreadable counts as splitting: only
+/// algorithms known not to are timed.
 fn splits_k(algo: &sys::cublasLtMatmulAlgo_t) -> bool {
-    use sys::cublasLtMatmulAlgoConfigAttributes_t as C;
-    let (mut splits, mut scheme) = (1i32, 0u32);
+    let mut splits = 1i32;
     let mut written = 0usize;
-    // SAFETY: the attributes' documented types (int32 and uint32), live for the calls.
-    let ok = unsafe {
+    // SAFETY: the attribute's documented type (int32), live for the call.
+    let status = unsafe {
         sys::cublasLtMatmulAlgoConfigGetAttribute(
             algo,
-            C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+            sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
             (&mut splits) as *mut i32 as *mut _,
             std::mem::size_of::<i32>(),
             &mut written,
-        ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-            && sys::cublasLtMatmulAlgoConfigGetAttribute(
-                algo,
-                C::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
-                (&mut scheme) as *mut u32 as *mut _,
-                std::mem::size_of::<u32>(),
-                &mut written,
-            ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        )
     };
-    // Unreadable counts as splitting: only algorithms known not to are kept.
-    !ok || splits > 1 || scheme != 0
+    status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || splits > 1
 }
 
 /// The algorithm chosen for each matmul key (None: cuBLASLt has none), fixed at the key's first
@@ -441,10 +432,16 @@ fn execute(dev: &CudaDevice, key: AlgoKey, call: &LtCall) -> Result<bool> {
                 Ok(driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
             );
             let in_place = call.beta != 0.0 && call.ptrs[2] == call.ptrs[3];
-            let candidates = call.candidates(key.tuned)?;
-            let chosen = match key.tuned && !capturing && !in_place && candidates.len() > 1 {
-                true => Some(tune(&key, call, &candidates)?),
-                false => candidates.first().copied(),
+            let found = call.candidates()?;
+            // Timed: only algorithms that keep each dot product in one sequence (see
+            // `autotune`); where the heuristic offers none, its first, as untimed keys take.
+            let eligible: Vec<_> = match key.tuned {
+                true => found.iter().copied().filter(|a| !splits_k(a)).collect(),
+                false => Vec::new(),
+            };
+            let chosen = match !capturing && !in_place && eligible.len() > 1 {
+                true => Some(tune(&key, call, &eligible)?),
+                false => eligible.first().or(found.first()).copied(),
             };
             // A racing first call on another thread may have stored one already: keep that.
             *algo_cache().entry(key).or_insert(chosen)
