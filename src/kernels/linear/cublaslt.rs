@@ -441,7 +441,17 @@ fn execute(dev: &CudaDevice, key: AlgoKey, call: &LtCall) -> Result<bool> {
             };
             let chosen = match !capturing && !in_place && eligible.len() > 1 {
                 true => Some(tune(&key, call, &eligible)?),
-                false => eligible.first().or(found.first()).copied(),
+                false => {
+                    tracing::debug!(
+                        key = ?key,
+                        found = found.len(),
+                        eligible = eligible.len(),
+                        capturing,
+                        in_place,
+                        "cuBLASLt algorithm taken untimed (the heuristic's first)"
+                    );
+                    eligible.first().or(found.first()).copied()
+                }
             };
             // A racing first call on another thread may have stored one already: keep that.
             *algo_cache().entry(key).or_insert(chosen)
