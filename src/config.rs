@@ -293,6 +293,16 @@ pub struct KernelOptions {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub lt_gelu_epilogue: bool,
+    /// The cuBLASLt matmuls' algorithm per shape by timing the heuristic's top candidates once
+    /// (at the shape's first call) instead of taking its first; the choice is kept for the process.
+    #[arg(
+        long = "matmul-autotune",
+        env = "DIFFIT_MATMUL_AUTOTUNE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub matmul_autotune: bool,
     /// The VAE's 3×3 convolutions as implicit GEMMs (CUDA, bf16/f16): the im2col tiles are
     /// gathered in shared memory instead of a 9× larger column matrix in memory.
     #[arg(
@@ -345,6 +355,7 @@ impl Default for KernelOptions {
             flash_attention: true,
             lt_epilogue: true,
             lt_gelu_epilogue: true,
+            matmul_autotune: true,
             implicit_gemm_conv: true,
             implicit_gemm_conv_max_cout: IMPLICIT_GEMM_CONV_MAX_COUT,
             cuda_graphs: Toggle::Auto,
@@ -711,6 +722,12 @@ mod tests {
         );
         assert_eq!(parse(&["--fused-kernels", "1"]).unwrap().fused, Toggle::On);
         assert!(!parse(&["--lt-epilogue", "0"]).unwrap().lt_epilogue);
+        assert!(
+            !parse(&["--matmul-autotune", "false"])
+                .unwrap()
+                .matmul_autotune
+        );
+        assert!(parse(&["--matmul-autotune", "maybe"]).is_err());
         assert_eq!(
             parse(&["--cuda-graphs", "off"]).unwrap().cuda_graphs,
             Toggle::Off

@@ -46,7 +46,10 @@ pub use conv::{
     conv3x3_small_fits, im2col3x3, im2col_up2_phases, pixel_shuffle_bias, up2_phase_weights,
 };
 pub use fp8::{fp8_fits, fp8_linear, Fp8Scaling, Fp8Weight, Prologue};
-pub use linear::{bias_act, linear_bias_act, linear_bias_residual, Activation};
+pub use linear::{
+    bias_act, linear_bias_act, linear_bias_residual, linear_no_bias, set_matmul_autotune,
+    Activation,
+};
 pub use norm::{group_norm, layer_norm};
 pub use step::{guided_update, UpdateColumns, UpdateSpec};
 

@@ -223,6 +223,11 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         let (x, xf) = rnd(&[rows, k], 1.0)?;
         let (w, wf) = rnd(&[n, k], 0.05)?;
         let (b, bf) = rnd(&[n], 1.0)?;
+        push(
+            format!("linear, no bias [{rows},{k}]x[{n},{k}]"),
+            super::linear_no_bias(&x, &w, true)?,
+            xf.matmul(&wf.t()?)?,
+        )?;
         for act in [Activation::Identity, Activation::GeluTanh] {
             let unfused = bias_act(&xf.matmul(&wf.t()?)?, &bf.unsqueeze(0)?, rows, act, None)?;
             push(

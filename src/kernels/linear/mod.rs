@@ -2,13 +2,18 @@
 //! a matmul output) and `linear_bias_act` / `linear_bias_residual`, which on CUDA in bf16/f16
 //! run the epilogue inside the cuBLASLt matmul. The DiffiT block's projection and MLP layers use
 //! them, and so does every channels-last VAE convolution (its im2col matmul with the bias and
-//! the resnet residual) and linear layer.
+//! the resnet residual) and linear layer. `linear_no_bias` takes the epilogue-free matmuls (the
+//! qkv layer) through the same cuBLASLt path, so every one of them gets its algorithm timed per
+//! shape (`set_matmul_autotune`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cpu::{cpu_f32, cpu_store, rows_cols};
 
+/// Choosing cuBLASLt algorithms by measurement: the device-independent part.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod autotune;
 #[cfg(feature = "cuda")]
 pub(super) mod cublaslt;
 #[cfg(feature = "cuda")]
@@ -102,6 +107,38 @@ pub fn linear_bias_act(
     .reshape(dims)
 }
 
+/// `x·Wᵀ` for x [.., K], weight [N, K]: on CUDA in bf16/f16 with `lt` the cuBLASLt matmul
+/// (its algorithm timed per shape like the epilogue variants'), elsewhere candle's matmul.
+pub fn linear_no_bias(x: &Tensor, weight: &Tensor, lt: bool) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let (n, wk) = weight.dims2()?;
+    if dims.is_empty() || wk != k {
+        candle_core::bail!(
+            "linear_no_bias: x {:?} and weight {:?} do not fit",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    let rows = x.elem_count() / k.max(1);
+    *dims.last_mut().expect("rank ≥ 1") = n;
+    let x2 = x.reshape((rows, k))?;
+    let y = match lt && lt_epilogue_applies(x) {
+        true => x2
+            .contiguous()?
+            .apply_op2_no_bwd(&weight.contiguous()?, &LtPlain)?,
+        false => x2.matmul(&weight.t()?)?,
+    };
+    y.reshape(dims)
+}
+
+/// Whether each not yet seen cuBLASLt matmul shape gets its algorithm by timing the heuristic's
+/// top candidates (on) or as the heuristic's first (off). Process-wide, like the algorithm
+/// cache, which keeps a shape's choice for the life of the process either way.
+pub fn set_matmul_autotune(on: bool) {
+    autotune::set_enabled(on);
+}
+
 /// `x·Wᵀ + b + residual` for x [.., K], weight [N, K], bias [N], residual [.., N]. On CUDA in
 /// bf16/f16 one cuBLASLt call (C = residual with beta = 1, the `BIAS` epilogue) writes the result,
 /// so neither the bias nor the residual add costs a pass; elsewhere the matmul and `bias_act`.
@@ -163,6 +200,39 @@ enum LtLinear {
     /// BIAS with C = the third tensor, the residual (`linear_bias_residual`). Custom ops take
     /// three tensors, so the bias rides along in the op.
     Residual(Tensor),
+}
+
+/// The cuBLASLt matmul without epilogue (CUDA only), x and weight.
+struct LtPlain;
+
+impl CustomOp2 for LtPlain {
+    fn name(&self) -> &'static str {
+        "diffit-linear-no-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("linear_no_bias routes the CPU through candle's matmul")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let out = cublaslt::linear_plain((s1, l1), (s2, l2), [m, n, k])?;
+        Ok((out, Shape::from((m, n))))
+    }
 }
 
 pub(super) fn gelu_tanh(x: f32) -> f32 {

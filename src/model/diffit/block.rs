@@ -104,7 +104,9 @@ impl Attention {
             // flash-attention kernel where it fits); then proj with its bias and the residual
             // inside the matmul.
             let ctx = kernels::attention(
-                &self.qkv.forward_normed_no_bias(x, norm)?,
+                &self
+                    .qkv
+                    .forward_normed_no_bias(x, norm, self.kernels.lt_epilogue)?,
                 qkv_bias,
                 &self.rel_bias,
                 self.num_heads,

@@ -103,14 +103,7 @@ impl Linear {
     }
 
     pub fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let Some(k) = dims.last_mut() else {
-            candle_core::bail!("a linear layer needs an input of rank ≥ 1");
-        };
-        let rows = x.elem_count() / (*k).max(1);
-        let y = x.reshape((rows, *k))?.matmul(&self.weight.t()?)?;
-        *k = self.weight.dim(0)?;
-        y.reshape(dims)
+        kernels::linear_no_bias(x, &self.weight, false)
     }
 
     /// `act(x·Wᵀ + b)` with the bias and activation in the matmul's output pass (fused kernels).
@@ -267,10 +260,11 @@ impl BlockDense {
         }
     }
 
-    /// `LN(x)·Wᵀ` (no bias): the norm folded into the quantisation in FP8.
-    pub fn forward_normed_no_bias(&self, x: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
+    /// `LN(x)·Wᵀ` (no bias; fused paths): the norm folded into the quantisation in FP8; in
+    /// bf16/f16 on CUDA with `lt` the tuned cuBLASLt matmul.
+    pub fn forward_normed_no_bias(&self, x: &Tensor, norm: &LayerNorm, lt: bool) -> Result<Tensor> {
         match self {
-            Self::Dense(l) => l.forward_no_bias(&norm.forward(x)?),
+            Self::Dense(l) => kernels::linear_no_bias(&norm.forward(x)?, &l.weight, lt),
             Self::Fp8(l) => l.forward_normed(x, norm, Activation::Identity),
         }
     }

@@ -100,6 +100,7 @@ impl DiffiT {
         kernels: &KernelOptions,
     ) -> candle_core::Result<Self> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
+        crate::kernels::set_matmul_autotune(kernels.matmul_autotune);
         let kernels = Kernels::resolve(kernels, &device);
         let (n, d) = (config.num_tokens(), config.hidden_size);
         let index = Tensor::from_vec(relative_position_index(config.grid()), n * n, &Device::Cpu)?

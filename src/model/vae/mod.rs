@@ -112,6 +112,7 @@ impl VaeDecoder {
         kernels: &KernelOptions,
     ) -> candle_core::Result<Self> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
+        crate::kernels::set_matmul_autotune(kernels.matmul_autotune);
         let layout = if kernels.fused.on_for(&device) {
             Layout::ChannelsLast(Box::new(nhwc::Decoder::new(vb, &config, *kernels)?))
         } else {
