@@ -41,8 +41,10 @@ for r in 1 2; do
   model old-$r "$OLD" --resolution 256 --dtype bf16 --batches 1,4,16,64 --vae-batches 64
   model new-$r "$NEW" --resolution 256 --dtype bf16 --batches 1,4,16,64 --vae-batches 64
 done
-model new-lt-off "$NEW" --resolution 256 --dtype bf16 --batches 1,16,64 --vae-batches 1 --lt-epilogue false
-model new-gelu-off "$NEW" --resolution 256 --dtype bf16 --batches 1,16,64 --vae-batches 1 --lt-gelu-epilogue false
+if [ "${EXTRAS:-1}" = 1 ]; then  # EXTRAS=0 skips the epilogue comparisons
+  model new-lt-off "$NEW" --resolution 256 --dtype bf16 --batches 1,16,64 --vae-batches 1 --lt-epilogue false
+  model new-gelu-off "$NEW" --resolution 256 --dtype bf16 --batches 1,16,64 --vae-batches 1 --lt-gelu-epilogue false
+fi
 model new-fp8 "$NEW" --resolution 256 --dtype fp8 --batches 1,16,64 --vae-batches 1
 model old-512 "$OLD" --resolution 512 --dtype bf16 --batches 16 --vae-batches 1
 model new-512 "$NEW" --resolution 512 --dtype bf16 --batches 16 --vae-batches 1
