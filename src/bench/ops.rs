@@ -149,19 +149,23 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
     let x3 = x.reshape((rows, n, d))?;
     let (w_qkv, w_proj, w2) = (rnd(&[3 * d, d])?, rnd(&[d, d])?, rnd(&[d, m])?);
     let (b_proj, b2) = (rnd(&[d])?, rnd(&[d])?);
-    let block = |hin: &Tensor| -> candle_core::Result<Tensor> {
-        let qkv = kernels::layer_norm(hin, 1e-6)?
-            .reshape((t, d))?
-            .matmul(&w_qkv.t()?)?
-            .reshape((rows, n, 3 * d))?;
-        let ctx = kernels::attention(
-            &qkv,
+    // The blocks' attention: today's default kernel.
+    let attend = |qkv: &Tensor| {
+        kernels::attention(
+            qkv,
             &sample_bias2,
             &attn_bias_rows,
             h,
             0.118,
             Flash::MmaSync,
-        )?;
+        )
+    };
+    let block = |hin: &Tensor| -> candle_core::Result<Tensor> {
+        let qkv = kernels::layer_norm(hin, 1e-6)?
+            .reshape((t, d))?
+            .matmul(&w_qkv.t()?)?
+            .reshape((rows, n, 3 * d))?;
+        let ctx = attend(&qkv)?;
         let h1 = kernels::linear_bias_residual(&ctx, &w_proj, &b_proj, hin, true)?;
         let hidden = kernels::linear_bias_act(
             &kernels::layer_norm(&h1, 1e-6)?,
@@ -229,14 +233,7 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
         )?;
         let fp8_block = |hin: &Tensor| -> candle_core::Result<Tensor> {
             let qkv = fp8_linear(hin, &q_qkv, &zero_qkv, ln, id, None, sc)?;
-            let ctx = kernels::attention(
-                &qkv,
-                &sample_bias2,
-                &attn_bias_rows,
-                h,
-                0.118,
-                Flash::MmaSync,
-            )?;
+            let ctx = attend(&qkv)?;
             let h1 = fp8_linear(&ctx, &q_proj, &b_proj, quant, id, Some(hin), sc)?;
             let hidden = fp8_linear(&h1, &q1, &b4, ln, gelu, None, sc)?;
             fp8_linear(&hidden, &q2, &b2, quant, id, Some(&h1), sc)

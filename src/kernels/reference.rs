@@ -212,7 +212,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             let probs = softmax_bias(&qq.matmul(&kk.t()?)?.contiguous()?, &abf, scale)?;
             merge_heads(&probs.matmul(&vv)?)?
         };
-        let wgmma_runs = super::wgmma_applies(super::attention::wgmma_device(device), n);
+        let wgmma_runs = super::wgmma_applies(super::attention::wgmma_device(device), n, hd);
         for flash in [
             Flash::Off,
             Flash::MmaSync,

@@ -12,8 +12,8 @@ use crate::kernels::launch::{
     warp_rows, In, Ptx,
 };
 use crate::kernels::tiling::{
-    ATT90_BK, ATT90_STAGES, ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_B_BK, ATT_B_MAX_HDP, ATT_B_MT,
-    ATT_B_STAGES, ATT_HEAD_DIMS, ATT_WARPS, SOFTMAX_PACKS,
+    ATT90_BK, ATT90_MAX_HDP, ATT90_STAGES, ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_B_BK,
+    ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES, ATT_HEAD_DIMS, ATT_WARPS, SOFTMAX_PACKS,
 };
 
 const PTX: Ptx = ptx!("attention");
@@ -225,8 +225,8 @@ fn tiles_per_cta(
 }
 
 /// [`attention`] on the Hopper kernel (flash_sm90.cu), CTAs of `rows` query rows. The caller
-/// checked the inputs as for [`attention`], the device ([`wgmma_available`]) and that `tokens`
-/// is even.
+/// checked the inputs as for [`attention`] and the rest of `super::wgmma_applies` (device, even
+/// `tokens`, head dim).
 pub fn attention_sm90(
     qkv: In,
     sbias: In,
@@ -238,8 +238,11 @@ pub fn attention_sm90(
     let [batch, tokens, heads, hd] = dims;
     let hdp = padded_head_dim(hd)
         .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
-    if !tokens.is_multiple_of(2) {
-        candle_core::bail!("attention_sm90: {tokens} tokens, the kernel needs an even number");
+    if !tokens.is_multiple_of(2) || hdp > ATT90_MAX_HDP {
+        candle_core::bail!(
+            "attention_sm90: {tokens} tokens, head dim {hd}: the kernel needs an even number of \
+             tokens and a head dim up to {ATT90_MAX_HDP}"
+        );
     }
     let dev = qkv.0.device().clone();
     let sb_stride = sbias.1.stride()[0];

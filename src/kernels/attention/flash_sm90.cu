@@ -6,9 +6,10 @@
 
 #include "../common.cuh"
 #include "../mma.cuh"
+#include "softmax.cuh"
 #include <type_traits>
 
-#if !defined(ATT90_BK) || !defined(ATT90_STAGES)
+#if !defined(ATT90_BK) || !defined(ATT90_STAGES) || !defined(ATT90_MAX_HDP)
 #error "the ATT90_* tiling comes from src/kernels/tiling.rs through build.rs"
 #endif
 
@@ -32,14 +33,6 @@
 // K = head dim) the descriptor's leading offset (next core matrix along K) is 128 bytes and its
 // stride offset (along N) HDP · 16; for V (B of P·V, MN-major: N = head dim, K = keys) the two
 // swap. The same layout serves both, so a K row and a V row are copied alike.
-
-constexpr float LOG2E90 = 1.4426950408889634f;
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // A shared-memory matrix descriptor, no swizzle: start address, leading and stride byte
 // offsets, each in 16-byte units (bits 0–13, 16–29, 32–45); base offset and layout type 0.
@@ -183,6 +176,7 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
     constexpr int SR = BK / 2;        // score registers a thread
     constexpr int OR = HDP / 2;       // output registers a thread
     static_assert(CPR % 2 == 0 && BK % 16 == 0, "head dims a multiple of 16, key blocks of 16");
+    static_assert(HDP <= ATT90_MAX_HDP, "head dims up to ATT90_MAX_HDP (tiling.rs says why)");
     static_assert((2 * BK * CPR) % THREADS == 0 && (BQ * CPR) % THREADS == 0, "copies tile the CTA");
     extern __shared__ __align__(128) unsigned char smem[];
     T *ring = reinterpret_cast<T *>(smem);  // [STAGES][K, V], core-matrix layout
@@ -332,8 +326,8 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
             mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
             mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
             // Every block holds a key of the sequence, so the maxima are finite from here on.
-            const float a0 = ex2((m0 - mx0) * LOG2E90), a1 = ex2((m1 - mx1) * LOG2E90);
-            const float n0 = -mx0 * LOG2E90, n1 = -mx1 * LOG2E90;
+            const float a0 = fast_exp2((m0 - mx0) * LOG2E), a1 = fast_exp2((m1 - mx1) * LOG2E);
+            const float n0 = -mx0 * LOG2E, n1 = -mx1 * LOG2E;
             m0 = mx0;
             m1 = mx1;
             l0 *= a0;
@@ -348,8 +342,8 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
             uint32_t pf[BK / 16][4];
 #pragma unroll
             for (int j = 0; j < BK / 8; ++j) {
-                const float p0 = ex2(fmaf(s[4 * j + 0], LOG2E90, n0)), p1 = ex2(fmaf(s[4 * j + 1], LOG2E90, n0));
-                const float p2 = ex2(fmaf(s[4 * j + 2], LOG2E90, n1)), p3 = ex2(fmaf(s[4 * j + 3], LOG2E90, n1));
+                const float p0 = fast_exp2(fmaf(s[4 * j + 0], LOG2E, n0)), p1 = fast_exp2(fmaf(s[4 * j + 1], LOG2E, n0));
+                const float p2 = fast_exp2(fmaf(s[4 * j + 2], LOG2E, n1)), p3 = fast_exp2(fmaf(s[4 * j + 3], LOG2E, n1));
                 l0 += p0 + p1;
                 l1 += p2 + p3;
                 // Score n-tiles 2kk and 2kk + 1 are A fragment kk: {row g, row g + 8} × {cols 0–7, 8–15}.
@@ -412,11 +406,9 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
     INSTANTIATE_ATT90(T, SFX, 32, 1)                                                                \
     INSTANTIATE_ATT90(T, SFX, 64, 1)                                                                \
     INSTANTIATE_ATT90(T, SFX, 80, 1)                                                                \
-    INSTANTIATE_ATT90(T, SFX, 128, 1)                                                               \
     INSTANTIATE_ATT90(T, SFX, 32, 2)                                                                \
     INSTANTIATE_ATT90(T, SFX, 64, 2)                                                                \
-    INSTANTIATE_ATT90(T, SFX, 80, 2)                                                                \
-    INSTANTIATE_ATT90(T, SFX, 128, 2)
+    INSTANTIATE_ATT90(T, SFX, 80, 2)
 
 INSTANTIATE_FLASH90(__nv_bfloat16, bf16)
 INSTANTIATE_FLASH90(__half, f16)

@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use candle_core::{Result, Tensor};
 
 use super::cpu::{cpu_f32, cpu_f32_strided_rows, cpu_store, rows_cols};
+use super::tiling::ATT90_MAX_HDP;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -89,11 +90,12 @@ impl Att90Rows {
 }
 
 /// Whether `Flash::Wgmma` runs the Hopper kernel rather than falling back to mma.sync: the
-/// device is compute capability 9.0 and the binary was built for it (`sm90`), and the bias
-/// table's rows hold whole 4-byte pairs (an even number of tokens; the kernel reads the bias
-/// straight into its accumulator layout, two elements at a time).
-pub fn wgmma_applies(sm90: bool, tokens: usize) -> bool {
-    sm90 && tokens.is_multiple_of(2)
+/// device is compute capability 9.0 and the binary was built for it (`sm90`), the bias table's
+/// rows hold whole 4-byte pairs (an even number of tokens; the kernel reads the bias straight
+/// into its accumulator layout, two elements at a time), and the head dim pads to one the
+/// kernel is built for (at most `ATT90_MAX_HDP`, 80).
+pub fn wgmma_applies(sm90: bool, tokens: usize, head_dim: usize) -> bool {
+    sm90 && tokens.is_multiple_of(2) && head_dim <= ATT90_MAX_HDP
 }
 
 /// Query tiles one CTA of the Hopper kernel works through (tiles of `rows`; the kernel's
@@ -148,7 +150,7 @@ pub fn attention(
         && attn_bias.layout().start_offset().is_multiple_of(8)
     {
         let wgmma = match flash {
-            Flash::Wgmma(rows) if wgmma_applies(wgmma_device(qkv.device()), n) => Some(rows),
+            Flash::Wgmma(rows) if wgmma_applies(wgmma_device(qkv.device()), n, hd) => Some(rows),
             _ => None,
         };
         let op = FlashAttention {
@@ -414,17 +416,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wgmma_runs_only_on_sm90_for_even_token_counts() {
-        assert!(wgmma_applies(true, 256));
-        assert!(wgmma_applies(true, 1024));
+    fn wgmma_runs_only_on_sm90_for_even_token_counts_and_head_dims_to_80() {
+        assert!(wgmma_applies(true, 256, 72));
+        assert!(wgmma_applies(true, 1024, 72));
+        assert!(wgmma_applies(true, 200, 8));
+        assert!(wgmma_applies(true, 200, 80));
         assert!(
-            !wgmma_applies(true, 17),
-            "odd N: pairs of the bias table straddle rows"
+            !wgmma_applies(true, 17, 72),
+            "odd N: bias pairs straddle rows"
         );
-        assert!(
-            !wgmma_applies(false, 256),
-            "not a 9.0 device: the mma.sync kernel"
-        );
+        assert!(!wgmma_applies(false, 256, 72), "not a 9.0 device: mma.sync");
+        assert!(!wgmma_applies(true, 136, 88), "pads to 128: not built");
+        assert!(!wgmma_applies(true, 136, 128), "pads to 128: not built");
         assert_eq!(Att90Rows::R64.warpgroups(), 1);
         assert_eq!(Att90Rows::R128.warpgroups(), 2);
     }
