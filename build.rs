@@ -1,14 +1,16 @@
 //! With the `cuda` feature, compiles each op family's .cu file under src/kernels to PTX with
 //! the nvcc that candle's kernels are built with (CUDA_HOME/bin or PATH), for CUDA_COMPUTE_CAP
 //! (default 90: H100). The tiling constants come from src/kernels/tiling.rs as `-D` defines, so
-//! kernels and launchers share one definition.
+//! kernels and launchers share one definition. flash_sm90.cu (wgmma) is compiled only for 90,
+//! with -arch=sm_90a; for other caps its PTX is empty and the launcher never picks it.
 
 mod tiling {
     #![allow(dead_code)]
     include!("src/kernels/tiling.rs");
 }
 
-/// Each .cu file and the PTX it becomes in OUT_DIR (src/kernels/launch.rs, `ptx!`).
+/// Each .cu file and the PTX it becomes in OUT_DIR (src/kernels/launch.rs, `ptx!`), for every
+/// compute capability.
 const SOURCES: [(&str, &str); 7] = [
     ("src/kernels/attention/attention.cu", "attention.ptx"),
     ("src/kernels/attention/flash.cu", "flash.ptx"),
@@ -19,6 +21,9 @@ const SOURCES: [(&str, &str); 7] = [
     ("src/kernels/step/step.cu", "step.ptx"),
 ];
 
+/// The Hopper-only file (wgmma needs the architecture-specific sm_90a target).
+const SM90_SOURCE: (&str, &str) = ("src/kernels/attention/flash_sm90.cu", "flash_sm90.ptx");
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -27,6 +32,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/kernels/tiling.rs");
     println!("cargo:rerun-if-changed=src/kernels/common.cuh");
     println!("cargo:rerun-if-changed=src/kernels/mma.cuh");
+    println!("cargo:rerun-if-changed=src/kernels/attention/softmax.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -37,14 +43,23 @@ fn main() {
         .ok()
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
-    // The files are independent: compile them side by side.
-    let jobs: Vec<_> = SOURCES
+    println!("cargo:rerun-if-changed={}", SM90_SOURCE.0);
+    let sm90 = cap == "90";
+    let sm90_ptx = out_dir.join(SM90_SOURCE.1);
+    if !sm90 {
+        std::fs::write(&sm90_ptx, "").unwrap_or_else(|e| panic!("{}: {e}", sm90_ptx.display()));
+    }
+    let sources = SOURCES
         .iter()
-        .map(|&(src, ptx)| {
+        .map(|&(src, ptx)| (src, ptx, format!("sm_{cap}")))
+        .chain(sm90.then(|| (SM90_SOURCE.0, SM90_SOURCE.1, "sm_90a".to_string())));
+    // The files are independent: compile them side by side.
+    let jobs: Vec<_> = sources
+        .map(|(src, ptx, arch)| {
             println!("cargo:rerun-if-changed={src}");
             let child = std::process::Command::new(&nvcc)
                 .args(["--ptx", "-O3", "-std=c++17"])
-                .arg(format!("-arch=sm_{cap}"))
+                .arg(format!("-arch={arch}"))
                 .args(
                     tiling::CUDA_DEFINES
                         .iter()
@@ -65,6 +80,35 @@ fn main() {
         assert!(status.success(), "nvcc failed on {src}");
     }
     check_flash_head_dims(&out_dir.join("flash.ptx"));
+    if sm90 {
+        check_flash90_head_dims(&sm90_ptx);
+    }
+}
+
+/// flash_sm90.cu instantiates a kernel per padded head dim up to ATT90_MAX_HDP and warpgroup
+/// count (1, 2) by hand, as flash.cu; fail the build when its list differs from tiling.rs.
+fn check_flash90_head_dims(ptx: &std::path::Path) {
+    let text = std::fs::read_to_string(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
+    let hdps: Vec<usize> = tiling::ATT_HEAD_DIMS
+        .into_iter()
+        .filter(|&h| h <= tiling::ATT90_MAX_HDP)
+        .collect();
+    for &hdp in &hdps {
+        for wg in [1, 2] {
+            for dtype in ["bf16", "f16"] {
+                let entry = format!(".entry attention90_{hdp}_w{wg}_{dtype}(");
+                assert!(
+                    text.contains(&entry),
+                    "flash_sm90.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS)"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        text.matches(".entry attention90_").count(),
+        4 * hdps.len(),
+        "flash_sm90.cu has head dims tiling.rs lacks"
+    );
 }
 
 /// flash.cu instantiates its kernel per padded head dim by hand; the launcher picks among

@@ -9,7 +9,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
-use crate::kernels::Fp8Scaling;
+use crate::kernels::{Att90Rows, Fp8Scaling};
 
 /// Where a network runs: `auto` (the first GPU if built with CUDA and one is present, else the
 /// CPU), `cpu`, `cuda`, `cuda:N`, or a bare GPU ordinal `N`.
@@ -274,6 +274,17 @@ pub struct KernelOptions {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub flash_attention: bool,
+    /// With --flash-attention on a compute-capability 9.0 GPU (H100, H200): the flash-attention
+    /// kernel on Hopper's wgmma instructions, with CTAs of 64 or 128 query rows (`off`: the
+    /// mma.sync kernel every card runs). Odd token counts and head dims over 80 take the mma.sync
+    /// kernel. Off by default: slower than mma.sync on the H200 so far (docs/perf.md v0.24).
+    #[arg(
+        long = "wgmma-attention",
+        env = "DIFFIT_WGMMA_ATTENTION",
+        value_enum,
+        default_value_t = WgmmaAttention::default()
+    )]
+    pub wgmma_attention: WgmmaAttention,
     /// Bias, GELU and residual adds inside the cuBLASLt matmul (CUDA, bf16/f16).
     #[arg(
         long = "lt-epilogue",
@@ -353,6 +364,7 @@ impl Default for KernelOptions {
         Self {
             fused: Toggle::Auto,
             flash_attention: true,
+            wgmma_attention: WgmmaAttention::default(),
             lt_epilogue: true,
             lt_gelu_epilogue: true,
             matmul_autotune: true,
@@ -363,6 +375,28 @@ impl Default for KernelOptions {
             fp8_layers: Fp8Layers::ALL,
             fp8_edge_blocks: 0,
             fp8_scaling: Fp8Scaling::default(),
+        }
+    }
+}
+
+/// `--wgmma-attention`: the Hopper flash-attention kernel and its CTA size, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum WgmmaAttention {
+    #[default]
+    Off,
+    #[value(name = "64")]
+    Rows64,
+    #[value(name = "128")]
+    Rows128,
+}
+
+impl WgmmaAttention {
+    /// The CTA rows of the Hopper kernel, `None` when off.
+    pub fn rows(self) -> Option<Att90Rows> {
+        match self {
+            Self::Off => None,
+            Self::Rows64 => Some(Att90Rows::R64),
+            Self::Rows128 => Some(Att90Rows::R128),
         }
     }
 }
@@ -721,6 +755,11 @@ mod tests {
             (Toggle::Off, false, true)
         );
         assert_eq!(parse(&["--fused-kernels", "1"]).unwrap().fused, Toggle::On);
+        let rows = |v| parse(&["--wgmma-attention", v]).map(|k| k.wgmma_attention.rows());
+        assert_eq!(rows("off").unwrap(), None);
+        assert_eq!(rows("64").unwrap(), Some(Att90Rows::R64));
+        assert_eq!(rows("128").unwrap(), Some(Att90Rows::R128));
+        assert!(rows("96").is_err(), "only 64 and 128 rows a CTA exist");
         assert!(!parse(&["--lt-epilogue", "0"]).unwrap().lt_epilogue);
         assert!(
             !parse(&["--matmul-autotune", "false"])

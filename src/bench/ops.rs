@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use super::stats::median;
-use crate::kernels::{self, Activation};
+use crate::kernels::{self, Activation, Att90Rows, Flash};
 
 /// Times one candle op formulation at the shapes of an ImageNet-256 guided step at B = 64
 /// (2B = 128 network rows), to find where the step's time goes and which rewrite is cheaper.
@@ -105,10 +105,33 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
     time("fused: merge heads [128,16,256,72]", &|| {
         kernels::merge_heads(&ctx)
     })?;
-    time(
-        "fused: attention from qkv (flash) [128,256,3456] -> [128,256,1152]",
-        &|| kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true),
-    )?;
+    // The flash-attention kernels at IN-256 (B = 64 guided) and IN-512 (B = 16 guided) shapes;
+    // the wgmma ones fall back to mma.sync off compute capability 9.0.
+    let flashes = [
+        ("mma.sync", Flash::MmaSync),
+        ("wgmma 64 rows", Flash::Wgmma(Att90Rows::R64)),
+        ("wgmma 128 rows", Flash::Wgmma(Att90Rows::R128)),
+    ];
+    for (name, flash) in flashes {
+        time(
+            &format!("fused: attention from qkv (flash, {name}) [128,256,3456] -> [128,256,1152]"),
+            &|| kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, flash),
+        )?;
+    }
+    {
+        let n512 = 1024;
+        let qkv512 = rnd(&[32, n512, 3 * d])?;
+        let sb512 = rnd(&[32, 3 * d])?;
+        let ab512 = rnd(&[h * n512, n512])?;
+        for (name, flash) in flashes {
+            time(
+                &format!(
+                    "fused: attention from qkv (flash, {name}) [32,1024,3456] -> [32,1024,1152]"
+                ),
+                &|| kernels::attention(&qkv512, &sb512, &ab512, h, 0.118, flash),
+            )?;
+        }
+    }
     time(
         "same, unfused: split + QK^T + softmax + AV + merge",
         &|| {
@@ -126,12 +149,23 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
     let x3 = x.reshape((rows, n, d))?;
     let (w_qkv, w_proj, w2) = (rnd(&[3 * d, d])?, rnd(&[d, d])?, rnd(&[d, m])?);
     let (b_proj, b2) = (rnd(&[d])?, rnd(&[d])?);
+    // The blocks' attention: today's default kernel.
+    let attend = |qkv: &Tensor| {
+        kernels::attention(
+            qkv,
+            &sample_bias2,
+            &attn_bias_rows,
+            h,
+            0.118,
+            Flash::MmaSync,
+        )
+    };
     let block = |hin: &Tensor| -> candle_core::Result<Tensor> {
         let qkv = kernels::layer_norm(hin, 1e-6)?
             .reshape((t, d))?
             .matmul(&w_qkv.t()?)?
             .reshape((rows, n, 3 * d))?;
-        let ctx = kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true)?;
+        let ctx = attend(&qkv)?;
         let h1 = kernels::linear_bias_residual(&ctx, &w_proj, &b_proj, hin, true)?;
         let hidden = kernels::linear_bias_act(
             &kernels::layer_norm(&h1, 1e-6)?,
@@ -199,7 +233,7 @@ pub fn op_micro(device: &Device, dtype: DType, iters: usize) -> anyhow::Result<V
         )?;
         let fp8_block = |hin: &Tensor| -> candle_core::Result<Tensor> {
             let qkv = fp8_linear(hin, &q_qkv, &zero_qkv, ln, id, None, sc)?;
-            let ctx = kernels::attention(&qkv, &sample_bias2, &attn_bias_rows, h, 0.118, true)?;
+            let ctx = attend(&qkv)?;
             let h1 = fp8_linear(&ctx, &q_proj, &b_proj, quant, id, Some(hin), sc)?;
             let hidden = fp8_linear(&h1, &q1, &b4, ln, gelu, None, sc)?;
             fp8_linear(&hidden, &q2, &b2, quant, id, Some(&h1), sc)

@@ -26,7 +26,7 @@
 //! `common.cuh` (the kernels' 16-byte packs and conversions); `reference` holds the unfused
 //! formulation of every op and `check_all`, which compares the two.
 
-mod attention;
+pub(crate) mod attention;
 mod conv;
 mod cpu;
 pub(crate) mod fp8;
@@ -40,7 +40,9 @@ mod step;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod tiling;
 
-pub use attention::{attention, merge_heads, softmax_bias, split_qkv};
+pub use attention::{
+    attention, merge_heads, softmax_bias, split_qkv, wgmma_applies, Att90Rows, Flash,
+};
 pub use conv::{
     conv3x3_implicit, conv3x3_implicit_channels_fit, conv3x3_implicit_fits, conv3x3_small,
     conv3x3_small_fits, im2col3x3, im2col_up2_phases, pixel_shuffle_bias, up2_phase_weights,

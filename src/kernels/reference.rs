@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::Activation;
+use super::{Activation, Att90Rows, Flash};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -190,6 +190,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
     for (b, n, heads, hd) in [
         (2, 256, 4, 72),
         (1, 1024, 2, 72),
+        (3, 256, 16, 72),
         (1, 136, 1, 128),
         (1, 200, 2, 64),
         (2, 264, 2, 32),
@@ -211,9 +212,20 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             let probs = softmax_bias(&qq.matmul(&kk.t()?)?.contiguous()?, &abf, scale)?;
             merge_heads(&probs.matmul(&vv)?)?
         };
-        for flash in [false, true] {
+        let wgmma_runs = super::wgmma_applies(super::attention::wgmma_device(device), n, hd);
+        for flash in [
+            Flash::Off,
+            Flash::MmaSync,
+            Flash::Wgmma(Att90Rows::R64),
+            Flash::Wgmma(Att90Rows::R128),
+        ] {
+            // Name the kernel that ran: off a 9.0 device (or at odd N) wgmma is mma.sync.
+            let ran = match flash {
+                Flash::Wgmma(_) if !wgmma_runs => "wgmma → mma.sync".to_string(),
+                _ => format!("{flash:?}"),
+            };
             push(
-                format!("attention [{b},{n},{c}] heads {heads} hd {hd} flash {flash}"),
+                format!("attention [{b},{n},{c}] heads {heads} hd {hd} {ran}"),
                 super::attention(&q, &sb, &ab, heads, scale, flash)?,
                 unfused.clone(),
             )?;

@@ -35,6 +35,17 @@ pub const ATT_A_MT: usize = 1;
 pub const ATT_A_BK: usize = 64;
 pub const ATT_A_STAGES: usize = 2;
 
+/// Hopper flash attention (flash_sm90.cu, wgmma): key blocks of ATT90_BK rows in a cp.async ring
+/// of ATT90_STAGES (at N = 256 both blocks are in flight from the start). A CTA is 1 or 2
+/// warpgroups of 64 query rows (`kernels::Att90Rows` chooses).
+pub const ATT90_BK: usize = 128;
+pub const ATT90_STAGES: usize = 2;
+/// The padded head dims of [`ATT_HEAD_DIMS`] the Hopper kernel is built for: up to 80 (the model's
+/// 72 pads to 80). At 128 its output was 6 % off the reference on the H200 once a sequence had
+/// two key blocks (docs/perf.md v0.24; cause not found), so larger head dims take the mma.sync
+/// kernel.
+pub const ATT90_MAX_HDP: usize = 80;
+
 /// Implicit-GEMM 3×3 convolution (conv.cu `conv3x3_igemm`): an output tile of CONV_BM pixels by
 /// CONV_BN channels a CTA of 8 warps (2 × 4, each 64 × 32), K in blocks of CONV_BK (within one
 /// tap: C must be a multiple of it) through a ring of CONV_STAGES in shared memory.
@@ -67,6 +78,9 @@ pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("ATT_A_MT", ATT_A_MT),
     ("ATT_A_BK", ATT_A_BK),
     ("ATT_A_STAGES", ATT_A_STAGES),
+    ("ATT90_BK", ATT90_BK),
+    ("ATT90_STAGES", ATT90_STAGES),
+    ("ATT90_MAX_HDP", ATT90_MAX_HDP),
     ("CONV_BM", CONV_BM),
     ("CONV_BN", CONV_BN),
     ("CONV_BK", CONV_BK),

@@ -1,20 +1,25 @@
-//! Launchers for attention.cu (softmax_bias, split_qkv, merge_heads) and flash.cu.
+//! Launchers for attention.cu (softmax_bias, split_qkv, merge_heads), flash.cu and
+//! flash_sm90.cu.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Result};
 
+use super::{wgmma_tiles_per_cta, Att90Rows};
 use crate::kernels::launch::{
-    self, aligned, block_rows, config, dispatch, pack, ptx, strided_rows, view, warp_rows, In, Ptx,
+    self, aligned, block_rows, config, dispatch, dispatch_half, pack, ptx, strided_rows, view,
+    warp_rows, In, Ptx,
 };
 use crate::kernels::tiling::{
-    ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_B_BK, ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES,
-    ATT_HEAD_DIMS, ATT_WARPS, SOFTMAX_PACKS,
+    ATT90_BK, ATT90_MAX_HDP, ATT90_STAGES, ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_B_BK,
+    ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES, ATT_HEAD_DIMS, ATT_WARPS, SOFTMAX_PACKS,
 };
 
 const PTX: Ptx = ptx!("attention");
 const FLASH: Ptx = ptx!("flash");
+/// Empty unless the binary is built for compute capability 9.0 (build.rs).
+const FLASH90: Ptx = ptx!("flash_sm90");
 
 pub fn softmax_bias(
     s: In,
@@ -177,6 +182,94 @@ pub fn attention(
         // SAFETY: reads batch·tokens rows of 3·heads·hd (qkv), batch strided bias rows (bounds
         // checked by strided_rows) and the [heads·tokens, tokens] table; writes
         // batch·tokens·heads·hd.
+        unsafe { launch::launch(&dev, &func, cfg, &[&qv, &sbv, &av, &out], &sizes, &[scale]) }?;
+        out
+    })
+}
+
+/// Whether the Hopper kernel can run on `dev`: its PTX was built (CUDA_COMPUTE_CAP 90) and the
+/// device is compute capability 9.0 (sm_90a code runs on no other).
+pub fn wgmma_available(dev: &CudaDevice) -> bool {
+    let stream = dev.cuda_stream();
+    let attr = |a| stream.context().attribute(a).ok();
+    !FLASH90.code.is_empty()
+        && attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) == Some(9)
+        && attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) == Some(0)
+}
+
+/// Dynamic shared memory of the Hopper kernel: the K/V ring in the core-matrix layout (no
+/// padding) and the Q tile with rows padded by 8 elements.
+fn sm90_smem_bytes(hdp: usize, rows: Att90Rows, elem: usize) -> usize {
+    (ATT90_STAGES * 2 * ATT90_BK * hdp + 64 * rows.warpgroups() * (hdp + 8)) * elem
+}
+
+/// [`wgmma_tiles_per_cta`] for `dev`; the hidden environment variable
+/// DIFFIT_WGMMA_TILES_PER_CTA overrides it where the keys stay resident (for measuring).
+fn tiles_per_cta(
+    dev: &CudaDevice,
+    tokens: usize,
+    rows: Att90Rows,
+    batch_heads: usize,
+) -> Result<usize> {
+    let ring_keys = ATT90_BK * ATT90_STAGES;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    let forced = std::env::var("DIFFIT_WGMMA_TILES_PER_CTA")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&t| t >= 1 && tokens <= ring_keys);
+    Ok(forced.unwrap_or_else(|| wgmma_tiles_per_cta(tokens, rows, batch_heads, sms, ring_keys)))
+}
+
+/// [`attention`] on the Hopper kernel (flash_sm90.cu), CTAs of `rows` query rows. The caller
+/// checked the inputs as for [`attention`] and the rest of `super::wgmma_applies` (device, even
+/// `tokens`, head dim).
+pub fn attention_sm90(
+    qkv: In,
+    sbias: In,
+    abias: In,
+    dims: [usize; 4],
+    scale: f32,
+    rows: Att90Rows,
+) -> Result<CudaStorage> {
+    let [batch, tokens, heads, hd] = dims;
+    let hdp = padded_head_dim(hd)
+        .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
+    if !tokens.is_multiple_of(2) || hdp > ATT90_MAX_HDP {
+        candle_core::bail!(
+            "attention_sm90: {tokens} tokens, head dim {hd}: the kernel needs an even number of \
+             tokens and a head dim up to {ATT90_MAX_HDP}"
+        );
+    }
+    let dev = qkv.0.device().clone();
+    let sb_stride = sbias.1.stride()[0];
+    let wg = rows.warpgroups();
+    dispatch_half!(dev, qkv.0, "attention_sm90", |T| {
+        let qv = view::<T>(qkv)?;
+        let sbv = strided_rows::<T>(sbias, batch, 3 * heads * hd, "attention: sample bias")?;
+        let av = view::<T>(abias)?;
+        let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
+        let func = FLASH90.func::<T>(&dev, &format!("attention90_{hdp}_w{wg}"))?;
+        let bytes = sm90_smem_bytes(hdp, rows, std::mem::size_of::<T>());
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()?;
+        let tiles = tiles_per_cta(&dev, tokens, rows, batch * heads)?;
+        let grid = (
+            tokens.div_ceil(64 * wg * tiles) as u32,
+            heads as u32,
+            batch as u32,
+        );
+        let cfg = config(grid, (128 * wg) as u32, bytes);
+        let sizes = [batch, tokens, heads, hd, sb_stride, tiles];
+        // SAFETY: as for `attention`: reads batch·tokens rows of 3·heads·hd (qkv), batch strided
+        // bias rows (bounds checked by strided_rows) and the [heads·tokens, tokens] table (pairs
+        // of it: tokens is even, the table 16-byte aligned); writes batch·tokens·heads·hd.
         unsafe { launch::launch(&dev, &func, cfg, &[&qv, &sbv, &av, &out], &sizes, &[scale]) }?;
         out
     })

@@ -4,6 +4,7 @@
 
 #include "../common.cuh"
 #include "../mma.cuh"
+#include "softmax.cuh"
 #include <type_traits>
 
 #if !defined(ATT_WARPS) || !defined(ATT_B_MT) || !defined(ATT_B_BK) || !defined(ATT_B_STAGES) || \
@@ -27,16 +28,6 @@
 // [B·N, D], through shared memory in 16-byte rows. The head dim is zero-padded to HDP (a
 // multiple of 16). Needs hd a multiple of 8 and 16-byte aligned rows (the launcher checks;
 // otherwise the unfused ops run).
-
-constexpr float LOG2E = 1.4426950408889634f;
-
-// 2^x in one MUFU instruction (exp2f adds denormal handling the softmax does not need);
-// 2^−∞ = 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // Tiling of attention_fused: MT m-tiles of 16 query rows a warp (with two, each K/V fragment
 // read from shared memory feeds twice the mma work, at the cost of registers), ATT_WARPS warps,

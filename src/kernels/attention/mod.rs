@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use candle_core::{Result, Tensor};
 
 use super::cpu::{cpu_f32, cpu_f32_strided_rows, cpu_store, rows_cols};
+use super::tiling::ATT90_MAX_HDP;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -53,21 +54,87 @@ pub fn split_qkv(qkv: &Tensor, sample_bias: &Tensor, heads: usize) -> Result<Ten
     qkv.contiguous()?.apply_op2_no_bwd(sample_bias, &op)
 }
 
+/// Which kernel runs `attention` on CUDA in bf16/f16 (the CPU and f32 always take the unfused
+/// ops; every choice computes the same function).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flash {
+    /// `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`.
+    Off,
+    /// One flash-attention kernel on mma.sync tensor cores (flash.cu), on any card whose shared
+    /// memory holds its tiling.
+    MmaSync,
+    /// One flash-attention kernel on Hopper's wgmma (flash_sm90.cu) with CTAs of the given
+    /// query rows, on a compute-capability 9.0 device for an even number of tokens; elsewhere
+    /// `MmaSync` ([`wgmma_applies`]).
+    Wgmma(Att90Rows),
+}
+
+/// Query rows a CTA of the Hopper kernel works on: one warpgroup of 64 (two CTAs an SM, more
+/// CTAs for small batches) or two of 128 (each K/V block read once for twice the rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Att90Rows {
+    #[value(name = "64")]
+    R64,
+    #[value(name = "128")]
+    R128,
+}
+
+impl Att90Rows {
+    /// Warpgroups of a CTA (the `_w{n}` of the kernel name).
+    pub fn warpgroups(self) -> usize {
+        match self {
+            Self::R64 => 1,
+            Self::R128 => 2,
+        }
+    }
+}
+
+/// Whether `Flash::Wgmma` runs the Hopper kernel rather than falling back to mma.sync: the
+/// device is compute capability 9.0 and the binary was built for it (`sm90`), the bias table's
+/// rows hold whole 4-byte pairs (an even number of tokens; the kernel reads the bias straight
+/// into its accumulator layout, two elements at a time), and the head dim pads to one the
+/// kernel is built for (at most `ATT90_MAX_HDP`, 80).
+pub fn wgmma_applies(sm90: bool, tokens: usize, head_dim: usize) -> bool {
+    sm90 && tokens.is_multiple_of(2) && head_dim <= ATT90_MAX_HDP
+}
+
+/// Query tiles one CTA of the Hopper kernel works through (tiles of `rows`; the kernel's
+/// `tile_count`), for `batch_heads` (sample, head) pairs on `sms` multiprocessors. Where every
+/// key block of the sequence stays in the kernel's ring (`tokens` ≤ `ring_keys`) a CTA can take
+/// all the tiles of its (sample, head), reading K and V once instead of once a tile; that pays
+/// while the grid still fills the GPU twice over (two CTAs an SM at 64 rows, one at 128).
+/// Otherwise one tile a CTA.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn wgmma_tiles_per_cta(
+    tokens: usize,
+    rows: Att90Rows,
+    batch_heads: usize,
+    sms: usize,
+    ring_keys: usize,
+) -> usize {
+    let tiles = tokens.div_ceil(64 * rows.warpgroups());
+    let ctas_per_sm = 2 / rows.warpgroups();
+    match tokens <= ring_keys && batch_heads >= 2 * sms * ctas_per_sm {
+        true => tiles,
+        false => 1,
+    }
+}
+
 /// Self-attention of one DiffiT block from the qkv matmul output: q, k, v are the column
 /// thirds of `qkv` [B, N, 3·D] plus the per-sample bias [B, 3·D] (any row stride), split into
 /// `heads`; scores are `scale · q·kᵀ + attn_bias` ([heads·N, N] table, row h·N + i); returns
-/// softmax(scores)·v merged back to [B, N, D]. With `flash`, on CUDA in bf16/f16 (head dim a
-/// multiple of 8, at most 128) this is one flash-attention kernel (mma.sync tensor cores,
-/// online softmax in registers): no head split, no scores in memory, no merge pass — 0.34
-/// against 0.78 ms a block at B = 64 on an H100 (docs/perf.md v0.12). Otherwise it is
-/// `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`.
+/// softmax(scores)·v merged back to [B, N, D]. Unless `flash` is `Off`, on CUDA in bf16/f16
+/// (head dim a multiple of 8, at most 128) this is one flash-attention kernel (online softmax
+/// in registers): no head split, no scores in memory, no merge pass — 0.34 against 0.78 ms a
+/// block at B = 64 on an H100 with mma.sync (docs/perf.md v0.12; wgmma: docs/attention.md).
+/// Otherwise it is `split_qkv`, two matmuls, `softmax_bias` and `merge_heads`.
 pub fn attention(
     qkv: &Tensor,
     sample_bias: &Tensor,
     attn_bias: &Tensor,
     heads: usize,
     scale: f32,
-    flash: bool,
+    flash: Flash,
 ) -> Result<Tensor> {
     let (b, n, c) = qkv.dims3()?;
     let hd = c / (3 * heads).max(1);
@@ -78,13 +145,18 @@ pub fn attention(
             heads * n
         );
     }
-    if flash
+    if flash != Flash::Off
         && flash_attention_fits(qkv, sample_bias, hd)
         && attn_bias.layout().start_offset().is_multiple_of(8)
     {
+        let wgmma = match flash {
+            Flash::Wgmma(rows) if wgmma_applies(wgmma_device(qkv.device()), n, hd) => Some(rows),
+            _ => None,
+        };
         let op = FlashAttention {
             dims: [b, n, heads, hd],
             scale,
+            wgmma,
         };
         return qkv
             .contiguous()?
@@ -129,11 +201,27 @@ fn attention_fits_device(_: &Device, _: usize) -> bool {
     false
 }
 
+/// Whether `device` can run the Hopper kernel (see [`wgmma_applies`]).
+#[cfg(feature = "cuda")]
+pub fn wgmma_device(device: &Device) -> bool {
+    match device {
+        Device::Cuda(d) => cuda::wgmma_available(d),
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn wgmma_device(_: &Device) -> bool {
+    false
+}
+
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FlashAttention {
     /// [batch, tokens, heads, head_dim]
     dims: [usize; 4],
     scale: f32,
+    /// The Hopper kernel with CTAs of these rows; `None`: the mma.sync kernel.
+    wgmma: Option<Att90Rows>,
 }
 
 struct SoftmaxBias {
@@ -177,7 +265,12 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let [b, n, h, hd] = self.dims;
-        let out = cuda::attention((s1, l1), (s2, l2), (s3, l3), self.dims, self.scale)?;
+        let out = match self.wgmma {
+            Some(rows) => {
+                cuda::attention_sm90((s1, l1), (s2, l2), (s3, l3), self.dims, self.scale, rows)?
+            }
+            None => cuda::attention((s1, l1), (s2, l2), (s3, l3), self.dims, self.scale)?,
+        };
         Ok((out, Shape::from((b, n, h * hd))))
     }
 }
@@ -315,5 +408,65 @@ impl CustomOp1 for MergeHeads {
         let (batch, heads, tokens, hd) = l.shape().dims4()?;
         let out = cuda::merge_heads((s, l), [batch, tokens, heads, hd])?;
         Ok((out, Shape::from((batch, tokens, heads * hd))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wgmma_runs_only_on_sm90_for_even_token_counts_and_head_dims_to_80() {
+        assert!(wgmma_applies(true, 256, 72));
+        assert!(wgmma_applies(true, 1024, 72));
+        assert!(wgmma_applies(true, 200, 8));
+        assert!(wgmma_applies(true, 200, 80));
+        assert!(
+            !wgmma_applies(true, 17, 72),
+            "odd N: bias pairs straddle rows"
+        );
+        assert!(!wgmma_applies(false, 256, 72), "not a 9.0 device: mma.sync");
+        assert!(!wgmma_applies(true, 136, 88), "pads to 128: not built");
+        assert!(!wgmma_applies(true, 136, 128), "pads to 128: not built");
+        assert_eq!(Att90Rows::R64.warpgroups(), 1);
+        assert_eq!(Att90Rows::R128.warpgroups(), 2);
+    }
+
+    #[test]
+    fn a_cta_takes_every_query_tile_only_when_the_keys_stay_resident_and_the_grid_is_full() {
+        let tiles = |n, rows, bh| wgmma_tiles_per_cta(n, rows, bh, 132, 256);
+        // IN-256 at B = 64 guided: 128 samples × 16 heads.
+        assert_eq!(tiles(256, Att90Rows::R64, 2048), 4);
+        assert_eq!(tiles(256, Att90Rows::R128, 2048), 2);
+        // B = 1 guided: 32 pairs would leave most SMs idle.
+        assert_eq!(tiles(256, Att90Rows::R64, 32), 1);
+        assert_eq!(tiles(256, Att90Rows::R128, 32), 1);
+        // 64 rows run two CTAs an SM, so need twice the pairs.
+        assert_eq!(tiles(256, Att90Rows::R64, 300), 1);
+        assert_eq!(tiles(256, Att90Rows::R128, 300), 2);
+        // IN-512: 1024 keys do not fit the ring, K and V stream through it once a tile.
+        assert_eq!(tiles(1024, Att90Rows::R64, 4096), 1);
+        // A partial last tile counts.
+        assert_eq!(tiles(200, Att90Rows::R64, 2048), 4);
+    }
+
+    #[test]
+    fn every_flash_choice_computes_the_unfused_attention_on_the_cpu() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, n, heads, hd) = (2, 6, 2, 8);
+        let qkv = Tensor::randn(0f32, 1.0, (b, n, 3 * heads * hd), &dev)?;
+        let sb = Tensor::randn(0f32, 1.0, (b, 3 * heads * hd), &dev)?;
+        let ab = Tensor::randn(0f32, 1.0, (heads * n, n), &dev)?;
+        let want = attention(&qkv, &sb, &ab, heads, 0.3, Flash::Off)?;
+        for flash in [
+            Flash::MmaSync,
+            Flash::Wgmma(Att90Rows::R64),
+            Flash::Wgmma(Att90Rows::R128),
+        ] {
+            let got = attention(&qkv, &sb, &ab, heads, 0.3, flash)?;
+            let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{flash:?}: the CPU takes the unfused ops");
+        }
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{DiffitConfig, TIME_FREQ_DIM};
 use crate::config::{BlockLinear, Fp8Layers, KernelOptions};
-use crate::kernels::{self, Activation, Fp8Scaling, Fp8Weight, Prologue};
+use crate::kernels::{self, Activation, Flash, Fp8Scaling, Fp8Weight, Prologue};
 
 /// LayerNorm epsilon of every (affine-free) norm in the network.
 const LN_EPS: f32 = 1e-6;
@@ -17,8 +17,8 @@ pub struct Kernels {
     /// LayerNorm, the blocks and the patch embedding through the fused ops of `crate::kernels`
     /// instead of plain candle ops (the readable reference they are tested against).
     pub fused: bool,
-    /// Fused path: attention as one flash-attention kernel (CUDA, bf16/f16).
-    pub flash_attention: bool,
+    /// Fused path: which attention kernel (CUDA, bf16/f16; `Off`: the unfused ops).
+    pub flash_attention: Flash,
     /// Biases, GELU and residual adds inside the cuBLASLt matmul (CUDA, bf16/f16).
     pub lt_epilogue: bool,
     /// With `lt_epilogue`: fc1's bias + GELU in cuBLASLt's GELU_BIAS epilogue too (else its
@@ -36,7 +36,11 @@ impl Kernels {
     pub fn resolve(options: &KernelOptions, device: &Device) -> Self {
         Self {
             fused: options.fused.on_for(device),
-            flash_attention: options.flash_attention,
+            flash_attention: match (options.flash_attention, options.wgmma_attention.rows()) {
+                (false, _) => Flash::Off,
+                (true, None) => Flash::MmaSync,
+                (true, Some(rows)) => Flash::Wgmma(rows),
+            },
             lt_epilogue: options.lt_epilogue,
             lt_gelu_epilogue: options.lt_gelu_epilogue,
             fp8_layers: match options.fp8 {
