@@ -276,7 +276,7 @@ pub struct KernelOptions {
     pub flash_attention: bool,
     /// With --flash-attention on a compute-capability 9.0 GPU (H100, H200): the flash-attention
     /// kernel on Hopper's wgmma instructions, with CTAs of 64 or 128 query rows (`off`: the
-    /// mma.sync kernel every card runs). Odd token counts and head dims over 80 take the mma.sync
+    /// mma.sync kernel every card runs). Token counts not a multiple of 8 and head dims over 80 take the mma.sync
     /// kernel. Off by default: slower than mma.sync on the H200 so far (docs/perf.md v0.24).
     #[arg(
         long = "wgmma-attention",

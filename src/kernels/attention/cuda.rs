@@ -198,9 +198,10 @@ pub fn wgmma_available(dev: &CudaDevice) -> bool {
 }
 
 /// Dynamic shared memory of the Hopper kernel: the K/V ring in the core-matrix layout (no
-/// padding) and the Q tile with rows padded by 8 elements.
+/// padding), the Q tile and the bias rows of a key block, rows padded by 8 elements.
 fn sm90_smem_bytes(hdp: usize, rows: Att90Rows, elem: usize) -> usize {
-    (ATT90_STAGES * 2 * ATT90_BK * hdp + 64 * rows.warpgroups() * (hdp + 8)) * elem
+    let bq = 64 * rows.warpgroups();
+    (ATT90_STAGES * 2 * ATT90_BK * hdp + bq * (hdp + 8) + bq * (ATT90_BK + 8)) * elem
 }
 
 /// [`wgmma_tiles_per_cta`] for `dev`; the hidden environment variable
@@ -225,8 +226,8 @@ fn tiles_per_cta(
 }
 
 /// [`attention`] on the Hopper kernel (flash_sm90.cu), CTAs of `rows` query rows. The caller
-/// checked the inputs as for [`attention`] and the rest of `super::wgmma_applies` (device, even
-/// `tokens`, head dim).
+/// checked the inputs as for [`attention`] and the rest of `super::wgmma_applies` (device,
+/// `tokens` a multiple of 8, head dim).
 pub fn attention_sm90(
     qkv: In,
     sbias: In,
@@ -238,9 +239,9 @@ pub fn attention_sm90(
     let [batch, tokens, heads, hd] = dims;
     let hdp = padded_head_dim(hd)
         .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
-    if !tokens.is_multiple_of(2) || hdp > ATT90_MAX_HDP {
+    if !tokens.is_multiple_of(8) || hdp > ATT90_MAX_HDP {
         candle_core::bail!(
-            "attention_sm90: {tokens} tokens, head dim {hd}: the kernel needs an even number of \
+            "attention_sm90: {tokens} tokens, head dim {hd}: the kernel needs a multiple of 8 \
              tokens and a head dim up to {ATT90_MAX_HDP}"
         );
     }
@@ -268,8 +269,9 @@ pub fn attention_sm90(
         let cfg = config(grid, (128 * wg) as u32, bytes);
         let sizes = [batch, tokens, heads, hd, sb_stride, tiles];
         // SAFETY: as for `attention`: reads batch·tokens rows of 3·heads·hd (qkv), batch strided
-        // bias rows (bounds checked by strided_rows) and the [heads·tokens, tokens] table (pairs
-        // of it: tokens is even, the table 16-byte aligned); writes batch·tokens·heads·hd.
+        // bias rows (bounds checked by strided_rows) and the [heads·tokens, tokens] table (in
+        // 16-byte chunks: tokens is a multiple of 8, the table 16-byte aligned); writes
+        // batch·tokens·heads·hd.
         unsafe { launch::launch(&dev, &func, cfg, &[&qv, &sbv, &av, &out], &sizes, &[scale]) }?;
         out
     })

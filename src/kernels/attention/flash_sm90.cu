@@ -181,6 +181,7 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
     extern __shared__ __align__(128) unsigned char smem[];
     T *ring = reinterpret_cast<T *>(smem);  // [STAGES][K, V], core-matrix layout
     T *qs = ring + STAGES * 2 * KV;         // [BQ][LD] row-major; output staging at the end
+    T *bs = qs + BQ * LD;                   // [BQ][BK + 8]: each warp's bias rows of a block
 
     const uint32_t b = blockIdx.z, h = blockIdx.y;
     const uint32_t d = heads * hd, row_len = 3 * d;
@@ -265,23 +266,29 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
 #pragma unroll
         for (int i = 0; i < OR; ++i) o[i] = 0.0f;
         float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;  // rows g and g + 8
-        // This thread's two rows of the bias table (clamped past the sequence: never written).
-        const uint32_t r0 = min(q0 + wr + g, tokens - 1), r1 = min(q0 + wr + g + 8, tokens - 1);
-        const uint32_t *bias0 = reinterpret_cast<const uint32_t *>(bias_rows + (size_t)r0 * tokens);
-        const uint32_t *bias1 = reinterpret_cast<const uint32_t *>(bias_rows + (size_t)r1 * tokens);
+        // The bias goes through shared memory, each warp its own 16 rows: a lane loads 16 bytes
+        // of a row (16 lanes a 256-byte row, coalesced), stores them to the warp's rows of bs,
+        // and reads back its pairs in the accumulator layout (rows padded by 8 elements: the 32
+        // lanes' reads fall on 32 banks). Lane l copies chunk l % 16 of rows 2p + l / 16 (table
+        // rows clamped past the sequence: never written out).
+        constexpr int BLD = BK + 8;
+        const uint32_t b_chunk = lane % 16;
+        const T *bias_lane = bias_rows + b_chunk * 8;
+        T *bs_warp = bs + wr * BLD;
 
         for (uint32_t blk = 0; blk < blocks; ++blk) {
             const uint32_t kb = blk * BK;
             const bool tail = kb + BK > tokens;
-            // The bias pairs of this block, in the accumulator layout (column 8j + 2t, rows g, g + 8);
-            // tokens is even (the launcher checks), so a pair is in or out of the sequence whole.
-            uint32_t bw[BK / 8][2];
+            // This block's bias chunks of the warp's rows, loaded before the wgmma so they land
+            // while it runs; tokens is a multiple of 8 (the launcher checks), so a chunk is in or
+            // out of the sequence whole.
+            uint4 bv[8];
+            const bool chunk_ok = !tail || kb + b_chunk * 8 < tokens;
 #pragma unroll
-            for (int j = 0; j < BK / 8; ++j) {
-                const uint32_t c = kb + j * 8 + 2 * t;
-                const bool ok = !tail || c < tokens;
-                bw[j][0] = ok ? __ldg(bias0 + c / 2) : 0u;
-                bw[j][1] = ok ? __ldg(bias1 + c / 2) : 0u;
+            for (int p = 0; p < 8; ++p) {
+                const uint32_t row = min(q0 + wr + 2 * p + lane / 16, tokens - 1);
+                bv[p] = chunk_ok ? __ldg(reinterpret_cast<const uint4 *>(bias_lane + (size_t)row * tokens + kb))
+                                 : make_uint4(0, 0, 0, 0);
             }
             cp_async_wait<STAGES - 1>();
             fence_proxy_async();
@@ -301,13 +308,20 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
             for (int kk = 0; kk < KSTEPS; ++kk)
                 wgmma<T, BK, 0>(s, qf[kk], kdesc + kk * 16, 1);
             wgmma_commit();
+            __syncwarp();  // the warp is done reading the last block's bias rows
+#pragma unroll
+            for (int p = 0; p < 8; ++p)
+                *reinterpret_cast<uint4 *>(bs_warp + (2 * p + lane / 16) * BLD + b_chunk * 8) = bv[p];
+            __syncwarp();
             wgmma_wait_all();
             pin(s);
 
             // Logits; keys past the sequence (only in the last block) get −∞.
 #pragma unroll
             for (int j = 0; j < BK / 8; ++j) {
-                const T *e0 = reinterpret_cast<const T *>(&bw[j][0]), *e1 = reinterpret_cast<const T *>(&bw[j][1]);
+                const uint32_t w0 = *reinterpret_cast<const uint32_t *>(bs_warp + g * BLD + j * 8 + 2 * t);
+                const uint32_t w1 = *reinterpret_cast<const uint32_t *>(bs_warp + (g + 8) * BLD + j * 8 + 2 * t);
+                const T *e0 = reinterpret_cast<const T *>(&w0), *e1 = reinterpret_cast<const T *>(&w1);
                 s[4 * j + 0] = fmaf(s[4 * j + 0], scale, f(e0[0]));
                 s[4 * j + 1] = fmaf(s[4 * j + 1], scale, f(e0[1]));
                 s[4 * j + 2] = fmaf(s[4 * j + 2], scale, f(e1[0]));

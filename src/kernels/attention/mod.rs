@@ -64,7 +64,7 @@ pub enum Flash {
     /// memory holds its tiling.
     MmaSync,
     /// One flash-attention kernel on Hopper's wgmma (flash_sm90.cu) with CTAs of the given
-    /// query rows, on a compute-capability 9.0 device for an even number of tokens; elsewhere
+    /// query rows, on a compute-capability 9.0 device for a multiple of 8 tokens; elsewhere
     /// `MmaSync` ([`wgmma_applies`]).
     Wgmma(Att90Rows),
 }
@@ -91,11 +91,10 @@ impl Att90Rows {
 
 /// Whether `Flash::Wgmma` runs the Hopper kernel rather than falling back to mma.sync: the
 /// device is compute capability 9.0 and the binary was built for it (`sm90`), the bias table's
-/// rows hold whole 4-byte pairs (an even number of tokens; the kernel reads the bias straight
-/// into its accumulator layout, two elements at a time), and the head dim pads to one the
-/// kernel is built for (at most `ATT90_MAX_HDP`, 80).
+/// rows are whole 16-byte chunks (a multiple of 8 tokens; the kernel copies the bias in such
+/// chunks), and the head dim pads to one the kernel is built for (at most `ATT90_MAX_HDP`, 80).
 pub fn wgmma_applies(sm90: bool, tokens: usize, head_dim: usize) -> bool {
-    sm90 && tokens.is_multiple_of(2) && head_dim <= ATT90_MAX_HDP
+    sm90 && tokens.is_multiple_of(8) && head_dim <= ATT90_MAX_HDP
 }
 
 /// Query tiles one CTA of the Hopper kernel works through (tiles of `rows`; the kernel's
@@ -416,14 +415,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wgmma_runs_only_on_sm90_for_even_token_counts_and_head_dims_to_80() {
+    fn wgmma_runs_only_on_sm90_for_token_counts_of_8s_and_head_dims_to_80() {
         assert!(wgmma_applies(true, 256, 72));
         assert!(wgmma_applies(true, 1024, 72));
         assert!(wgmma_applies(true, 200, 8));
         assert!(wgmma_applies(true, 200, 80));
         assert!(
             !wgmma_applies(true, 17, 72),
-            "odd N: bias pairs straddle rows"
+            "bias chunks would straddle rows"
+        );
+        assert!(
+            !wgmma_applies(true, 70, 72),
+            "bias chunks would straddle rows"
         );
         assert!(!wgmma_applies(false, 256, 72), "not a 9.0 device: mma.sync");
         assert!(!wgmma_applies(true, 136, 88), "pads to 128: not built");
