@@ -206,7 +206,10 @@ impl Pipeline {
             model_sha256: "random-weights".into(),
             image_size: cfg.input_size * vae.config().upscale(),
             image_channels: vae.config().out_channels,
-            dtype: format!("{dtype:?}").to_lowercase(),
+            dtype: match kernels.fp8 {
+                true => "fp8".into(),
+                false => format!("{dtype:?}").to_lowercase(),
+            },
             device: device_name(device),
             config: cfg,
         };
