@@ -13,24 +13,13 @@ OLD=${1:?old binary}; NEW=${2:?new binary}
 OUT=${OUT:-/tmp/i15-out}
 R=/tmp/i15; mkdir -p "$R" "$OUT"
 export LD_LIBRARY_PATH="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')/cu13/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
-F=tests/fixtures; G=$F/diffit_tiny_golden.safetensors
 exec > >(tee "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 "$NEW" bench kernels --device cuda:0 --dtypes f32,bf16,f16,fp8 > "$R/kernels.md" 2>&1
 echo "bench kernels rc=$? pass=$(grep -c '| yes |' "$R/kernels.md") fail=$(grep -c '| NO |' "$R/kernels.md")"
 grep '| NO |' "$R/kernels.md"
-for dt in f32 bf16; do
-  tol=1e-4; [ "$dt" = bf16 ] && tol=2e-2
-  for p in fwd cfg; do
-    extra=(); [ $p = cfg ] && extra=(--guidance-scale 4.4)
-    "$NEW" forward --device cuda:0 --dtype $dt --model $F/diffit_tiny_model.safetensors --input $G --prefix $p. \
-      "${extra[@]}" --output /tmp/$p-$dt.safetensors > /dev/null 2>&1
-    echo "parity $p $dt: $(python3 scripts/compare_safetensors.py /tmp/$p-$dt.safetensors out $G $p.out $tol 2>&1 | tail -1)"
-  done
-done
-"$NEW" decode --device cuda:0 --vae $F/vae_tiny_model.safetensors --input $F/vae_tiny_golden.safetensors --output /tmp/dec.safetensors > /dev/null 2>&1
-echo "parity decode f32: $(python3 scripts/compare_safetensors.py /tmp/dec.safetensors decoded $F/vae_tiny_golden.safetensors decoded 1e-4 2>&1 | tail -1)"
+bash scripts/gpu-parity.sh "$NEW"
 
 M="bench model --device cuda:0 --iters 10 --warmup 3"
 model() { # name binary args...

@@ -12,22 +12,11 @@ OLD=${1:?old binary}; NEW=${2:?new binary}
 OUT=${OUT:-/tmp/lt-out}
 R=$OUT/raw; mkdir -p "$R"
 export LD_LIBRARY_PATH="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')/cu13/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
-F=tests/fixtures; G=$F/diffit_tiny_golden.safetensors
 exec > >(tee "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 TUNE_LOG="info,diffit_server::kernels::linear::cublaslt=debug"
 
-for dt in f32 bf16; do
-  tol=1e-4; [ "$dt" = bf16 ] && tol=2e-2
-  for p in fwd cfg; do
-    extra=(); [ $p = cfg ] && extra=(--guidance-scale 4.4)
-    "$NEW" forward --device cuda:0 --dtype $dt --model $F/diffit_tiny_model.safetensors --input $G --prefix $p. \
-      "${extra[@]}" --output /tmp/$p-$dt.safetensors > /dev/null 2>&1
-    echo "parity $p $dt: $(python3 scripts/compare_safetensors.py /tmp/$p-$dt.safetensors out $G $p.out $tol 2>&1 | tail -1)"
-  done
-done
-"$NEW" decode --device cuda:0 --vae $F/vae_tiny_model.safetensors --input $F/vae_tiny_golden.safetensors --output /tmp/dec.safetensors > /dev/null 2>&1
-echo "parity decode f32: $(python3 scripts/compare_safetensors.py /tmp/dec.safetensors decoded $F/vae_tiny_golden.safetensors decoded 1e-4 2>&1 | tail -1)"
+bash scripts/gpu-parity.sh "$NEW"
 
 model() { # name binary args...
   local name=$1 bin=$2; shift 2
