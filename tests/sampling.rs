@@ -294,3 +294,75 @@ fn a_sample_can_switch_between_padded_and_direct_steps() {
     assert!(switched.is_done());
     assert_eq!(bits(switched.latent()), bits(direct.latent()));
 }
+
+/// Records the network rows and labels of every `predict` call of the denoiser it wraps.
+struct RowLog<'a> {
+    inner: &'a PointDenoiser,
+    calls: std::cell::RefCell<Vec<(i64, Vec<i64>)>>,
+}
+
+impl Denoiser for RowLog<'_> {
+    fn predict(&self, x: &Tensor, t: &[i64], y: &[i64]) -> candle_core::Result<Tensor> {
+        assert_eq!(x.dim(0)?, y.len());
+        self.calls.borrow_mut().push((t[0], y.to_vec()));
+        self.inner.predict(x, t, y)
+    }
+    fn in_channels(&self) -> usize {
+        self.inner.in_channels()
+    }
+    fn learn_sigma(&self) -> bool {
+        self.inner.learn_sigma()
+    }
+    fn null_class(&self) -> i64 {
+        self.inner.null_class()
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+}
+
+#[test]
+fn a_guided_sample_skips_the_unconditional_row_only_where_its_scale_is_one() {
+    let device = Device::Cpu;
+    let den = PointDenoiser {
+        target: Tensor::zeros((1, 4, 2, 2), DType::F32, &device).unwrap(),
+        base_alphas_cumprod: Schedule::new(1000).unwrap().alphas_cumprod,
+        device: device.clone(),
+    };
+    for schedule in [GuidanceSchedule::PowerCosine, GuidanceSchedule::Constant] {
+        let guidance = Guidance::new(4.4, schedule).unwrap();
+        let log = RowLog {
+            inner: &den,
+            calls: Default::default(),
+        };
+        let mut s = SampleState::new(
+            3,
+            SamplerKind::Ddpm,
+            guidance,
+            Arc::new(Schedule::new(250).unwrap()),
+            Box::new(SeededNoise::new(5)),
+            (4, 2, 2),
+            &device,
+        )
+        .unwrap();
+        while !s.is_done() {
+            denoise_step(&log, &mut [&mut s]).unwrap();
+        }
+        let calls = log.calls.into_inner();
+        assert_eq!(calls.len(), 250);
+        for (t, labels) in &calls {
+            // One row (the conditional) exactly where the f32 scale is 1; else [y; null].
+            let expected = match guidance.scale_for_step(*t) {
+                Some(_) => vec![3, 10],
+                None => vec![3],
+            };
+            assert_eq!(labels, &expected, "{schedule} at t = {t}");
+        }
+        let single = calls.iter().filter(|(_, l)| l.len() == 1).count();
+        match schedule {
+            // The power-cosine ramp is 1 in f32 for the first ≈ 10 % of the 250 steps.
+            GuidanceSchedule::PowerCosine => assert!((15..=35).contains(&single), "{single}"),
+            GuidanceSchedule::Constant => assert_eq!(single, 0),
+        }
+    }
+}
