@@ -83,7 +83,12 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
         let file = WeightsFile::open(&opts.model)?;
+        // Each stage of a load logged (DEBUG) with its device: where a start-up stops is then
+        // visible (docs/fp8.md: an FP8 start-up that hung before its model was built).
+        let device = device_name(&opts.device);
+        tracing::debug!(%device, model = %opts.model.display(), "building the DiffiT");
         let diffit = DiffiT::load(&file, opts.dtype, &opts.device, &opts.kernels)?;
+        tracing::debug!(%device, "DiffiT built");
         let cfg = diffit.config().clone();
         let defaults = match file.metadata().get("defaults") {
             Some(text) => {
@@ -106,6 +111,7 @@ impl Pipeline {
             &opts.device,
             &opts.kernels,
         )?;
+        tracing::debug!(%device, "VAE decoder built");
         anyhow::ensure!(
             vae.config().latent_channels == cfg.in_channels,
             "VAE {} decodes {}-channel latents but the DiffiT model makes {}-channel ones",
@@ -191,10 +197,14 @@ impl Pipeline {
         kernels: &KernelOptions,
     ) -> anyhow::Result<Self> {
         let cfg = DiffitConfig::imagenet(latent);
+        let name = device_name(device);
+        tracing::debug!(device = %name, latent, "building a random DiffiT");
         let diffit = DiffiT::random(cfg.clone(), dtype, device, kernels)
             .context("building a random DiffiT")?;
+        tracing::debug!(device = %name, "random DiffiT built; building a random VAE decoder");
         let vae = VaeDecoder::random(crate::model::VaeConfig::sd_kl_f8(), dtype, device, kernels)
             .context("building a random VAE decoder")?;
+        tracing::debug!(device = %name, "random VAE decoder built");
         let info = ModelInfo {
             name: format!("random-imagenet-{}", latent * vae.config().upscale()),
             classes: if cfg.num_classes == 1000 {
