@@ -9,8 +9,9 @@
 //! own, in the same order — no fused multiply-adds — so the bucketed step stays bit-identical to
 //! the direct one (tests/sampling.rs) on the CPU and on the GPU.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::cpu::cpu_f32;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -185,16 +186,6 @@ fn update_one(
     (next, x0)
 }
 
-fn cpu_f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("guided_update: input is not contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        other => candle_core::bail!("guided_update: f32 only, got {:?}", other.dtype()),
-    }
-}
-
 impl CustomOp3 for GuidedUpdate {
     fn name(&self) -> &'static str {
         "diffit-guided-update"
@@ -209,16 +200,13 @@ impl CustomOp3 for GuidedUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out, x, prev) = (
-            cpu_f32_slice(s1, l1)?,
-            cpu_f32_slice(s2, l2)?,
-            cpu_f32_slice(s3, l3)?,
-        );
+        // f32 in (`guided_update` checked), so these are exact copies.
+        let (out, x, prev) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
         let (guard, pl) = self.params.storage_and_layout();
         let Storage::Cpu(ps) = &*guard else {
             candle_core::bail!("guided_update: the parameters are not on the CPU");
         };
-        let params = cpu_f32_slice(ps, pl)?;
+        let params = cpu_f32(ps, pl)?;
         let UpdateSpec {
             columns: cols,
             channels: c,
