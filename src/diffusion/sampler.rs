@@ -358,10 +358,15 @@ pub fn denoise_step(
     let device = model.device();
     let learn_sigma = model.learn_sigma();
     // Samples guided at this step first, so their conditional rows are a prefix of the batch.
-    let guided_now = |s: &SampleState| s.guidance.scale_for_step(s.model_timestep());
-    samples.sort_by_key(|s| guided_now(s).is_none());
+    samples.sort_by_cached_key(|s| s.guidance.scale_for_step(s.model_timestep()).is_none());
     let b = samples.len();
-    let g = samples.iter().filter(|s| guided_now(s).is_some()).count();
+    // The guided prefix's scales; g of them.
+    let scales: Vec<f64> = samples
+        .iter()
+        .map_while(|s| s.guidance.scale_for_step(s.model_timestep()))
+        .map(f64::from)
+        .collect();
+    let g = scales.len();
 
     let xs: Vec<&Tensor> = samples.iter().map(|s| &s.x).collect();
     let x = Tensor::cat(&xs, 0)?;
@@ -380,10 +385,6 @@ pub fn denoise_step(
     let cond = out.narrow(0, 0, b)?;
     let mut eps = cond.narrow(1, 0, cin)?;
     if g > 0 {
-        let scales: Vec<f64> = samples[..g]
-            .iter()
-            .filter_map(|s| guided_now(s).map(f64::from))
-            .collect();
         let guided = guided_eps(&cond.narrow(0, 0, g)?, &out.narrow(0, b, g)?, &scales)?;
         let guided = if cin > GUIDED_CHANNELS {
             let tail = cond
