@@ -146,19 +146,8 @@ where
     let (b, _b) = xv.device_ptr(&stream);
     let c = rv.as_ref().map(|r| r.device_ptr(&stream));
     let (d, _d) = out.device_ptr_mut(&stream);
-    call.ptrs = [a, b, c.as_ref().map_or(d, |(p, _)| *p), d];
-    call.beta = if c.is_some() { 1.0 } else { 0.0 };
-    let key = AlgoKey {
-        device: dev.id(),
-        dims: [m, n, k],
-        in_type: dt as i32,
-        out_type: dt as i32,
-        epilogue,
-        scaled: false,
-        residual: c.is_some(),
-        tuned: autotune::enabled(),
-    };
-    if !execute(dev, key, &call)? {
+    let found = call.enqueue(dev, [a, b, d], c.as_ref().map(|(p, _)| *p), epilogue, false)?;
+    if !found {
         candle_core::bail!(
             "cuBLASLt has no {epilogue:?} matmul for [{m}, {k}] x [{n}, {k}] in {dt:?} on this GPU"
         );
@@ -246,6 +235,10 @@ struct LtCall {
     c_l: LtHandle<sys::cublasLtMatrixLayout_t>,
     ptrs: [u64; 4],
     beta: f32,
+    /// `[m, n, k]` and the types `new` was given (the algorithm key's).
+    dims: [usize; 3],
+    in_type: sys::cudaDataType_t,
+    out_type: sys::cudaDataType_t,
     /// D's rows (m) and the bytes of one row.
     rows: usize,
     row_bytes: usize,
@@ -290,9 +283,38 @@ impl LtCall {
             c_l: layout(out_type, n, m, n)?,
             ptrs: [0; 4],
             beta: 0.0,
+            dims: [m, n, k],
+            in_type,
+            out_type,
             rows: m,
             row_bytes: n * out_bytes,
         })
+    }
+
+    /// Points the call at A, B and D, and at `c` as C with beta = 1 (the residual) when given,
+    /// then enqueues it with the algorithm for its key ([`execute`]). `Ok(false)`: cuBLASLt has
+    /// no algorithm for it.
+    fn enqueue(
+        &mut self,
+        dev: &CudaDevice,
+        [a, b, d]: [u64; 3],
+        c: Option<u64>,
+        epilogue: Epilogue,
+        scaled: bool,
+    ) -> Result<bool> {
+        self.ptrs = [a, b, c.unwrap_or(d), d];
+        self.beta = if c.is_some() { 1.0 } else { 0.0 };
+        let key = AlgoKey {
+            device: dev.id(),
+            dims: self.dims,
+            in_type: self.in_type as i32,
+            out_type: self.out_type as i32,
+            epilogue,
+            scaled,
+            residual: c.is_some(),
+            tuned: autotune::enabled(),
+        };
+        execute(dev, key, self)
     }
 
     /// Enqueues the matmul with `algo` on the handle's stream.
@@ -618,19 +640,14 @@ where
     let (b, _b) = ops.xq.device_ptr(&stream);
     let (d, _d) = out.device_ptr_mut(&stream);
     let c = c_view.map(|v| v.device_ptr(&stream));
-    call.ptrs = [a, b, c.as_ref().map_or(d, |(p, _)| *p), d];
-    call.beta = if c.is_some() { 1.0 } else { 0.0 };
-    let key = AlgoKey {
-        device: dev.id(),
-        dims: [m, n, k],
-        in_type: e4m3 as i32,
-        out_type: dt as i32,
+    let scaled = matches!(output, Fp8Output::Scaled { .. });
+    let found = call.enqueue(
+        dev,
+        [a, b, d],
+        c.as_ref().map(|(p, _)| *p),
         epilogue,
-        scaled: matches!(output, Fp8Output::Scaled { .. }),
-        residual: c.is_some(),
-        tuned: autotune::enabled(),
-    };
-    let found = execute(dev, key, &call)?;
+        scaled,
+    )?;
     drop((_a, _b, _d, c));
     Ok(found.then_some(out))
 }
