@@ -376,6 +376,14 @@ fn reachable_buckets(max_batch: usize) -> Vec<usize> {
     set.into_iter().collect()
 }
 
+/// `--cuda-graphs on`: on the CPU, the padded steps uncaptured (`StepMode::Bucketed`).
+fn padded_steps() -> KernelOptions {
+    KernelOptions {
+        cuda_graphs: Toggle::On,
+        ..KernelOptions::default()
+    }
+}
+
 #[test]
 fn warm_up_images_take_exactly_the_rows_they_are_made_for() {
     for rows in 1..=20 {
@@ -394,10 +402,7 @@ fn warm_up_images_take_exactly_the_rows_they_are_made_for() {
 
 #[test]
 fn warm_up_prepares_exactly_the_buckets_batches_can_reach() {
-    let padded = KernelOptions {
-        cuda_graphs: Toggle::On,
-        ..KernelOptions::default()
-    };
+    let padded = padded_steps();
     for max_batch in [1, 3, 5] {
         let pipe = tiny_pipeline_with(padded);
         assert_eq!(pipe.step_mode(), StepMode::Bucketed);
@@ -439,10 +444,7 @@ fn warmed_buckets_give_the_same_images_as_fresh_ones() {
         pipe.run_to_end(&mut samples, |_| {}).unwrap();
         samples.iter().map(|s| bits(s.latent())).collect::<Vec<_>>()
     };
-    let padded = KernelOptions {
-        cuda_graphs: Toggle::On,
-        ..KernelOptions::default()
-    };
+    let padded = padded_steps();
     let warmed = tiny_pipeline_with(padded);
     warmed.warm_buckets(4).unwrap().unwrap();
     assert!(warmed.ready_buckets().contains(&bucket(6)));
