@@ -433,6 +433,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--warmup-buckets`: which batch-size buckets of the padded steps (`--cuda-graphs`) an
+/// engine prepares before it reports ready (`Pipeline::warm_buckets`).
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum WarmupBuckets {
+    /// Every bucket a batch of up to --max-batch images can need: no request pays a bucket's
+    /// first step (an uncaptured run, matmul autotuning and the capture).
+    #[default]
+    All,
+    /// Only one image's (buckets 1 and 2): a faster start-up, for development; the first
+    /// batch of each other size pays its bucket's first step.
+    Minimal,
+}
+
 /// Where the embedded default model lives, relative to the working directory, the
 /// executable, or the source tree it was built from.
 pub const DEFAULT_MODEL_FILE: &str = "diffit_fmnist.safetensors";
@@ -546,6 +559,11 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub kernels: KernelOptions,
+    /// With --cuda-graphs: the step buckets each engine prepares before the server reports
+    /// ready: `all` (every one a batch of up to --max-batch images can need) or `minimal`
+    /// (one image's; a faster start-up, for development).
+    #[arg(long, env = "DIFFIT_WARMUP_BUCKETS", value_enum, default_value = "all")]
+    pub warmup_buckets: WarmupBuckets,
     /// Batch whole requests only (no joining mid-way): a baseline for benchmarks.
     #[arg(long, hide = true)]
     pub request_level_batching: bool,
@@ -773,6 +791,32 @@ mod tests {
         );
         assert!(parse(&["--fused-kernels", "maybe"]).is_err());
         assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
+    }
+
+    #[test]
+    fn warmup_buckets_default_to_all_and_refuse_other_values() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from([&["x"], args].concat()).map(|c| c.serve);
+        assert_eq!(parse(&[]).unwrap().warmup_buckets, WarmupBuckets::All);
+        assert_eq!(
+            parse(&["--warmup-buckets", "minimal"])
+                .unwrap()
+                .warmup_buckets,
+            WarmupBuckets::Minimal
+        );
+        let e = parse(&["--warmup-buckets", "some"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--warmup-buckets") && e.contains("all") && e.contains("minimal"),
+            "{e}"
+        );
     }
 
     #[test]

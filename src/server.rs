@@ -55,6 +55,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_batch: args.max_batch as usize,
             max_queue: args.max_queue as usize,
             request_level: args.request_level_batching,
+            warmup: args.warmup_buckets,
         },
     )?;
     for h in &handles {

@@ -6,15 +6,15 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, rel_err};
-use diffit_server::config::KernelOptions;
+use common::{fixture, rel_err, tiny_pipeline_with};
+use diffit_server::config::{KernelOptions, Toggle};
 use diffit_server::diffusion::{
     denoise_step, Denoiser, Guidance, GuidanceSchedule, SampleState, SamplerKind, Schedule,
     SeededNoise,
 };
 use diffit_server::model::{DiffiT, WeightsFile};
 use diffit_server::pipeline::graphs::bucket;
-use diffit_server::pipeline::{StepGraphs, StepMode};
+use diffit_server::pipeline::{specs_for_rows, ImageSpec, Pipeline, StepGraphs, StepMode};
 
 /// The exact ε-predictor for data that is a single point x*: ε = (x − √ᾱ·x*)/√(1 − ᾱ).
 /// Every correct sampler must land on x* (the last step has no noise).
@@ -365,4 +365,92 @@ fn a_guided_sample_skips_the_unconditional_row_only_where_its_scale_is_one() {
             GuidanceSchedule::Constant => assert_eq!(single, 0),
         }
     }
+}
+
+/// Every bucket a step of an engine with batches of up to `max_batch` images can need, from
+/// the batches themselves: n images (1..=max_batch), g of them guided at this step (two
+/// network rows each), the others one row.
+fn reachable_buckets(max_batch: usize) -> Vec<usize> {
+    let rows = (1..=max_batch).flat_map(|n| (0..=n).map(move |g| n + g));
+    let set: std::collections::BTreeSet<usize> = rows.map(bucket).collect();
+    set.into_iter().collect()
+}
+
+/// `--cuda-graphs on`: on the CPU, the padded steps uncaptured (`StepMode::Bucketed`).
+fn padded_steps() -> KernelOptions {
+    KernelOptions {
+        cuda_graphs: Toggle::On,
+        ..KernelOptions::default()
+    }
+}
+
+#[test]
+fn warm_up_images_take_exactly_the_rows_they_are_made_for() {
+    for rows in 1..=20 {
+        let specs = specs_for_rows(rows, SamplerKind::Ddpm).unwrap();
+        assert!(specs.len() <= rows.div_ceil(2), "{rows} rows: {specs:?}");
+        // At every timestep (`Guidance::scale_for_step` decides one row or two).
+        for t in [0, 500, 904, 999] {
+            let taken: usize = specs
+                .iter()
+                .map(|s| 1 + usize::from(s.guidance.scale_for_step(t).is_some()))
+                .sum();
+            assert_eq!(taken, rows, "t = {t}: {specs:?}");
+        }
+    }
+}
+
+#[test]
+fn warm_up_prepares_exactly_the_buckets_batches_can_reach() {
+    let padded = padded_steps();
+    for max_batch in [1, 3, 5] {
+        let pipe = tiny_pipeline_with(padded);
+        assert_eq!(pipe.step_mode(), StepMode::Bucketed);
+        let expected = reachable_buckets(max_batch);
+        let w = pipe
+            .warm_buckets(max_batch)
+            .unwrap()
+            .expect("bucketed steps");
+        assert_eq!(w.buckets, expected, "max_batch {max_batch}");
+        assert_eq!(pipe.ready_buckets(), expected);
+        assert_eq!(w.stepped, expected.len());
+        assert_eq!(w.graph_memory_mib, None, "no graphs on the CPU");
+        // Nothing is left to do a second time.
+        assert_eq!(pipe.warm_buckets(max_batch).unwrap().unwrap().stepped, 0);
+    }
+    // Unpadded steps have no buckets to prepare.
+    let direct = tiny_pipeline_with(KernelOptions::default());
+    assert_eq!(direct.step_mode(), StepMode::Direct);
+    assert!(direct.warm_buckets(4).unwrap().is_none());
+    assert!(direct.ready_buckets().is_empty());
+}
+
+#[test]
+fn warmed_buckets_give_the_same_images_as_fresh_ones() {
+    // Three guided images: 6 rows, bucket 8, whose buffers the warm-up left holding its own
+    // images' values.
+    let specs: Vec<ImageSpec> = (0..3)
+        .map(|i| ImageSpec {
+            label: 2 + i,
+            seed: 40 + i as u64,
+            steps: 9,
+            sampler: SamplerKind::DpmSolverPP,
+            guidance: Guidance::new(3.0, GuidanceSchedule::Constant).unwrap(),
+        })
+        .collect();
+    let run = |pipe: &Pipeline| {
+        let mut samples: Vec<SampleState> =
+            specs.iter().map(|s| pipe.new_sample(s).unwrap()).collect();
+        pipe.run_to_end(&mut samples, |_| {}).unwrap();
+        samples.iter().map(|s| bits(s.latent())).collect::<Vec<_>>()
+    };
+    let padded = padded_steps();
+    let warmed = tiny_pipeline_with(padded);
+    warmed.warm_buckets(4).unwrap().unwrap();
+    assert!(warmed.ready_buckets().contains(&bucket(6)));
+    let fresh = tiny_pipeline_with(padded);
+    let direct = tiny_pipeline_with(KernelOptions::default());
+    let images = run(&warmed);
+    assert_eq!(images, run(&fresh), "the warm-up changed a padded step");
+    assert_eq!(images, run(&direct), "padded and direct steps differ");
 }

@@ -677,3 +677,69 @@ async fn png_compression_levels_are_lossless_and_take_effect() {
         "same pixels and seeds at every level"
     );
 }
+
+/// `--warmup-buckets` with the padded steps on (what CUDA graphs replay; uncaptured on the
+/// CPU): before /readyz says ready, `all` has prepared every bucket a batch of up to
+/// --max-batch images can need, `minimal` only one image's; the images are the same either way.
+#[tokio::test]
+async fn warm_up_prepares_the_buckets_batches_need_and_changes_no_pixels() {
+    use diffit_server::pipeline::graphs::bucket;
+    let max_batch = 3;
+    // n images, g of them guided: n + g network rows.
+    let reachable: std::collections::BTreeSet<usize> = (1..=max_batch)
+        .flat_map(|n| (0..=n).map(move |g| bucket(n + g)))
+        .collect();
+    let one_image: std::collections::BTreeSet<usize> = [bucket(1), bucket(2)].into();
+    // Three guided images: a bucket only `all` prepares.
+    let request = json!({"class_label": 4, "seed": 99, "steps": 6, "n": 3,
+        "guidance_scale": 3.0, "guidance_schedule": "constant"});
+    assert!(!one_image.contains(&bucket(6)));
+    let mut images = Vec::new();
+    for (setting, expected) in [("all", &reachable), ("minimal", &one_image)] {
+        let (s, logs) = TestServer::start_logging(
+            &[
+                "--cuda-graphs",
+                "on",
+                "--max-batch",
+                &max_batch.to_string(),
+                "--warmup-buckets",
+                setting,
+                "--log-format",
+                "json",
+            ],
+            "info",
+        )
+        .await;
+        // Logged before the engine counted as ready, so already sent.
+        let ready = std::iter::from_fn(|| logs.recv_timeout(Duration::from_secs(10)).ok())
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .find(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("step buckets ready"))
+            })
+            .expect("the warm-up logs the ready buckets");
+        let fields = &ready["fields"];
+        assert_eq!(fields["warmup"], setting, "{fields}");
+        let logged: std::collections::BTreeSet<usize> = fields["buckets"]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .map(|b| b.parse().unwrap())
+            .collect();
+        assert_eq!(&logged, expected, "--warmup-buckets {setting}: {fields}");
+        assert_eq!(fields["count"], expected.len());
+        let r = s.post("/generate", request.clone()).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let pngs: Vec<String> = v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["b64_png"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(pngs.len(), 3);
+        images.push(pngs);
+    }
+    assert_eq!(images[0], images[1], "the warm-up changed the images");
+}

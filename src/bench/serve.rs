@@ -529,6 +529,9 @@ pub fn run(a: &ServeBenchArgs) -> anyhow::Result<ServeBenchReport> {
             // Room for every request in flight even within one model's share of the queue.
             max_queue: 2 * ((a.concurrency * a.n).max(a.max_batch * engines) + 1024),
             request_level: false,
+            // Every bucket, as `serve` prepares by default: the engine's numbers stay
+            // comparable with the HTTP ones.
+            warmup: crate::config::WarmupBuckets::All,
         },
     )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -481,8 +481,9 @@ impl Engines {
 }
 
 /// Starts one engine thread per loaded pipeline (one per device), all pulling from one queue.
-/// Each warms up (one step and one decode) before it counts as ready; the server is ready when
-/// all are. The threads exit once every handle is dropped and all work is done.
+/// Each warms up (its step buckets, `EngineConfig::warmup`, and one decode) before it counts as
+/// ready; the server is ready when all are. The threads exit once every handle is dropped and
+/// all work is done.
 pub fn start(
     pipelines: Vec<Pipeline>,
     config: EngineConfig,

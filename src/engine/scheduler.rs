@@ -12,6 +12,7 @@ use super::decoder::{DecodeWork, Decoder};
 use super::preview::LatentPreview;
 use super::queue::{JobQueue, Take};
 use super::{EngineError, EngineSlot, EngineStats, Job, JobEvent};
+use crate::config::WarmupBuckets;
 use crate::diffusion::SampleState;
 use crate::pipeline::Pipeline;
 
@@ -26,6 +27,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Request-level batching: admit only when the batch is empty (for benchmarks).
     pub request_level: bool,
+    /// Which step buckets the warm-up prepares (`--warmup-buckets`).
+    pub warmup: WarmupBuckets,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +37,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_queue: 256,
             request_level: false,
+            warmup: WarmupBuckets::All,
         }
     }
 }
@@ -171,6 +175,7 @@ impl Scheduler {
         while !s.is_done() {
             self.pipe.step(&mut [&mut s])?;
         }
+        self.warm_buckets()?;
         self.pipe.decode(s.latent())?;
         let cfg = &self.pipe.info.config;
         let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
@@ -185,6 +190,43 @@ impl Scheduler {
             }
         }
         tracing::info!(engine = self.ctx.index, elapsed = ?start.elapsed(), "warm-up done");
+        Ok(())
+    }
+
+    /// Prepares the step buckets `--warmup-buckets` asks for (none more than one image's under
+    /// `minimal`, which the steps above took) and logs which are ready; nothing where steps
+    /// are not bucketed.
+    fn warm_buckets(&self) -> anyhow::Result<()> {
+        let engine = self.ctx.index;
+        let list = |b: &[usize]| b.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        match self.config.warmup {
+            WarmupBuckets::All => {
+                if let Some(w) = self.pipe.warm_buckets(self.config.max_batch)? {
+                    tracing::info!(
+                        engine,
+                        warmup = "all",
+                        buckets = %list(&w.buckets),
+                        count = w.buckets.len(),
+                        stepped = w.stepped,
+                        elapsed = ?w.elapsed,
+                        graph_memory_mib = w.graph_memory_mib,
+                        "step buckets ready"
+                    );
+                }
+            }
+            WarmupBuckets::Minimal => {
+                let ready = self.pipe.ready_buckets();
+                if !ready.is_empty() {
+                    tracing::info!(
+                        engine,
+                        warmup = "minimal",
+                        buckets = %list(&ready),
+                        count = ready.len(),
+                        "step buckets ready (a batch needing another pays its first step)"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

@@ -44,6 +44,15 @@ pub fn bucket(rows: usize) -> usize {
         .unwrap_or_else(|| rows.div_ceil(64) * 64)
 }
 
+/// Every bucket a step of 1..=`max_rows` network rows is padded to, ascending: the shapes an
+/// engine can ever run (`max_rows` = two per image of its largest batch, `Pipeline::warm_buckets`).
+pub fn buckets_up_to(max_rows: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (1..=max_rows).map(bucket).collect();
+    // `bucket` never decreases, so equal buckets are neighbours.
+    all.dedup();
+    all
+}
+
 /// The per-row columns of the parameter buffer, each `rows` long. Sample columns are indexed
 /// by sample row (0..n the batch's samples), network columns by network row.
 mod col {
@@ -154,6 +163,24 @@ impl StepGraphs {
             .buckets
             .values()
             .filter_map(|b| Some((b.rows, b.graph.as_ref()?.nodes())))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The buckets whose next step runs without first-use work, ascending: captured ones
+    /// under `Captured` (each has its graph), every one stepped so far under `Bucketed`, none
+    /// under `Direct` (also after a failed capture's fallback).
+    pub fn ready_buckets(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .buckets
+            .values()
+            .filter(|b| match self.mode {
+                StepMode::Direct => false,
+                StepMode::Bucketed => true,
+                StepMode::Captured { .. } => b.graph.is_some(),
+            })
+            .map(|b| b.rows)
             .collect();
         v.sort_unstable();
         v

@@ -3,6 +3,7 @@
 
 pub mod graphs;
 mod info;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use graphs::{StepGraphs, StepMode};
 pub use info::{ModelInfo, SamplingDefaults};
+pub use warm::{max_step_rows, specs_for_rows, BucketWarmup};
 
 use crate::classes::ClassNames;
 use crate::config::{device_name, resolve_vae_path, KernelOptions};
@@ -293,6 +295,14 @@ impl Pipeline {
     /// How steps run now (a failed capture in `auto` falls back to `Direct`).
     pub fn step_mode(&self) -> StepMode {
         self.steps.lock().unwrap_or_else(|e| e.into_inner()).mode()
+    }
+
+    /// The step buckets ready to run without first-use work (`StepGraphs::ready_buckets`).
+    pub fn ready_buckets(&self) -> Vec<usize> {
+        self.steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ready_buckets()
     }
 
     /// Decodes finished latents [B, C, h, w] to planar u8 pixels, one Vec per image.

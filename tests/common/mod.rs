@@ -14,6 +14,13 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// The tiny fixture model and VAE, loaded on the CPU in f32.
 pub fn tiny_pipeline() -> diffit_server::pipeline::Pipeline {
+    tiny_pipeline_with(Default::default())
+}
+
+/// The tiny fixture pipeline with these kernel options (e.g. `cuda_graphs: Toggle::On`).
+pub fn tiny_pipeline_with(
+    kernels: diffit_server::config::KernelOptions,
+) -> diffit_server::pipeline::Pipeline {
     diffit_server::pipeline::Pipeline::load(&diffit_server::pipeline::LoadOptions {
         model: fixture("diffit_tiny_model.safetensors"),
         vae: fixture("vae_tiny_model.safetensors"),
@@ -21,7 +28,7 @@ pub fn tiny_pipeline() -> diffit_server::pipeline::Pipeline {
         device: Device::Cpu,
         dtype: DType::F32,
         decode_chunk: 8,
-        kernels: Default::default(),
+        kernels,
     })
     .expect("the tiny fixture loads")
 }
