@@ -14,23 +14,25 @@ pub const SOFTMAX_PACKS: usize = 4;
 /// Packs a lane holds in registers in `layer_norm_r` (rows of up to 32 · 8 packs).
 pub const LN_PACKS: usize = 8;
 
-/// Warps of a flash-attention CTA.
-pub const ATT_WARPS: usize = 4;
-
 /// The padded head dims the flash-attention kernel is compiled for (`hd` is zero-padded to the
 /// next one; flash.cu instantiates each, and build.rs fails when the two lists differ).
 pub const ATT_HEAD_DIMS: [usize; 4] = [32, 64, 80, 128];
 
-/// Flash-attention tiling "b", for padded head dims up to [`ATT_B_MAX_HDP`]: 2 m-tiles of 16
-/// query rows a warp (each K/V fragment feeds two m-tiles), key blocks of 32 in a ring of 4
-/// stages (two CTAs an SM).
-pub const ATT_B_MT: usize = 2;
-pub const ATT_B_BK: usize = 32;
-pub const ATT_B_STAGES: usize = 4;
+/// Flash-attention tiling "b", for padded head dims up to [`ATT_B_MAX_HDP`]: 8 warps of one
+/// m-tile (16 query rows) each, key blocks of 64 in a ring of 2 stages (two CTAs an SM: 16
+/// warps). Chosen on the H200 among 17 tilings (docs/perf.md v0.28): against 4 warps of two
+/// m-tiles and key blocks of 32 in 4 stages (the tiling before), the attention op took 0.285
+/// against 0.332 ms at B = 64 and 0.826 against 0.904 ms at ImageNet-512 B = 16, and was no
+/// slower at B = 1.
+pub const ATT_B_WARPS: usize = 8;
+pub const ATT_B_MT: usize = 1;
+pub const ATT_B_BK: usize = 64;
+pub const ATT_B_STAGES: usize = 2;
 pub const ATT_B_MAX_HDP: usize = 80;
 
-/// Flash-attention tiling "a", above [`ATT_B_MAX_HDP`]: 1 m-tile a warp (32 query rows would not
-/// fit the registers at head dim 128), key blocks of 64 in 2 stages.
+/// Flash-attention tiling "a", above [`ATT_B_MAX_HDP`]: 4 warps of 1 m-tile, key blocks of 64
+/// in 2 stages.
+pub const ATT_A_WARPS: usize = 4;
 pub const ATT_A_MT: usize = 1;
 pub const ATT_A_BK: usize = 64;
 pub const ATT_A_STAGES: usize = 2;
@@ -70,11 +72,12 @@ pub const fn conv_igemm_smem(elem_bytes: usize) -> usize {
 pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("SOFTMAX_PACKS", SOFTMAX_PACKS),
     ("LN_PACKS", LN_PACKS),
-    ("ATT_WARPS", ATT_WARPS),
+    ("ATT_B_WARPS", ATT_B_WARPS),
     ("ATT_B_MT", ATT_B_MT),
     ("ATT_B_BK", ATT_B_BK),
     ("ATT_B_STAGES", ATT_B_STAGES),
     ("ATT_B_MAX_HDP", ATT_B_MAX_HDP),
+    ("ATT_A_WARPS", ATT_A_WARPS),
     ("ATT_A_MT", ATT_A_MT),
     ("ATT_A_BK", ATT_A_BK),
     ("ATT_A_STAGES", ATT_A_STAGES),

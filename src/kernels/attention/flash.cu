@@ -7,16 +7,16 @@
 #include "softmax.cuh"
 #include <type_traits>
 
-#if !defined(ATT_WARPS) || !defined(ATT_B_MT) || !defined(ATT_B_BK) || !defined(ATT_B_STAGES) || \
-    !defined(ATT_B_MAX_HDP) || !defined(ATT_A_MT) || !defined(ATT_A_BK) || !defined(ATT_A_STAGES)
+#if !defined(ATT_B_WARPS) || !defined(ATT_B_MT) || !defined(ATT_B_BK) || !defined(ATT_B_STAGES) || \
+    !defined(ATT_B_MAX_HDP) || !defined(ATT_A_WARPS) || !defined(ATT_A_MT) || !defined(ATT_A_BK) ||  \
+    !defined(ATT_A_STAGES)
 #error "the ATT_* tiling comes from src/kernels/tiling.rs through build.rs"
 #endif
 
 // ---- Fused attention (flash attention on mma.sync tensor cores) ----
 //
-// One CTA of 4 warps takes BQ query rows (16 or 32 a warp) of one (sample, head); key/value
-// blocks and the matching bias tile stream through a cp.async ring in shared memory (with
-// tiling b at N = 256, half the key blocks are in flight from the start). Q·Kᵀ and P·V are
+// One CTA of WARPS warps takes BQ query rows (16 or 32 a warp) of one (sample, head); key/value
+// blocks and the matching bias tile stream through a cp.async ring in shared memory. Q·Kᵀ and P·V are
 // m16n8k16 mma.sync with f32 accumulators; scores, the softmax and the output stay in
 // registers (online softmax: running row maximum and sum, the output rescaled when the maximum
 // grows), so no score ever reaches memory and the keys are read once. Inputs come straight from
@@ -30,15 +30,15 @@
 // otherwise the unfused ops run).
 
 // Tiling of attention_fused: MT m-tiles of 16 query rows a warp (with two, each K/V fragment
-// read from shared memory feeds twice the mma work, at the cost of registers), ATT_WARPS warps,
+// read from shared memory feeds twice the mma work, at the cost of registers), WARPS warps,
 // key blocks of BK rows in a ring of STAGES. The values come from tiling.rs, which the launcher
 // (cuda.rs, AttTiling) sizes the grid and the shared memory by.
 
-template <typename T, int HDP, int MT, int BK, int STAGES>
+template <typename T, int HDP, int WARPS, int MT, int BK, int STAGES>
 __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T *out, uint32_t batch,
                                 uint32_t tokens, uint32_t heads, uint32_t hd, uint32_t sb_stride,
                                 float scale) {
-    constexpr int BQ = ATT_WARPS * 16 * MT;
+    constexpr int BQ = WARPS * 16 * MT;
     constexpr int LD = HDP + 8;        // row stride: 16-byte multiple, ldmatrix rows on distinct banks
     constexpr int BLD = BK + 8;        // bias tile row stride: a warp's pair reads on distinct banks
     constexpr int KSTEPS = HDP / 16;   // k-steps of Q·Kᵀ
@@ -63,14 +63,14 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     // (Loops run over the padded row, CPR chunks, and skip the padding: dividing by a
     // compile-time CPR costs a multiply where a run-time hd / 8 costs a long division.)
     if (chunks < CPR) {
-        for (uint32_t i = tid; i < (BQ + 2 * STAGES * BK) * CPR; i += ATT_WARPS * 32) {
+        for (uint32_t i = tid; i < (BQ + 2 * STAGES * BK) * CPR; i += WARPS * 32) {
             const uint32_t r = i / CPR, c = i % CPR;
             T *row = r < BQ ? qs + r * LD : ring + ((r - BQ) / (2 * BK)) * STAGE + ((r - BQ) % (2 * BK)) * LD;
             if (c >= chunks) stp(row, (size_t)c * 8, zero_pack<T>());
         }
     }
     // Q rows without their bias (added to the fragments), zero past the sequence.
-    for (uint32_t i = tid; i < BQ * CPR; i += ATT_WARPS * 32) {
+    for (uint32_t i = tid; i < BQ * CPR; i += WARPS * 32) {
         const uint32_t r = i / CPR, c = i % CPR;
         const bool ok = q0 + r < tokens;
         if (c < chunks)
@@ -83,9 +83,9 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     // Fixed per-thread copy slots, so a block's copy is a few adds a chunk: K/V rows are split
     // into KV_SLOTS 16-byte slots (those past hd idle), bias rows into BK / 8.
     constexpr int KV_SLOTS = CPR <= 4 ? 4 : CPR <= 8 ? 8 : 16;
-    constexpr int KV_RPP = ATT_WARPS * 32 / KV_SLOTS;  // rows a pass
+    constexpr int KV_RPP = WARPS * 32 / KV_SLOTS;  // rows a pass
     constexpr int B_SLOTS = BK / 8;
-    constexpr int B_RPP = ATT_WARPS * 32 / B_SLOTS;
+    constexpr int B_RPP = WARPS * 32 / B_SLOTS;
     static_assert(BK % KV_RPP == 0 && BQ % B_RPP == 0, "copy passes must tile the blocks");
     const uint32_t kv_c = tid % KV_SLOTS, kv_r = tid / KV_SLOTS;
     const uint32_t b_c = tid % B_SLOTS, b_r = tid / B_SLOTS;
@@ -113,7 +113,7 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
                     cp_async16(bs + r * BLD + b_c * 8, src, ok ? 16 : 0);
                 }
             } else {
-                for (uint32_t i = tid; i < BQ * BK; i += ATT_WARPS * 32) {
+                for (uint32_t i = tid; i < BQ * BK; i += WARPS * 32) {
                     const uint32_t r = i / BK, c = i % BK;
                     const bool ok = q0 + r < tokens && kb + c < tokens;
                     bs[r * BLD + c] = ok ? bias_rows[(size_t)(q0 + r) * tokens + kb + c] : cast<T>(0.0f);
@@ -309,23 +309,24 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     }
 }
 
-// The tiling by padded head dim (tiling.rs; the head dims are its ATT_HEAD_DIMS): "b" = 32
-// query rows a warp, key blocks of 32 in four stages (two CTAs an SM); "a" = 16 rows a warp, key
-// blocks of 64 in two stages, where "b" would not fit the registers. On an H100 at B = 64,
-// hd 72: b 0.339 ms, a 0.340 ms, but b gave the faster steps (docs/perf.md v0.12).
-#define INSTANTIATE_ATT(T, SFX, HDP, NAME, MT, BK, STAGES)                                         \
-    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32, 2) attention_##HDP##NAME##_##SFX( \
+// The tiling by padded head dim (tiling.rs; the head dims are its ATT_HEAD_DIMS): "b" = 8 warps
+// of 16 query rows, key blocks of 64 in two stages (two CTAs an SM); "a" = 4 warps of 16 rows,
+// key blocks of 64 in two stages, for the large head dims. Measured on the H200 against 16 other
+// tilings (more rows a warp, longer rings, the bias read into registers instead of the ring):
+// docs/perf.md v0.28.
+#define INSTANTIATE_ATT(T, SFX, HDP, NAME, WARPS, MT, BK, STAGES)                                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) attention_##HDP##NAME##_##SFX(     \
         const T *qkv, const T *sb, const T *ab, T *out, uint32_t batch, uint32_t tokens,           \
         uint32_t heads, uint32_t hd, uint32_t sb_stride, float scale) {                            \
-        attention_fused<T, HDP, MT, BK, STAGES>(qkv, sb, ab, out, batch, tokens, heads, hd,        \
-                                                sb_stride, scale);                                 \
+        attention_fused<T, HDP, WARPS, MT, BK, STAGES>(qkv, sb, ab, out, batch, tokens, heads, hd, \
+                                                       sb_stride, scale);                          \
     }
 #define INSTANTIATE_ATT_B(T, SFX, HDP)                                                             \
     static_assert(HDP <= ATT_B_MAX_HDP, "tiling b is for head dims up to ATT_B_MAX_HDP");          \
-    INSTANTIATE_ATT(T, SFX, HDP, b, ATT_B_MT, ATT_B_BK, ATT_B_STAGES)
+    INSTANTIATE_ATT(T, SFX, HDP, b, ATT_B_WARPS, ATT_B_MT, ATT_B_BK, ATT_B_STAGES)
 #define INSTANTIATE_ATT_A(T, SFX, HDP)                                                             \
     static_assert(HDP > ATT_B_MAX_HDP, "tiling a is for head dims above ATT_B_MAX_HDP");           \
-    INSTANTIATE_ATT(T, SFX, HDP, a, ATT_A_MT, ATT_A_BK, ATT_A_STAGES)
+    INSTANTIATE_ATT(T, SFX, HDP, a, ATT_A_WARPS, ATT_A_MT, ATT_A_BK, ATT_A_STAGES)
 #define INSTANTIATE_FLASH(T, SFX)                                                                  \
     INSTANTIATE_ATT_B(T, SFX, 32)                                                                  \
     INSTANTIATE_ATT_B(T, SFX, 64)                                                                  \
