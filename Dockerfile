@@ -47,8 +47,8 @@ RUN v=$(awk -F'"' '/^name = "cudarc"$/ { getline; print $2; exit }' /tmp/Cargo.l
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA build: `cargo build --release --features cuda` with the toolchain's env.sh (CUDA_HOME, nvcc on PATH,
 # CUDARC_CUDA_VERSION=13000). That nvcc builds candle's kernels and, through build.rs, the project's fused kernels
-# (src/kernels/*/*.cu -> PTX embedded in the binary; build.rs takes $CUDA_HOME/bin/nvcc). CUDA_COMPUTE_CAP=90
-# compiles them for sm_90 / sm_90a: H100/H200 only. The binary links against libcuda.so.1 through a stub; the
+# (src/kernels/*/*.cu -> machine code for the capability plus its PTX, embedded in the binary; build.rs takes
+# $CUDA_HOME/bin/nvcc). CUDA_COMPUTE_CAP=90 compiles them for sm_90 / sm_90a: H100/H200 only. The binary links against libcuda.so.1 through a stub; the
 # real one comes from the node's driver at run time.
 FROM cuda-toolchain AS build-gpu
 ARG CUDA_COMPUTE_CAP=90

@@ -1,16 +1,19 @@
 //! With the `cuda` feature, compiles each op family's .cu file under src/kernels to PTX with
 //! the nvcc that candle's kernels are built with (CUDA_HOME/bin or PATH), for CUDA_COMPUTE_CAP
-//! (default 90: H100). The tiling constants come from src/kernels/tiling.rs as `-D` defines, so
-//! kernels and launchers share one definition. flash_sm90.cu (wgmma) is compiled only for 90,
-//! with -arch=sm_90a; for other caps its PTX is empty and the launcher never picks it.
+//! (default 90: H100), then the PTX to a fat binary holding the machine code for that capability
+//! and the PTX (what the binary embeds: `kernels::launch::Module`; the driver then compiles
+//! nothing at run time on that architecture). The tiling constants come from
+//! src/kernels/tiling.rs as `-D` defines, so kernels and launchers share one definition.
+//! flash_sm90.cu (wgmma) is compiled only for 90, with sm_90a; for other caps its PTX and fat
+//! binary are empty and the launcher never picks it.
 
 mod tiling {
     #![allow(dead_code)]
     include!("src/kernels/tiling.rs");
 }
 
-/// Each .cu file and the PTX it becomes in OUT_DIR (src/kernels/launch.rs, `ptx!`), for every
-/// compute capability.
+/// Each .cu file and the PTX it becomes in OUT_DIR (its fat binary: the same name with
+/// `.fatbin`; src/kernels/launch.rs, `module!`), for every compute capability.
 const SOURCES: [(&str, &str); 7] = [
     ("src/kernels/attention/attention.cu", "attention.ptx"),
     ("src/kernels/attention/flash.cu", "flash.ptx"),
@@ -47,19 +50,23 @@ fn main() {
     let sm90 = cap == "90";
     let sm90_ptx = out_dir.join(SM90_SOURCE.1);
     if !sm90 {
-        std::fs::write(&sm90_ptx, "").unwrap_or_else(|e| panic!("{}: {e}", sm90_ptx.display()));
+        for empty in [sm90_ptx.clone(), sm90_ptx.with_extension("fatbin")] {
+            std::fs::write(&empty, "").unwrap_or_else(|e| panic!("{}: {e}", empty.display()));
+        }
     }
-    let sources = SOURCES
+    let sources: Vec<_> = SOURCES
         .iter()
-        .map(|&(src, ptx)| (src, ptx, format!("sm_{cap}")))
-        .chain(sm90.then(|| (SM90_SOURCE.0, SM90_SOURCE.1, "sm_90a".to_string())));
+        .map(|&(src, ptx)| (src, ptx, cap.clone()))
+        .chain(sm90.then(|| (SM90_SOURCE.0, SM90_SOURCE.1, "90a".to_string())))
+        .collect();
     // The files are independent: compile them side by side.
     let jobs: Vec<_> = sources
+        .iter()
         .map(|(src, ptx, arch)| {
             println!("cargo:rerun-if-changed={src}");
             let child = std::process::Command::new(&nvcc)
                 .args(["--ptx", "-O3", "-std=c++17"])
-                .arg(format!("-arch={arch}"))
+                .arg(format!("-arch=sm_{arch}"))
                 .args(
                     tiling::CUDA_DEFINES
                         .iter()
@@ -73,15 +80,40 @@ fn main() {
             (src, child)
         })
         .collect();
+    wait_all(jobs);
+    // Machine code and PTX for the capability, from the PTX (ptxas only: the C++ is not
+    // compiled twice).
+    let jobs: Vec<_> = sources
+        .iter()
+        .map(|(src, ptx, arch)| {
+            let ptx = out_dir.join(ptx);
+            let child = std::process::Command::new(&nvcc)
+                .arg("--fatbin")
+                .arg(format!(
+                    "-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
+                ))
+                .arg(&ptx)
+                .arg("-o")
+                .arg(ptx.with_extension("fatbin"))
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+            (src, child)
+        })
+        .collect();
+    wait_all(jobs);
+    check_flash_head_dims(&out_dir.join("flash.ptx"));
+    if sm90 {
+        check_flash90_head_dims(&sm90_ptx);
+    }
+}
+
+/// Waits for every nvcc run; a failed one fails the build, naming its source.
+fn wait_all(jobs: Vec<(&&str, std::process::Child)>) {
     for (src, mut child) in jobs {
         let status = child
             .wait()
             .unwrap_or_else(|e| panic!("nvcc on {src}: {e}"));
         assert!(status.success(), "nvcc failed on {src}");
-    }
-    check_flash_head_dims(&out_dir.join("flash.ptx"));
-    if sm90 {
-        check_flash90_head_dims(&sm90_ptx);
     }
 }
 

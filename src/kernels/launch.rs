@@ -1,11 +1,15 @@
-//! The CUDA side the op families share: the PTX modules build.rs compiles, element-type
+//! The CUDA side the op families share: the kernel modules build.rs compiles, element-type
 //! dispatch over candle storages, views of their inputs, launch geometry and the one launch
-//! helper every kernel goes through ([`Ptx::launch`]).
+//! helper every kernel goes through ([`Module::launch`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{kernel_name, CudaDType, WrapErr};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{kernel_name, CudaDType, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, WithDType};
 
 use super::tiling::ROW_BLOCK;
@@ -16,22 +20,37 @@ pub type In<'a> = (&'a CudaStorage, &'a Layout);
 /// Most blocks launched along a grid axis; kernels stride over the rest.
 pub const MAX_GRID: usize = 65_535;
 
-/// One compiled `.cu` file: its PTX, and the name candle caches the loaded module under.
-pub struct Ptx {
-    pub module: &'static str,
-    pub code: &'static str,
+/// One compiled `.cu` file: a fat binary with the machine code (SASS) for the build's compute
+/// capability and its PTX (build.rs). The driver loads the SASS as it is; only a GPU of another
+/// architecture JIT-compiles the PTX. Loading PTX alone cost every module a JIT compile at its
+/// first use in a process wherever the driver's JIT cache was cold or not writable — a fresh
+/// machine, or the shipped container with its read-only root (docs/perf.md v0.28).
+pub struct Module {
+    /// The file's name (for errors).
+    pub name: &'static str,
+    /// The fat binary; empty where the file is not built for this capability (flash_sm90).
+    pub image: &'static [u8],
 }
 
-/// The [`Ptx`] build.rs made of `<family>/<file>.cu`.
-macro_rules! ptx {
+/// The [`Module`] build.rs made of `<family>/<file>.cu`.
+macro_rules! module {
     ($file:literal) => {
-        $crate::kernels::launch::Ptx {
-            module: concat!("diffit_", $file),
-            code: include_str!(concat!(env!("OUT_DIR"), "/", $file, ".ptx")),
+        $crate::kernels::launch::Module {
+            name: $file,
+            image: include_bytes!(concat!(env!("OUT_DIR"), "/", $file, ".fatbin")),
         }
     };
 }
-pub(crate) use ptx;
+pub(crate) use module;
+
+/// Every module loaded so far, by device and file: loaded once into a device's context, at the
+/// first launch of one of its kernels there.
+type Loaded = RwLock<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+
+fn loaded() -> &'static Loaded {
+    static LOADED: OnceLock<Loaded> = OnceLock::new();
+    LOADED.get_or_init(Loaded::default)
+}
 
 /// Evaluates `$body` (a `CudaSlice<$t>`) with `$t` the storage's element type (f32, bf16 or
 /// f16) and wraps the result as a storage on `$dev`. Callers import `BackendStorage`.
@@ -172,7 +191,7 @@ impl<T> Buf for CudaSlice<T> {
     }
 }
 
-impl Ptx {
+impl Module {
     /// Kernel `name` of this module for element type T (`name_f32`, `name_bf16`, `name_f16`:
     /// the suffixes of candle's `kernel_name` that the `.cu` instantiations use).
     pub fn func<T: CudaDType + WithDType>(
@@ -180,8 +199,34 @@ impl Ptx {
         dev: &CudaDevice,
         name: &str,
     ) -> Result<CudaFunction> {
-        let func = dev.get_or_load_custom_func(&kernel_name::<T>(name), self.module, self.code)?;
-        Ok(func.into_cuda_function())
+        let name = kernel_name::<T>(name);
+        self.loaded_on(dev)?
+            .load_function(&name)
+            .map_err(|e| candle_core::Error::Msg(format!("kernel {name} of {}: {e}", self.name)))
+    }
+
+    /// This module in `dev`'s context, loaded there on first use.
+    fn loaded_on(&self, dev: &CudaDevice) -> Result<Arc<CudaModule>> {
+        let key = (dev.id(), self.name);
+        if let Some(m) = loaded().read().ok().and_then(|l| l.get(&key).cloned()) {
+            return Ok(m);
+        }
+        let mut all = loaded()
+            .write()
+            .map_err(|_| candle_core::Error::Msg("the kernel module table is poisoned".into()))?;
+        if let Some(m) = all.get(&key) {
+            return Ok(m.clone());
+        }
+        if self.image.is_empty() {
+            candle_core::bail!("kernel module {} is not built for this GPU", self.name);
+        }
+        let module = dev
+            .cuda_stream()
+            .context()
+            .load_module(Ptx::from_binary(self.image.to_vec()))
+            .w()?;
+        all.insert(key, module.clone());
+        Ok(module)
     }
 
     /// Launches kernel `name` for T with the arguments every kernel in the `.cu` files takes, in

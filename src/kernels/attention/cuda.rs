@@ -8,18 +8,18 @@ use candle_core::{CudaDevice, CudaStorage, Result};
 
 use super::{wgmma_tiles_per_cta, Att90Rows};
 use crate::kernels::launch::{
-    self, aligned, block_rows, config, dispatch, dispatch_half, pack, ptx, strided_rows, view,
-    warp_rows, In, Ptx,
+    self, aligned, block_rows, config, dispatch, dispatch_half, module, pack, strided_rows, view,
+    warp_rows, In, Module,
 };
 use crate::kernels::tiling::{
-    ATT90_BK, ATT90_MAX_HDP, ATT90_STAGES, ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_B_BK,
-    ATT_A_WARPS, ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES, ATT_B_WARPS, ATT_HEAD_DIMS, SOFTMAX_PACKS,
+    ATT90_BK, ATT90_MAX_HDP, ATT90_STAGES, ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_A_WARPS, ATT_B_BK,
+    ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES, ATT_B_WARPS, ATT_HEAD_DIMS, SOFTMAX_PACKS,
 };
 
-const PTX: Ptx = ptx!("attention");
-const FLASH: Ptx = ptx!("flash");
+const KERNELS: Module = module!("attention");
+const FLASH: Module = module!("flash");
 /// Empty unless the binary is built for compute capability 9.0 (build.rs).
-const FLASH90: Ptx = ptx!("flash_sm90");
+const FLASH90: Module = module!("flash_sm90");
 
 pub fn softmax_bias(
     s: In,
@@ -42,7 +42,7 @@ pub fn softmax_bias(
         };
         let (cfg, sizes) = (warp_rows(rows), [rows, cols, bias_rows]);
         // SAFETY: reads rows × cols scores and bias_rows × cols bias, writes rows × cols.
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&sv, &bv, &out], &sizes, &[scale]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, cfg, &[&sv, &bv, &out], &sizes, &[scale]) }?;
         out
     })
 }
@@ -66,7 +66,7 @@ pub fn split_qkv(qkv: In, bias: In, dims: [usize; 4]) -> Result<CudaStorage> {
         let cfg = block_rows(batch * tokens);
         // SAFETY: reads batch·tokens rows of qkv and batch strided bias rows (bounds checked
         // by strided_rows), writes 3 · batch · heads · tokens · hd.
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&qv, &bv, &out], &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, cfg, &[&qv, &bv, &out], &sizes, &[]) }?;
         out
     })
 }
@@ -86,7 +86,7 @@ pub fn merge_heads(ctx: In, dims: [usize; 4]) -> Result<CudaStorage> {
         };
         let (cfg, sizes) = (block_rows(batch * tokens), [batch, tokens, heads, hd]);
         // SAFETY: reads and writes batch · tokens · heads · hd.
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&cv, &out], &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, cfg, &[&cv, &out], &sizes, &[]) }?;
         out
     })
 }
@@ -190,12 +190,12 @@ pub fn attention(
     })
 }
 
-/// Whether the Hopper kernel can run on `dev`: its PTX was built (CUDA_COMPUTE_CAP 90) and the
+/// Whether the Hopper kernel can run on `dev`: its code was built (CUDA_COMPUTE_CAP 90) and the
 /// device is compute capability 9.0 (sm_90a code runs on no other).
 pub fn wgmma_available(dev: &CudaDevice) -> bool {
     let stream = dev.cuda_stream();
     let attr = |a| stream.context().attribute(a).ok();
-    !FLASH90.code.is_empty()
+    !FLASH90.image.is_empty()
         && attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) == Some(9)
         && attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) == Some(0)
 }

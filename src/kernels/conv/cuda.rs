@@ -9,14 +9,14 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::WithDType;
 
 use crate::kernels::launch::{
-    self, aligned, config, dispatch, dispatch_half, flat, grid_flat, pack, ptx, view, Buf, In, Ptx,
-    MAX_GRID,
+    self, aligned, config, dispatch, dispatch_half, flat, grid_flat, module, pack, view, Buf, In,
+    Module, MAX_GRID,
 };
 use crate::kernels::tiling::{
     conv_igemm_smem, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS, COUT4_PIXELS, ROW_BLOCK,
 };
 
-const PTX: Ptx = ptx!("conv");
+const KERNELS: Module = module!("conv");
 
 /// `dims` = input [batch, h, w, c].
 pub fn im2col3x3(x: In, dims: [usize; 4], up: usize) -> Result<CudaStorage> {
@@ -35,7 +35,7 @@ pub fn im2col3x3(x: In, dims: [usize; 4], up: usize) -> Result<CudaStorage> {
         };
         let sizes = [batch, h, w, c, up];
         // SAFETY: reads batch·h·w·c, writes total = batch·(h·up)·(w·up)·9·c.
-        unsafe { PTX.launch::<T>(&dev, name, flat(items), &[&xv, &out], &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, flat(items), &[&xv, &out], &sizes, &[]) }?;
         out
     })
 }
@@ -69,7 +69,7 @@ pub fn conv3x3_small(x: In, w: In, bias: In, dims: [usize; 4], cout: usize) -> R
         let sizes = [batch, h, wd, c, cout];
         // SAFETY: reads batch·h·w·c, cout·9·c weights and cout biases; writes pixels·cout.
         unsafe {
-            PTX.launch::<T>(
+            KERNELS.launch::<T>(
                 &dev,
                 "conv3x3_cout4_v",
                 cfg,
@@ -99,7 +99,7 @@ pub fn im2col_up2_phases(x: In, dims: [usize; 4]) -> Result<CudaStorage> {
         let cfg = flat(total / pack::<T>());
         let (name, sizes) = ("im2col_up2_phases_v", [batch, h, w, c]);
         // SAFETY: reads batch·h·w·c, writes total = 16·batch·h·w·c.
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&xv, &out], &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, cfg, &[&xv, &out], &sizes, &[]) }?;
         out
     })
 }
@@ -125,7 +125,7 @@ pub fn pixel_shuffle_bias(y: In, bias: In, dims: [usize; 4]) -> Result<CudaStora
         let cfg = flat(total / pack::<T>());
         let (name, sizes) = ("pixel_shuffle_bias_v", [batch, h, w, c]);
         // SAFETY: reads 4·batch·h·w·c and c bias values, writes the same count.
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &[&yv, &bv, &out], &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, cfg, &[&yv, &bv, &out], &sizes, &[]) }?;
         out
     })
 }
@@ -175,7 +175,7 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
     let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(bias)?);
     let rv = residual.map(view::<T>).transpose()?;
     let out = unsafe { dev.alloc::<T>(pixels * cout)? };
-    let func = PTX.func::<T>(&dev, "conv3x3_igemm")?;
+    let func = KERNELS.func::<T>(&dev, "conv3x3_igemm")?;
     let smem = conv_igemm_smem(std::mem::size_of::<T>());
     func.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

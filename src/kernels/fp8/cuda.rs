@@ -6,12 +6,14 @@ use candle_core::{CudaDevice, CudaStorage, Result, Storage, Tensor};
 use float8::F8E4M3;
 
 use super::{Fp8Linear, Fp8Scaling, Prologue};
-use crate::kernels::launch::{aligned, dispatch_half, flat, ptx, view, warp_rows, Buf, In, Ptx};
+use crate::kernels::launch::{
+    aligned, dispatch_half, flat, module, view, warp_rows, Buf, In, Module,
+};
 use crate::kernels::linear::cublaslt::{fp8_matmul, Fp8Operands, Fp8Output};
 use crate::kernels::tiling::LN_PACKS;
 use crate::kernels::Activation;
 
-const PTX: Ptx = ptx!("fp8");
+const KERNELS: Module = module!("fp8");
 
 /// Elements of a 2-byte type in one 16-byte pack (the packed kernels are for bf16/f16 only).
 const PACK: usize = 8;
@@ -30,7 +32,7 @@ pub fn quantize_scaled(w: In, scale: In, rows: usize, cols: usize) -> Result<Cud
     let q = unsafe { dev.alloc::<F8E4M3>(rows * cols)? };
     // SAFETY: reads rows × cols of w and rows of scale, writes rows × cols.
     unsafe {
-        PTX.launch::<f32>(
+        KERNELS.launch::<f32>(
             &dev,
             "fp8_quantize_scaled",
             flat(rows * cols),
@@ -84,7 +86,7 @@ where
         Prologue::Quantize => ("fp8_quant", 0.0),
     };
     // SAFETY: reads m × k of x, writes m × k of xq and m of xs.
-    unsafe { PTX.launch::<T>(dev, name, warp_rows(m), &[&xv, &xq, &xs], &[m, k], &[eps]) }?;
+    unsafe { KERNELS.launch::<T>(dev, name, warp_rows(m), &[&xv, &xq, &xs], &[m, k], &[eps]) }?;
 
     let wq = w.0.as_cuda_slice::<F8E4M3>()?;
     let (wlo, whi) =
@@ -142,7 +144,7 @@ where
     };
     // SAFETY: reads m × n of raw (and res), m of xs, n of ws and bias; writes m × n.
     unsafe {
-        PTX.launch::<T>(
+        KERNELS.launch::<T>(
             dev,
             name,
             flat(items),

@@ -6,11 +6,11 @@ use candle_core::{CudaStorage, Result};
 use super::Activation;
 pub use crate::kernels::launch::In;
 use crate::kernels::launch::{
-    aligned, config, dispatch, flat, pack, ptx, view, Buf, Ptx, MAX_GRID,
+    aligned, config, dispatch, flat, module, pack, view, Buf, Module, MAX_GRID,
 };
 use crate::kernels::tiling::ROW_BLOCK;
 
-const PTX: Ptx = ptx!("linear");
+const KERNELS: Module = module!("linear");
 
 pub fn bias_act(
     act: Activation,
@@ -55,7 +55,7 @@ pub fn bias_act(
         let sizes = [rows, cols, rows_per_group];
         // SAFETY: the kernel reads rows × cols of y (and res) and groups × cols of bias, all
         // checked by the caller, and writes the rows × cols it was given.
-        unsafe { PTX.launch::<T>(&dev, &name, cfg, &bufs, &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, &name, cfg, &bufs, &sizes, &[]) }?;
         out
     })
 }

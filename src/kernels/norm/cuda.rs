@@ -5,11 +5,11 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Result};
 
 use crate::kernels::launch::{
-    aligned, config, dispatch, flat, pack, ptx, view, warp_rows, Buf, In, Ptx,
+    aligned, config, dispatch, flat, module, pack, view, warp_rows, Buf, In, Module,
 };
 use crate::kernels::tiling::{LN_PACKS, ROW_BLOCK};
 
-const PTX: Ptx = ptx!("norm");
+const KERNELS: Module = module!("norm");
 
 /// Pixels a block of the scalar statistics kernel sums.
 const GN_TILE: usize = 32;
@@ -28,7 +28,7 @@ pub fn layer_norm(x: In, rows: usize, cols: usize, eps: f32) -> Result<CudaStora
         };
         // SAFETY: reads and writes rows × cols.
         unsafe {
-            PTX.launch::<T>(
+            KERNELS.launch::<T>(
                 &dev,
                 name,
                 warp_rows(rows),
@@ -81,12 +81,12 @@ pub fn group_norm(
         let sizes = [hw, c, groups, tile];
         // SAFETY: reads batch·hw·c, writes every one of the batch·tiles·groups partials.
         let bufs = [&xv as &dyn Buf, &partial_a, &partial_q];
-        unsafe { PTX.launch::<T>(&dev, name, cfg, &bufs, &sizes, &[]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, cfg, &bufs, &sizes, &[]) }?;
         let cfg = warp_rows(batch * groups);
         let sizes = [batch, hw, c, groups, tiles];
         // SAFETY: reads the partials and one value of x per (sample, group), writes sums and sq.
         let bufs = [&xv as &dyn Buf, &partial_a, &partial_q, &sums, &sq];
-        unsafe { PTX.launch::<T>(&dev, "gn_finalize", cfg, &bufs, &sizes, &[eps]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, "gn_finalize", cfg, &bufs, &sizes, &[eps]) }?;
         let sizes = [batch, hw, c, groups];
         let vector = c.is_multiple_of(pack::<T>())
             && batch * hw * c < u32::MAX as usize
@@ -106,7 +106,7 @@ pub fn group_norm(
         };
         let bufs = [&xv as &dyn Buf, &sums, &sq, &gv, &bv, &out];
         // SAFETY: reads batch·hw·c and c-long gamma/beta, writes batch·hw·c.
-        unsafe { PTX.launch::<T>(&dev, name, flat(items), &bufs, &sizes, &[eps]) }?;
+        unsafe { KERNELS.launch::<T>(&dev, name, flat(items), &bufs, &sizes, &[eps]) }?;
         out
     })
 }

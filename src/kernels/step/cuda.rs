@@ -5,9 +5,9 @@ use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{CudaStorage, Result};
 
 use super::UpdateSpec;
-use crate::kernels::launch::{flat, ptx, view, In, Ptx};
+use crate::kernels::launch::{flat, module, view, In, Module};
 
-const PTX: Ptx = ptx!("step");
+const KERNELS: Module = module!("step");
 
 /// `out` [rows, C or 2C, H·W], `x` and `prev` [rows, C, H·W], `params` the step's buffer (all
 /// f32, contiguous); returns [2, rows, C, H·W].
@@ -43,7 +43,7 @@ pub fn guided_update(
     // SAFETY: reads out, x, prev (their sizes checked by the caller) and params up to the
     // columns' ends (checked by the caller); writes 2·total.
     unsafe {
-        PTX.launch::<f32>(
+        KERNELS.launch::<f32>(
             &dev,
             "guided_update",
             flat(total),
