@@ -220,11 +220,13 @@ impl Module {
         if self.image.is_empty() {
             candle_core::bail!("kernel module {} is not built for this GPU", self.name);
         }
+        let start = std::time::Instant::now();
         let module = dev
             .cuda_stream()
             .context()
             .load_module(Ptx::from_binary(self.image.to_vec()))
             .w()?;
+        tracing::debug!(module = self.name, elapsed = ?start.elapsed(), "kernel module loaded");
         all.insert(key, module.clone());
         Ok(module)
     }

@@ -175,7 +175,20 @@ impl Pipeline {
                 .iter()
                 .map(|device| {
                     scope.spawn(move || {
-                        build(device).with_context(|| format!("on {}", device_name(device)))
+                        let name = device_name(device);
+                        let pipeline = build(device).with_context(|| format!("on {name}"))?;
+                        // The build only queues its device work (random weights, FP8
+                        // quantisation, uploads). Finish it on this thread before the thread
+                        // ends: on the H200, FP8 start-ups whose loading thread ended with that
+                        // work still queued hung with the GPU idle (docs/fp8.md). It also
+                        // means that "built" covers the weights being on the device, and that
+                        // an error in that work surfaces here, naming the device.
+                        let start = std::time::Instant::now();
+                        device
+                            .synchronize()
+                            .with_context(|| format!("finishing the model's upload to {name}"))?;
+                        tracing::debug!(device = %name, elapsed = ?start.elapsed(), "model on the device");
+                        Ok(pipeline)
                     })
                 })
                 .collect();

@@ -114,13 +114,17 @@ impl DiffiT {
         };
         let blocks = (0..config.depth)
             .map(|i| {
-                Block::new(
+                let start = std::time::Instant::now();
+                let block = Block::new(
                     vb.pp("blocks").pp(i),
                     &config,
                     &index,
                     norm.clone(),
                     kernels.for_block(i, config.depth),
-                )
+                );
+                // Where a slow start-up spends its time (docs/fp8.md).
+                tracing::debug!(block = i, elapsed = ?start.elapsed(), "DiffiT block built");
+                block
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
