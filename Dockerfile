@@ -109,10 +109,16 @@ RUN apt-get update \
 WORKDIR /app
 COPY weights/ /app/weights/
 COPY --from=build-gpu /out/diffit-server /app/bin/diffit-server
+# candle's own kernels ship as PTX, which the driver compiles at a module's first use and caches on disk. Its
+# default cache ($HOME/.nv, here /app/.nv) is not writable by the server (root-owned /app; read-only root in the
+# manifests), which made every start compile them again: keep the cache in /tmp (an emptyDir in the manifests,
+# so a restarted container finds it), capped below that volume's size. docs/deploy.md#the-kernel-jit-cache.
 ENV PATH=/app/bin:$PATH \
     DIFFIT_HOST=0.0.0.0 \
     DIFFIT_PORT=8080 \
-    DIFFIT_DEVICE=auto
+    DIFFIT_DEVICE=auto \
+    CUDA_CACHE_PATH=/tmp/cuda-jit-cache \
+    CUDA_CACHE_MAXSIZE=134217728
 EXPOSE 8080
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
