@@ -106,7 +106,6 @@ async fn generate_json_png_stream_and_info_routes() {
         "diffit_queue_wait_seconds_bucket",
         "diffit_batch_size_bucket",
         "diffit_step_duration_seconds_bucket",
-        "diffit_step_rows_total{",
         "diffit_images_generated_total",
         "diffit_decode_duration_seconds_bucket",
         "diffit_encode_duration_seconds_bucket",
@@ -743,52 +742,4 @@ async fn warm_up_prepares_the_buckets_batches_need_and_changes_no_pixels() {
         images.push(pngs);
     }
     assert_eq!(images[0], images[1], "the warm-up changed the images");
-}
-
-/// `diffit_step_rows_total`: the network rows of the steps served, for samples and for the
-/// padding up to a bucket. Three guided images at a constant scale take 6 rows a step, padded
-/// to bucket(6) = 8 with the padded steps on, unpadded without; the warm-up's steps are not
-/// counted.
-#[tokio::test]
-async fn step_rows_metric_counts_sample_and_padding_rows() {
-    use diffit_server::pipeline::graphs::bucket;
-    let steps = 5;
-    let request = json!({"class_label": 2, "seed": 7, "steps": steps, "n": 3,
-        "guidance_scale": 3.0, "guidance_schedule": "constant"});
-    for (graphs, padding_per_step) in [("on", bucket(6) - 6), ("off", 0)] {
-        let s = TestServer::start(&["--cuda-graphs", graphs, "--max-batch", "3"]).await;
-        // Both series exist (at 0) once the engine serves.
-        let metrics = s.get("/metrics").await.text().await.unwrap();
-        for kind in ["sample", "padding"] {
-            let line = metrics
-                .lines()
-                .find(|l| {
-                    l.starts_with("diffit_step_rows_total")
-                        && l.contains(&format!("kind=\"{kind}\""))
-                })
-                .unwrap_or_else(|| panic!("no {kind} series before any request:\n{metrics}"));
-            assert!(line.ends_with(" 0"), "{line}");
-        }
-        assert_eq!(s.post("/generate", request.clone()).await.status(), 200);
-        let text = s.get("/metrics").await.text().await.unwrap();
-        let total = |kind: &str| -> f64 {
-            text.lines()
-                .filter(|l| {
-                    l.starts_with("diffit_step_rows_total")
-                        && l.contains(&format!("kind=\"{kind}\""))
-                })
-                .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
-                .sum()
-        };
-        assert_eq!(
-            total("sample"),
-            (steps * 6) as f64,
-            "--cuda-graphs {graphs}"
-        );
-        assert_eq!(
-            total("padding"),
-            (steps * padding_per_step) as f64,
-            "--cuda-graphs {graphs}"
-        );
-    }
 }

@@ -55,7 +55,6 @@ METRICS = {
     "diffit_active_samples": ("gauge", {"model"}),
     "diffit_batch_size": ("histogram", {"engine", "device", "model"}),
     "diffit_step_duration_seconds": ("histogram", {"engine", "device", "model"}),
-    "diffit_step_rows_total": ("counter", {"engine", "device", "model", "kind"}),
     "diffit_images_generated_total": ("counter", {"model"}),
     "diffit_decode_duration_seconds": ("histogram", {"model"}),
     "diffit_encode_duration_seconds": ("histogram", {"model"}),
@@ -209,17 +208,11 @@ def dashboard() -> dict:
     panel("timeseries", "Queue wait", "Time from admission to the first denoising step.",
           12, 23, 12, 8, quantiles("diffit_queue_wait_seconds", msel), unit="s")
     panel("timeseries", "Batch size", "Samples per network forward (continuous batching).",
-          0, 31, 8, 8, quantiles("diffit_batch_size", msel, (0.5, 0.95)) + [
+          0, 31, 12, 8, quantiles("diffit_batch_size", msel, (0.5, 0.95)) + [
               target(f"sum(rate(diffit_batch_size_sum{{{msel}}}[{rate}])) / "
                      f"sum(rate(diffit_batch_size_count{{{msel}}}[{rate}]))", "mean", "C")], unit="none")
     panel("timeseries", "Step latency", "Duration of one denoising step over the whole batch.",
-          8, 31, 8, 8, quantiles("diffit_step_duration_seconds", msel), unit="s")
-    panel("timeseries", "Step padding",
-          "Share of the network rows computed for padding: with --cuda-graphs a step runs at its batch-size "
-          "bucket, and rows past the batch's are computed for nothing.",
-          16, 31, 8, 8, [target(f"sum(rate(diffit_step_rows_total{{{msel}, kind=\"padding\"}}[{rate}])) / "
-                                f"sum(rate(diffit_step_rows_total{{{msel}}}[{rate}]))", "padding", "A")],
-          unit="percentunit")
+          12, 31, 12, 8, quantiles("diffit_step_duration_seconds", msel), unit="s")
 
     row("Output", 39)
     panel("timeseries", "Images generated", "Images per second by pod.",

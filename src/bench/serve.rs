@@ -112,9 +112,6 @@ pub struct PathRow {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// Share of the pass's network rows that were padding up to a step bucket (0 where steps
-    /// are not bucketed): compute spent on nothing (`diffit_step_rows_total`).
-    pub padding_pct: f64,
 }
 
 /// One model's share of the `mixed` pass.
@@ -171,13 +168,13 @@ impl std::fmt::Display for ServeBenchReport {
         )?;
         writeln!(
             f,
-            "| path | requests | images | wall s | images/s | vs engine | p50 ms | p99 ms | padding % |"
+            "| path | requests | images | wall s | images/s | vs engine | p50 ms | p99 ms |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|")?;
         for r in &self.rows {
             writeln!(
                 f,
-                "| {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.0} | {:.0} | {:.1} |",
+                "| {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.0} | {:.0} |",
                 r.path,
                 r.requests,
                 r.images,
@@ -185,8 +182,7 @@ impl std::fmt::Display for ServeBenchReport {
                 r.images_per_sec,
                 r.relative_to_engine,
                 r.p50_ms,
-                r.p99_ms,
-                r.padding_pct
+                r.p99_ms
             )?;
         }
         writeln!(
@@ -409,22 +405,6 @@ async fn http_request(
     Ok(images)
 }
 
-/// Network rows the first model's engines have stepped so far: (samples', padding).
-fn step_rows(handle: &EngineHandle) -> (u64, u64) {
-    handle
-        .stats()
-        .engines()
-        .iter()
-        .map(|e| e.step_rows())
-        .fold((0, 0), |(s, p), (s2, p2)| (s + s2, p + p2))
-}
-
-/// Padding's share of the rows stepped between two `step_rows` readings, in %.
-fn padding_pct((s0, p0): (u64, u64), (s1, p1): (u64, u64)) -> f64 {
-    let (sample, padding) = (s1 - s0, p1 - p0);
-    100.0 * padding as f64 / ((sample + padding) as f64).max(1.0)
-}
-
 fn row(path: &str, requests: usize, (lat, images, wall): (Vec<f64>, usize, f64)) -> PathRow {
     PathRow {
         path: path.into(),
@@ -436,7 +416,6 @@ fn row(path: &str, requests: usize, (lat, images, wall): (Vec<f64>, usize, f64))
         p50_ms: percentile(&lat, 50.0),
         p99_ms: percentile(&lat, 99.0),
         max_ms: lat.last().copied().unwrap_or(0.0),
-        padding_pct: 0.0,
     }
 }
 
@@ -590,16 +569,12 @@ async fn measure(
     for (path, encode) in [("engine", None), ("engine+png", Some(a.png_compression))] {
         eprintln!("measuring {path} …");
         let deadline = Instant::now() + max;
-        let before = step_rows(handle);
         let measured = closed_loop(requests.len(), a.concurrency, |r| {
             engine_request(handle.clone(), requests[r].specs.clone(), deadline, encode)
         })
         .await
         .with_context(|| format!("{path} pass"))?;
-        rows.push(PathRow {
-            padding_pct: padding_pct(before, step_rows(handle)),
-            ..row(path, requests.len(), measured)
-        });
+        rows.push(row(path, requests.len(), measured));
     }
 
     eprintln!("measuring http …");
@@ -632,7 +607,6 @@ async fn measure(
         .timeout(max)
         .pool_max_idle_per_host(a.concurrency)
         .build()?;
-    let before = step_rows(handle);
     let measured = closed_loop(requests.len(), a.concurrency, |r| {
         http_request(
             client.clone(),
@@ -643,7 +617,6 @@ async fn measure(
     })
     .await
     .context("http pass");
-    let http_padding = padding_pct(before, step_rows(handle));
     let mixed = match (&measured, handles.get(1)) {
         (Ok(_), Some(second)) => {
             eprintln!("measuring mixed …");
@@ -657,10 +630,7 @@ async fn measure(
         .await
         .context("the HTTP server task failed")?
         .context("the HTTP server failed")?;
-    rows.push(PathRow {
-        padding_pct: http_padding,
-        ..row("http", requests.len(), measured?)
-    });
+    rows.push(row("http", requests.len(), measured?));
     let mixed = mixed.transpose()?;
 
     let engine_rate = rows[0].images_per_sec;

@@ -185,16 +185,6 @@ impl SampleState {
         self.schedule.timestep_map[self.index()]
     }
 
-    /// Network rows the next step takes: two where it is guided ([y; null]), one where it is
-    /// not or its scale is exactly 1 (`Guidance::scale_for_step`).
-    pub fn network_rows(&self) -> usize {
-        1 + usize::from(
-            self.guidance
-                .scale_for_step(self.model_timestep())
-                .is_some(),
-        )
-    }
-
     fn coefficients(&self, learn_sigma: bool) -> Coefs {
         let s = &*self.schedule;
         let i = self.index();

@@ -236,10 +236,6 @@ pub struct EngineSlot {
     ready: AtomicBool,
     /// Images this engine finished denoising.
     images_done: AtomicU64,
-    /// Network rows its steps computed for samples, and for padding up to a bucket
-    /// (`graphs::StepShape`), since it started serving.
-    sample_rows: AtomicU64,
-    padding_rows: AtomicU64,
 }
 
 impl EngineSlot {
@@ -257,21 +253,6 @@ impl EngineSlot {
 
     pub fn images_done(&self) -> u64 {
         self.images_done.load(Ordering::Relaxed)
-    }
-
-    /// (sample rows, padding rows) this engine's steps have computed while serving.
-    pub fn step_rows(&self) -> (u64, u64) {
-        (
-            self.sample_rows.load(Ordering::Relaxed),
-            self.padding_rows.load(Ordering::Relaxed),
-        )
-    }
-
-    pub(crate) fn add_step_rows(&self, shape: crate::pipeline::StepShape) {
-        self.sample_rows
-            .fetch_add(shape.rows as u64, Ordering::Relaxed);
-        self.padding_rows
-            .fetch_add(shape.padding() as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn set_images_per_sec(&self, v: f64) {

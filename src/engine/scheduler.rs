@@ -109,9 +109,6 @@ pub(super) fn run(pipe: Pipeline, config: EngineConfig, ctx: EngineContext) {
     let device = s.device_label.clone();
     match s.warm_up() {
         Ok(()) => {
-            // Both series from the start (before /readyz says ready), so that rate() sees them
-            // before padding first occurs.
-            s.count_step_rows(0, 0);
             s.slot().ready.store(true, Ordering::SeqCst);
             if s.ctx.warming.fetch_sub(1, Ordering::SeqCst) == 1 {
                 // The last engine of the last model: the server is ready.
@@ -231,19 +228,6 @@ impl Scheduler {
             }
         }
         Ok(())
-    }
-
-    /// `diffit_step_rows_total`: the network rows of the steps served, for samples and for
-    /// padding up to a bucket (their ratio is the compute the buckets waste).
-    fn count_step_rows(&self, sample: usize, padding: usize) {
-        for (kind, rows) in [("sample", sample), ("padding", padding)] {
-            metrics::counter!("diffit_step_rows_total",
-                "engine" => self.engine_label.clone(),
-                "device" => self.device_label.clone(),
-                "model" => self.ctx.model.clone(),
-                "kind" => kind)
-            .increment(rows as u64);
-        }
     }
 
     /// The loop, until the queue is closed and everything taken from it is done.
@@ -445,18 +429,16 @@ impl Scheduler {
                 });
             }
         }
-        let shape = step_span.in_scope(|| {
+        step_span.in_scope(|| {
             let mut refs: Vec<&mut SampleState> =
                 self.active.iter_mut().map(|a| &mut a.sample).collect();
             self.pipe.step(&mut refs)
         })?;
-        self.slot().add_step_rows(shape);
         let labels = [
             ("engine", self.engine_label.clone()),
             ("device", self.device_label.clone()),
             ("model", self.ctx.model.clone()),
         ];
-        self.count_step_rows(shape.rows, shape.padding());
         metrics::histogram!("diffit_batch_size", &labels).record(batch as f64);
         metrics::histogram!("diffit_step_duration_seconds", &labels)
             .record(started.elapsed().as_secs_f64());

@@ -44,21 +44,6 @@ pub fn bucket(rows: usize) -> usize {
         .unwrap_or_else(|| rows.div_ceil(64) * 64)
 }
 
-/// The network rows of one step: those of its samples, and what they ran as (the bucket under
-/// `Bucketed`/`Captured`, the same under `Direct`). The difference is padding: rows computed
-/// for nothing (`diffit_step_rows_total{kind="padding"}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepShape {
-    pub rows: usize,
-    pub padded: usize,
-}
-
-impl StepShape {
-    pub fn padding(&self) -> usize {
-        self.padded - self.rows
-    }
-}
-
 /// Every bucket a step of 1..=`max_rows` network rows is padded to, ascending: the shapes an
 /// engine can ever run (`max_rows` = two per image of its largest batch, `Pipeline::warm_buckets`).
 pub fn buckets_up_to(max_rows: usize) -> Vec<usize> {
@@ -207,23 +192,13 @@ impl StepGraphs {
         capture::graph_memory_mib(device)
     }
 
-    /// Advances every sample by one step, as `denoise_step` does; returns the step's rows.
-    pub fn step(
-        &mut self,
-        model: &DiffiT,
-        samples: &mut [&mut SampleState],
-    ) -> anyhow::Result<StepShape> {
-        let sample_rows: usize = samples.iter().map(|s| s.network_rows()).sum();
-        let unpadded = StepShape {
-            rows: sample_rows,
-            padded: sample_rows,
-        };
+    /// Advances every sample by one step, as `denoise_step` does.
+    pub fn step(&mut self, model: &DiffiT, samples: &mut [&mut SampleState]) -> anyhow::Result<()> {
         if samples.is_empty() {
-            return Ok(unpadded);
+            return Ok(());
         }
         if self.mode == StepMode::Direct {
-            crate::diffusion::denoise_step(model, samples)?;
-            return Ok(unpadded);
+            return Ok(crate::diffusion::denoise_step(model, samples)?);
         }
         if let Some(s) = samples.iter().find(|s| s.is_done()) {
             anyhow::bail!("sample already finished its {} steps", s.steps_total());
@@ -237,16 +212,7 @@ impl StepGraphs {
             .collect::<candle_core::Result<_>>()?;
         let n = samples.len();
         let guided = steps.iter().filter(|r| r.guidance.is_some()).count();
-        debug_assert_eq!(
-            n + guided,
-            sample_rows,
-            "SampleState::network_rows disagrees with step_row"
-        );
-        let shape = StepShape {
-            rows: n + guided,
-            padded: bucket(n + guided),
-        };
-        let rows = shape.padded;
+        let rows = bucket(n + guided);
         let device = model.device();
         let b = match self.buckets.entry(rows) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -327,7 +293,7 @@ impl StepGraphs {
             };
             s.advance(next.narrow(0, i, 1)?, est);
         }
-        Ok(shape)
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-pub use graphs::{StepGraphs, StepMode, StepShape};
+pub use graphs::{StepGraphs, StepMode};
 pub use info::{ModelInfo, SamplingDefaults};
 pub use warm::{max_step_rows, specs_for_rows, BucketWarmup};
 
@@ -298,7 +298,7 @@ impl Pipeline {
     /// Advances every sample by one step: one network forward over all of them (guided
     /// samples twice), guidance and each sample's sampler update; as a CUDA graph replay
     /// where `--cuda-graphs` says so (`graphs`).
-    pub fn step(&self, samples: &mut [&mut SampleState]) -> anyhow::Result<StepShape> {
+    pub fn step(&self, samples: &mut [&mut SampleState]) -> anyhow::Result<()> {
         self.steps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
