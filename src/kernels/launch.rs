@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{kernel_name, CudaDType, DeviceId, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, Layout, Result, WithDType};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Storage, WithDType};
 
 use super::tiling::ROW_BLOCK;
 
@@ -108,6 +109,15 @@ macro_rules! dispatch_half {
 }
 pub(crate) use dispatch_half;
 
+/// The CUDA storage of a tensor a custom op reads beside its inputs (a bias, a residual, a
+/// parameter buffer); `what` names it in the error ("op: the bias").
+pub fn on_gpu<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("{what} is not on the GPU"),
+    }
+}
+
 /// A contiguous input as a view of its elements.
 pub fn view<'a, T: CudaDType>((s, l): In<'a>) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
@@ -203,6 +213,23 @@ impl Module {
         self.loaded_on(dev)?
             .load_function(&name)
             .map_err(|e| candle_core::Error::Msg(format!("kernel {name} of {}: {e}", self.name)))
+    }
+
+    /// [`Module::func`] for a kernel launched with `smem_bytes` of dynamic shared memory: the
+    /// function allowed that much (past the 48 KiB default where the kernel needs it).
+    pub fn func_with_smem<T: CudaDType + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        name: &str,
+        smem_bytes: usize,
+    ) -> Result<CudaFunction> {
+        let func = self.func::<T>(dev, name)?;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem_bytes as i32,
+        )
+        .w()?;
+        Ok(func)
     }
 
     /// This module in `dev`'s context, loaded there on first use.

@@ -2,7 +2,7 @@
 //! flash_sm90.cu.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Result};
 
@@ -168,13 +168,9 @@ pub fn attention(
         let sbv = strided_rows::<T>(sbias, batch, 3 * heads * hd, "attention: sample bias")?;
         let av = view::<T>(abias)?;
         let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
-        let func = FLASH.func::<T>(&dev, &format!("attention_{hdp}{}", tiling.name))?;
         let bytes = tiling.smem_bytes(hdp, std::mem::size_of::<T>());
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .w()?;
+        let func =
+            FLASH.func_with_smem::<T>(&dev, &format!("attention_{hdp}{}", tiling.name), bytes)?;
         let grid = (
             tokens.div_ceil(tiling.bq) as u32,
             heads as u32,
@@ -256,13 +252,8 @@ pub fn attention_sm90(
         let sbv = strided_rows::<T>(sbias, batch, 3 * heads * hd, "attention: sample bias")?;
         let av = view::<T>(abias)?;
         let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
-        let func = FLASH90.func::<T>(&dev, &format!("attention90_{hdp}_w{wg}"))?;
         let bytes = sm90_smem_bytes(hdp, rows, std::mem::size_of::<T>());
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .w()?;
+        let func = FLASH90.func_with_smem::<T>(&dev, &format!("attention90_{hdp}_w{wg}"), bytes)?;
         let tiles = tiles_per_cta(&dev, tokens, rows, batch * heads)?;
         let grid = (
             tokens.div_ceil(64 * wg * tiles) as u32,

@@ -3,9 +3,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, Result};
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::WithDType;
 
 use crate::kernels::launch::{
@@ -175,13 +174,8 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
     let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(bias)?);
     let rv = residual.map(view::<T>).transpose()?;
     let out = unsafe { dev.alloc::<T>(pixels * cout)? };
-    let func = KERNELS.func::<T>(&dev, "conv3x3_igemm")?;
     let smem = conv_igemm_smem(std::mem::size_of::<T>());
-    func.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .w()?;
+    let func = KERNELS.func_with_smem::<T>(&dev, "conv3x3_igemm", smem)?;
     let cfg = config((grid.0 as u32, grid.1 as u32, 1), CONV_THREADS, smem);
     let sizes = [batch, h, wd, c, cout, usize::from(rv.is_some())];
     // Without a residual the kernel never reads its pointer: pass the bias in its place.

@@ -329,17 +329,14 @@ impl CustomOp2 for Conv3x3Implicit {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::Storage;
+        use crate::kernels::launch::on_gpu;
         let (bias_guard, bias_l) = self.bias.storage_and_layout();
-        let Storage::Cuda(bias) = &*bias_guard else {
-            candle_core::bail!("conv3x3_implicit: the bias is not on the GPU");
-        };
+        let bias = on_gpu(&bias_guard, "conv3x3_implicit: the bias")?;
         let res_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
         let residual = match &res_guard {
-            Some((guard, layout)) => match &**guard {
-                Storage::Cuda(s) => Some((s, *layout)),
-                _ => candle_core::bail!("conv3x3_implicit: the residual is not on the GPU"),
-            },
+            Some((guard, layout)) => {
+                Some((on_gpu(guard, "conv3x3_implicit: the residual")?, *layout))
+            }
             None => None,
         };
         let cout = l2.shape().dims2()?.0;

@@ -2,12 +2,12 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaStorageSlice;
-use candle_core::{CudaDevice, CudaStorage, Result, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, Result, Tensor};
 use float8::F8E4M3;
 
 use super::{Fp8Linear, Fp8Scaling, Prologue};
 use crate::kernels::launch::{
-    aligned, dispatch_half, flat, module, view, warp_rows, Buf, In, Module,
+    aligned, dispatch_half, flat, module, on_gpu, view, warp_rows, Buf, In, Module,
 };
 use crate::kernels::linear::cublaslt::{fp8_matmul, Fp8Operands, Fp8Output};
 use crate::kernels::tiling::LN_PACKS;
@@ -17,13 +17,6 @@ const KERNELS: Module = module!("fp8");
 
 /// Elements of a 2-byte type in one 16-byte pack (the packed kernels are for bf16/f16 only).
 const PACK: usize = 8;
-
-fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
-    match s {
-        Storage::Cuda(c) => Ok(c),
-        _ => candle_core::bail!("fp8_linear: {what} is not on the GPU"),
-    }
-}
 
 /// Launches `fp8_quantize_scaled` for f32 w [rows, cols] and scale [rows].
 pub fn quantize_scaled(w: In, scale: In, rows: usize, cols: usize) -> Result<CudaStorage> {
@@ -95,12 +88,12 @@ where
     let (scale_s, scale_l) = op.scale.storage_and_layout();
     let (bias_s, bias_l) = op.bias.storage_and_layout();
     let res = op.residual.as_ref().map(Tensor::storage_and_layout);
-    let scale_c = cuda_of(&scale_s, "the weight scale")?;
-    let bias_c = cuda_of(&bias_s, "the bias")?;
+    let scale_c = on_gpu(&scale_s, "fp8_linear: the weight scale")?;
+    let bias_c = on_gpu(&bias_s, "fp8_linear: the bias")?;
     let ws = view::<f32>((scale_c, scale_l))?;
     let bias = view::<T>((bias_c, bias_l))?;
     let res_in = match &res {
-        Some((s, l)) => Some((cuda_of(s, "the residual")?, *l)),
+        Some((s, l)) => Some((on_gpu(s, "fp8_linear: the residual")?, *l)),
         None => None,
     };
     let res_view = res_in.map(view::<T>).transpose()?;

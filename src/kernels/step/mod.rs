@@ -259,9 +259,7 @@ impl CustomOp3 for GuidedUpdate {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (guard, pl) = self.params.storage_and_layout();
-        let Storage::Cuda(ps) = &*guard else {
-            candle_core::bail!("guided_update: the parameters are not on the GPU");
-        };
+        let ps = crate::kernels::launch::on_gpu(&guard, "guided_update: the parameters")?;
         let res = cuda::guided_update(
             (s1, l1),
             (s2, l2),
