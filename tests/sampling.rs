@@ -13,7 +13,7 @@ use diffit_server::diffusion::{
     SeededNoise,
 };
 use diffit_server::model::{DiffiT, WeightsFile};
-use diffit_server::pipeline::graphs::bucket;
+use diffit_server::pipeline::graphs::{bucket, step_shape, StepShape, PADDED_ROWS_MAX};
 use diffit_server::pipeline::{specs_for_rows, ImageSpec, Pipeline, StepGraphs, StepMode};
 
 /// The exact ε-predictor for data that is a single point x*: ε = (x − √ᾱ·x*)/√(1 − ᾱ).
@@ -274,6 +274,65 @@ fn buckets_are_few_and_cover_every_batch() {
 }
 
 #[test]
+fn large_steps_are_padded_only_where_that_adds_no_rows() {
+    for rows in 1..=300 {
+        let expected = match bucket(rows) {
+            b if rows <= PADDED_ROWS_MAX || b == rows => StepShape::Padded(b),
+            _ => StepShape::Exact(rows),
+        };
+        assert_eq!(step_shape(rows), expected, "{rows} rows");
+    }
+    // A full batch of 64 guided images, and the same batch with six of them in the steps
+    // where their scale is 1 (one row each).
+    assert_eq!(step_shape(128), StepShape::Padded(128));
+    assert_eq!(step_shape(122), StepShape::Exact(122));
+    assert_eq!(step_shape(PADDED_ROWS_MAX + 1), StepShape::Exact(49));
+}
+
+#[test]
+fn large_steps_off_the_buckets_run_unpadded_with_the_same_bits() {
+    // 30 images, 20 of them guided at a constant scale (two rows at every step), joining two
+    // at a time: the rows grow through padded buckets to 50 (exact: past PADDED_ROWS_MAX and
+    // not a bucket), then shrink as they finish. Bit for bit against the direct steps.
+    let model = tiny();
+    let batch = || -> Vec<SampleState> {
+        (0..30u64)
+            .map(|i| {
+                let scale = if i % 3 == 0 { 1.0 } else { 3.0 };
+                SampleState::new(
+                    (i % 10) as i64,
+                    [SamplerKind::Ddpm, SamplerKind::Ddim][i as usize % 2],
+                    Guidance::new(scale, GuidanceSchedule::Constant).unwrap(),
+                    Arc::new(Schedule::new(16).unwrap()),
+                    Box::new(SeededNoise::new(i)),
+                    (4, 8, 8),
+                    &Device::Cpu,
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    let joins: Vec<usize> = (0..30).map(|i| i / 2).collect();
+    let mut direct = batch();
+    run_staggered(
+        &mut StepGraphs::new(StepMode::Direct),
+        &model,
+        &mut direct,
+        &joins,
+    );
+    let mut padded = batch();
+    let mut stepper = StepGraphs::new(StepMode::Bucketed);
+    run_staggered(&mut stepper, &model, &mut padded, &joins);
+    for (i, (d, p)) in direct.iter().zip(&padded).enumerate() {
+        assert!(d.is_done() && p.is_done());
+        assert_eq!(bits(p.latent()), bits(d.latent()), "image {i}");
+    }
+    // The 49..=50-row steps ran exact: no bucket past PADDED_ROWS_MAX was ever made.
+    let buckets = stepper.ready_buckets();
+    assert_eq!(buckets.last(), Some(&PADDED_ROWS_MAX), "{buckets:?}");
+}
+
+#[test]
 fn a_sample_can_switch_between_padded_and_direct_steps() {
     // A failed capture in `auto` falls back to the direct step mid-run: the noise the padded
     // step drew ahead must be the noise the direct step uses next.
@@ -372,7 +431,12 @@ fn a_guided_sample_skips_the_unconditional_row_only_where_its_scale_is_one() {
 /// network rows each), the others one row.
 fn reachable_buckets(max_batch: usize) -> Vec<usize> {
     let rows = (1..=max_batch).flat_map(|n| (0..=n).map(move |g| n + g));
-    let set: std::collections::BTreeSet<usize> = rows.map(bucket).collect();
+    let set: std::collections::BTreeSet<usize> = rows
+        .filter_map(|r| match step_shape(r) {
+            StepShape::Padded(b) => Some(b),
+            StepShape::Exact(_) => None,
+        })
+        .collect();
     set.into_iter().collect()
 }
 
@@ -403,7 +467,8 @@ fn warm_up_images_take_exactly_the_rows_they_are_made_for() {
 #[test]
 fn warm_up_prepares_exactly_the_buckets_batches_can_reach() {
     let padded = padded_steps();
-    for max_batch in [1, 3, 5] {
+    // 30: steps of 49..=60 rows run exact, so 64 is not among them.
+    for max_batch in [1, 3, 5, 30] {
         let pipe = tiny_pipeline_with(padded);
         assert_eq!(pipe.step_mode(), StepMode::Bucketed);
         let expected = reachable_buckets(max_batch);
@@ -412,6 +477,9 @@ fn warm_up_prepares_exactly_the_buckets_batches_can_reach() {
             .unwrap()
             .expect("bucketed steps");
         assert_eq!(w.buckets, expected, "max_batch {max_batch}");
+        if max_batch == 30 {
+            assert_eq!(expected, [1, 2, 4, 8, 12, 16, 24, 32, 48]);
+        }
         assert_eq!(pipe.ready_buckets(), expected);
         assert_eq!(w.stepped, expected.len());
         assert_eq!(w.graph_memory_mib, None, "no graphs on the CPU");

@@ -50,7 +50,7 @@ pub use conv::{
 pub use fp8::{fp8_fits, fp8_linear, Fp8Scaling, Fp8Weight, Prologue};
 pub use linear::{
     bias_act, linear_bias_act, linear_bias_residual, linear_no_bias, set_matmul_autotune,
-    Activation,
+    with_borrowed_matmul_algorithms, Activation,
 };
 pub use norm::{group_norm, layer_norm};
 pub use step::{guided_update, UpdateColumns, UpdateSpec};

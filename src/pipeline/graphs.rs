@@ -14,6 +14,13 @@
 //! are selected away rather than multiplied by zero, so a sample's numbers depend neither on
 //! its neighbours nor on the padding (tests below; on the GPU `scripts/gpu-determinism.sh`).
 //!
+//! Past `PADDED_ROWS_MAX` rows a step whose row count is not itself a bucket runs at its own
+//! size, uncaptured (`StepShape::Exact`, the direct step): there the GPU time of a step hides
+//! its launches, so a graph saves nothing and padding only adds work. That matters under
+//! staggered arrivals: a guided image takes one row while its scale is exactly 1
+//! (`Guidance::scale_for_step`), so a full batch of 64 guided images often needs ≈ 122 rows,
+//! which bucket 128 would pad back to the cost of 128 (docs/cuda-graphs.md#exact-steps).
+//!
 //! Graphs are captured lazily, per (model, device, bucket): the first step of a bucket runs
 //! uncaptured with candle's host-to-device parameter cache on (so the capture finds every
 //! small upload candle makes cached) and is captured right after; later steps of that bucket
@@ -44,11 +51,42 @@ pub fn bucket(rows: usize) -> usize {
         .unwrap_or_else(|| rows.div_ceil(64) * 64)
 }
 
-/// Every bucket a step of 1..=`max_rows` network rows is padded to, ascending: the shapes an
-/// engine can ever run (`max_rows` = two per image of its largest batch, `Pipeline::warm_buckets`).
+/// Most network rows a step is padded for; a larger step is padded only where its row count is
+/// a bucket already (no padding), else it runs at its own size (`step_shape`). At 48 rows a step
+/// takes ≈ 20 ms of H200 time against ≈ 4 ms of launches, which the device hides; the next
+/// bucket (64) would pad 49 rows by 30 %.
+pub const PADDED_ROWS_MAX: usize = 48;
+
+/// How a bucketed or captured step of some number of network rows runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepShape {
+    /// Padded to this bucket's buffers (and graph, on a GPU).
+    Padded(usize),
+    /// At its own size, uncaptured: the direct step (`diffusion::denoise_step`), which gives
+    /// every sample the same bits as a padded step does.
+    Exact(usize),
+}
+
+/// The shape a step of `rows` network rows takes: padded up to `PADDED_ROWS_MAX` rows and
+/// wherever `rows` is itself a bucket (a full batch), else exact.
+pub fn step_shape(rows: usize) -> StepShape {
+    match bucket(rows) {
+        b if rows <= PADDED_ROWS_MAX || b == rows => StepShape::Padded(b),
+        _ => StepShape::Exact(rows),
+    }
+}
+
+/// Every bucket a step of 1..=`max_rows` network rows is padded to, ascending: the padded
+/// shapes an engine can ever run (`max_rows` = two per image of its largest batch,
+/// `Pipeline::warm_buckets`).
 pub fn buckets_up_to(max_rows: usize) -> Vec<usize> {
-    let mut all: Vec<usize> = (1..=max_rows).map(bucket).collect();
-    // `bucket` never decreases, so equal buckets are neighbours.
+    let mut all: Vec<usize> = (1..=max_rows)
+        .filter_map(|rows| match step_shape(rows) {
+            StepShape::Padded(b) => Some(b),
+            StepShape::Exact(_) => None,
+        })
+        .collect();
+    // Padded buckets never decrease with the rows, so equal ones are neighbours.
     all.dedup();
     all
 }
@@ -203,6 +241,20 @@ impl StepGraphs {
         if let Some(s) = samples.iter().find(|s| s.is_done()) {
             anyhow::bail!("sample already finished its {} steps", s.steps_total());
         }
+        let n = samples.len();
+        // Decided before `step_row`, which draws each sample's noise for the step.
+        let guided = samples
+            .iter()
+            .filter(|s| s.guidance().scale_for_step(s.model_timestep()).is_some())
+            .count();
+        let rows = match step_shape(n + guided) {
+            StepShape::Padded(rows) => rows,
+            StepShape::Exact(_) => {
+                return Ok(kernels::with_borrowed_matmul_algorithms(|| {
+                    crate::diffusion::denoise_step(model, samples)
+                })?)
+            }
+        };
         let cfg = model.config();
         let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
         let learn_sigma = cfg.learn_sigma();
@@ -210,9 +262,6 @@ impl StepGraphs {
             .iter_mut()
             .map(|s| s.step_row(learn_sigma))
             .collect::<candle_core::Result<_>>()?;
-        let n = samples.len();
-        let guided = steps.iter().filter(|r| r.guidance.is_some()).count();
-        let rows = bucket(n + guided);
         let device = model.device();
         let b = match self.buckets.entry(rows) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

@@ -26,6 +26,49 @@ pub const SAMPLE_ROWS: usize = 256;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
+thread_local! {
+    /// Set while this thread runs an exact-size step (`borrowing`).
+    static BORROWING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the new matmul shapes it meets taking the algorithm already chosen for the
+/// nearest shape of more rows (else fewer) that differs only in M, instead of being timed. An
+/// exact-size step (`pipeline::graphs::StepShape::Exact`) meets a new M for almost every row
+/// count between two buckets; timing each would stall serving for ≈ 0.1 s a count, and the
+/// warm-up tuned the buckets around it on nearly the same problem. The bits do not change:
+/// no candidate splits K, and those that do not all sum in one order (module docs). On the
+/// calling thread only: an engine drives its device from one thread.
+pub fn borrowing<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BORROWING.with(|b| b.set(self.0));
+        }
+    }
+    let _reset = Reset(BORROWING.with(|b| b.replace(true)));
+    f()
+}
+
+/// Whether new shapes on this thread borrow an algorithm (`borrowing`).
+pub fn is_borrowing() -> bool {
+    BORROWING.with(|b| b.get())
+}
+
+/// Among the M of the already-chosen shapes that differ from a new one only in M, the one to
+/// borrow from for `m` rows: the fewest rows at or above `m` (the same tiles cover it, on the
+/// most similar problem), else the most below it. None when there is none.
+pub fn borrowed_m(m: usize, chosen: impl IntoIterator<Item = usize>) -> Option<usize> {
+    let (mut above, mut below) = (None::<usize>, None::<usize>);
+    for c in chosen {
+        if c >= m {
+            above = Some(above.map_or(c, |a| a.min(c)));
+        } else {
+            below = Some(below.map_or(c, |b| b.max(c)));
+        }
+    }
+    above.or(below)
+}
+
 /// Turns timing on or off for the shapes not yet seen (`--matmul-autotune`); process-wide, as
 /// the algorithm cache is. Off: the heuristic's first algorithm, cached per shape.
 pub fn set_enabled(on: bool) {
@@ -95,6 +138,31 @@ mod tests {
 
     fn timed(t: &[f32]) -> Trial {
         Trial::Timed(t.to_vec())
+    }
+
+    #[test]
+    fn a_new_m_borrows_from_the_nearest_larger_shape_else_the_nearest_smaller() {
+        let buckets = [256, 16384, 24576, 32768];
+        assert_eq!(borrowed_m(31232, buckets), Some(32768));
+        assert_eq!(borrowed_m(24576, buckets), Some(24576));
+        assert_eq!(borrowed_m(20000, buckets), Some(24576));
+        assert_eq!(borrowed_m(40000, buckets), Some(32768));
+        assert_eq!(borrowed_m(100, []), None);
+    }
+
+    #[test]
+    fn borrowing_holds_for_the_closure_only_and_survives_nesting() {
+        assert!(!is_borrowing());
+        let inner = borrowing(|| {
+            let nested = borrowing(is_borrowing);
+            (nested, is_borrowing())
+        });
+        assert_eq!(inner, (true, true));
+        assert!(!is_borrowing());
+        // Another thread is not affected.
+        borrowing(|| {
+            assert!(!std::thread::spawn(is_borrowing).join().unwrap());
+        });
     }
 
     #[test]

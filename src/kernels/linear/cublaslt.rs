@@ -445,6 +445,16 @@ fn algo_cache(
 /// no algorithm for it.
 fn execute(dev: &CudaDevice, key: AlgoKey, call: &LtCall) -> Result<bool> {
     let cached = algo_cache().get(&key).copied();
+    if cached.is_none() && key.tuned && autotune::is_borrowing() {
+        if let Some(algo) = borrowed(&key) {
+            // Refused (this M does not fit its tiles): chosen below as any new shape is.
+            if call.run(&algo).is_ok() {
+                tracing::debug!(key = ?key, "cuBLASLt algorithm borrowed from a tuned shape");
+                algo_cache().entry(key).or_insert(Some(algo));
+                return Ok(true);
+            }
+        }
+    }
     let algo = match cached {
         Some(algo) => algo,
         None => {
@@ -484,6 +494,32 @@ fn execute(dev: &CudaDevice, key: AlgoKey, call: &LtCall) -> Result<bool> {
     };
     call.run(&algo).map_err(candle_core::Error::wrap)?;
     Ok(true)
+}
+
+/// The algorithm chosen for the shape nearest `key` in M and equal to it otherwise
+/// (`autotune::borrowed_m`), among the chosen ones that do not split K.
+fn borrowed(key: &AlgoKey) -> Option<sys::cublasLtMatmulAlgo_t> {
+    let cache = algo_cache();
+    let same_but_m = |k: &AlgoKey| {
+        let m_as_key = AlgoKey {
+            dims: [key.dims[0], k.dims[1], k.dims[2]],
+            ..*k
+        };
+        m_as_key == *key
+    };
+    let usable = |k: &&AlgoKey, a: &&Option<sys::cublasLtMatmulAlgo_t>| {
+        same_but_m(k) && a.as_ref().is_some_and(|a| !splits_k(a))
+    };
+    let m = autotune::borrowed_m(
+        key.dims[0],
+        cache
+            .iter()
+            .filter(|(k, a)| usable(k, a))
+            .map(|(k, _)| k.dims[0]),
+    )?;
+    let mut from = *key;
+    from.dims[0] = m;
+    cache.get(&from).copied().flatten()
 }
 
 /// Runs each candidate (a warm-up, compared with the first one's output, then TIMED_RUNS timed

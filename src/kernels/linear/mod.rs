@@ -139,6 +139,13 @@ pub fn set_matmul_autotune(on: bool) {
     autotune::set_enabled(on);
 }
 
+/// Runs `f` with new matmul shapes taking the algorithm of the nearest shape chosen already
+/// rather than being timed (`autotune::borrowing`): for exact-size steps, whose row counts lie
+/// between the warmed buckets'.
+pub fn with_borrowed_matmul_algorithms<R>(f: impl FnOnce() -> R) -> R {
+    autotune::borrowing(f)
+}
+
 /// `x·Wᵀ + b + residual` for x [.., K], weight [N, K], bias [N], residual [.., N]. On CUDA in
 /// bf16/f16 one cuBLASLt call (C = residual with beta = 1, the `BIAS` epilogue) writes the result,
 /// so neither the bias nor the residual add costs a pass; elsewhere the matmul and `bias_act`.
