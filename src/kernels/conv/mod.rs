@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 
 use super::cpu::{cpu_f32, cpu_store};
-use super::tiling::CONV_BK;
+use super::tiling::{CONVH_BK, CONV_BK};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -60,11 +60,14 @@ pub fn conv3x3_small(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
 /// tensor-core kernel computes it as an implicit GEMM: the im2col tiles are gathered in shared
 /// memory, so the 9× larger column matrix never reaches memory, and bias and residual are added
 /// before the single write. Elsewhere `im2col3x3` + one matmul + the adds.
+/// `tiling` picks the kernel; every choice computes the same function (in its own summation
+/// order).
 pub fn conv3x3_implicit(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
+    tiling: ConvTiling,
 ) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     let (cout, k) = weight.dims2()?;
@@ -81,6 +84,7 @@ pub fn conv3x3_implicit(
     if conv3x3_implicit_fits(x, cout) {
         let op = Conv3x3Implicit {
             dims: [b, h, w, c],
+            tiling,
             bias: bias.contiguous()?,
             residual: residual.map(|r| r.contiguous()).transpose()?,
         };
@@ -93,6 +97,36 @@ pub fn conv3x3_implicit(
     match residual {
         Some(r) => y + r,
         None => Ok(y),
+    }
+}
+
+/// The CUDA kernel and output tile of `conv3x3_implicit` (`--conv-tiling`, hidden: for
+/// measuring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ConvTiling {
+    /// `conv3x3_igemm`: 128 pixels × 128 channels, K blocks of 32 channels within one tap, the
+    /// input gathered again for every tap.
+    Gather,
+    /// `conv3x3_halo`, 8 × 16 pixels × 128 channels: channel blocks outer, the 9 taps read one
+    /// halo of the input in shared memory.
+    #[value(name = "halo128")]
+    Halo128,
+    /// `conv3x3_halo`, 8 × 16 pixels × 128 channels as 4 warps of 64 × 64 (fewer ldmatrix
+    /// loads an mma than 8 warps of 64 × 32).
+    #[value(name = "halo128-w4")]
+    Halo128W4,
+    /// `conv3x3_halo`, 16 × 16 pixels × 128 channels.
+    #[default]
+    #[value(name = "halo256")]
+    Halo256,
+}
+
+impl ConvTiling {
+    /// Whether this is a halo tiling and it takes `cin` input channels (a multiple of its
+    /// channel block); the launcher runs `Gather` otherwise, and where the GPU lacks the shared
+    /// memory.
+    pub fn halo_fits(self, cin: usize) -> bool {
+        self != Self::Gather && cin.is_multiple_of(CONVH_BK)
     }
 }
 
@@ -196,6 +230,7 @@ struct Conv3x3Small {
 struct Conv3x3Implicit {
     /// Input [B, H, W, C].
     dims: [usize; 4],
+    tiling: ConvTiling,
     bias: Tensor,
     residual: Option<Tensor>,
 }
@@ -347,6 +382,7 @@ impl CustomOp2 for Conv3x3Implicit {
             residual,
             self.dims,
             cout,
+            self.tiling,
         )?;
         let [b, h, w, _] = self.dims;
         Ok((out, Shape::from((b, h, w, cout))))
