@@ -325,7 +325,7 @@ pub struct KernelOptions {
     )]
     pub implicit_gemm_conv: bool,
     /// Only convolutions with at most this many output channels take the implicit GEMM: on an
-    /// H200 it beats im2col + cuBLAS at 128 and loses at 256 and 512 (docs/perf.md, v0.20).
+    /// H200 it beats im2col + cuBLAS at 128 and loses at 512 (docs/perf.md, v0.20 and v0.30).
     /// Hidden: for measuring where it pays.
     #[arg(long, hide = true, default_value_t = IMPLICIT_GEMM_CONV_MAX_COUT)]
     pub implicit_gemm_conv_max_cout: usize,

@@ -322,12 +322,7 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         } else {
             (None, want)
         };
-        for tiling in [
-            ConvTiling::Gather,
-            ConvTiling::Halo128,
-            ConvTiling::Halo128W4,
-            ConvTiling::Halo256,
-        ] {
+        for tiling in [ConvTiling::Gather, ConvTiling::Halo128, ConvTiling::Halo256] {
             if tiling != ConvTiling::Gather && !tiling.halo_fits(c) {
                 continue;
             }

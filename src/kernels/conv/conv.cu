@@ -550,9 +550,9 @@ FOR_EACH_DTYPE(INSTANTIATE_CONV)
 INSTANTIATE_IGEMM(__nv_bfloat16, bf16)
 INSTANTIATE_IGEMM(__half, f16)
 
-// The halo-tiled convolution in its tilings (conv/mod.rs `ConvTiling`): 128 pixels (8 × 16) by
-// 128 channels as 8 warps (2 × 4) of 64 × 32 or 4 warps (2 × 2) of 64 × 64; 256 pixels (16 × 16)
-// by 128 as 8 warps (4 × 2) of 64 × 64.
+// The halo-tiled convolution in its two tilings (conv/mod.rs `ConvTiling`): 128 pixels (8 × 16)
+// by 128 channels as 8 warps (2 × 4) of 64 × 32, two CTAs an SM (≤ 128 registers); 256 pixels
+// (16 × 16) by 128 as 8 warps (4 × 2) of 64 × 64, one CTA an SM (208 registers, 149 KB).
 #define INSTANTIATE_HALO(T, SFX, NAME, TH, WM, WN, MT, NT, MINB)                                  \
     extern "C" __global__ void __launch_bounds__(WM * WN * 32, MINB) NAME##_##SFX(                 \
         const T *x, const T *w, const T *b, const T *res, T *out, uint32_t batch, uint32_t h,      \
@@ -561,7 +561,5 @@ INSTANTIATE_IGEMM(__half, f16)
     }
 INSTANTIATE_HALO(__nv_bfloat16, bf16, conv3x3_halo128, 8, 2, 4, 4, 4, 2)
 INSTANTIATE_HALO(__half, f16, conv3x3_halo128, 8, 2, 4, 4, 4, 2)
-INSTANTIATE_HALO(__nv_bfloat16, bf16, conv3x3_halo128w4, 8, 2, 2, 4, 8, 2)
-INSTANTIATE_HALO(__half, f16, conv3x3_halo128w4, 8, 2, 2, 4, 8, 2)
 INSTANTIATE_HALO(__nv_bfloat16, bf16, conv3x3_halo256, 16, 4, 2, 4, 8, 1)
 INSTANTIATE_HALO(__half, f16, conv3x3_halo256, 16, 4, 2, 4, 8, 1)

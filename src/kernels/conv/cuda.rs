@@ -149,7 +149,7 @@ pub fn conv3x3_igemm(
     )?)
 }
 
-/// The kernel, its grid, threads and dynamic shared memory for `tiling`: the halo kernel where C is
+/// The kernel, its grid and its dynamic shared memory for `tiling`: the halo kernel where C is
 /// a multiple of its channel block and the device has the shared memory, `conv3x3_igemm`
 /// otherwise.
 fn igemm_plan(
@@ -158,11 +158,10 @@ fn igemm_plan(
     dims: [usize; 4],
     cout: usize,
     elem: usize,
-) -> (&'static str, (usize, usize), u32, usize) {
+) -> (&'static str, (usize, usize), usize) {
     let [batch, h, wd, c] = dims;
     let (name, rows) = match tiling {
         ConvTiling::Halo128 => ("conv3x3_halo128", 8),
-        ConvTiling::Halo128W4 => ("conv3x3_halo128w4", 8),
         _ => ("conv3x3_halo256", 16),
     };
     let smem = conv_halo_smem(rows, elem);
@@ -177,15 +176,10 @@ fn igemm_plan(
         // One CTA an output block of one image and CONVH_BN channels, the channel blocks of a
         // pixel block adjacent in launch order (they read the same halo).
         let tiles = batch * h.div_ceil(rows) * wd.div_ceil(CONVH_TW);
-        let threads = if tiling == ConvTiling::Halo128W4 {
-            128
-        } else {
-            CONV_THREADS
-        };
-        (name, (tiles * cout.div_ceil(CONVH_BN), 1), threads, smem)
+        (name, (tiles * cout.div_ceil(CONVH_BN), 1), smem)
     } else {
         let grid = ((batch * h * wd).div_ceil(CONV_BM), cout.div_ceil(CONV_BN));
-        ("conv3x3_igemm", grid, CONV_THREADS, conv_igemm_smem(elem))
+        ("conv3x3_igemm", grid, conv_igemm_smem(elem))
     }
 }
 
@@ -201,8 +195,7 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
     let [batch, h, wd, c] = dims;
     let pixels = batch * h * wd;
     let dev = x.0.device().clone();
-    let (name, grid, threads, smem) =
-        igemm_plan(&dev, tiling, dims, cout, std::mem::size_of::<T>());
+    let (name, grid, smem) = igemm_plan(&dev, tiling, dims, cout, std::mem::size_of::<T>());
     let aligned_all = aligned::<T>(x.1)
         && aligned::<T>(w.1)
         && aligned::<T>(bias.1)
@@ -223,7 +216,7 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
     let rv = residual.map(view::<T>).transpose()?;
     let out = unsafe { dev.alloc::<T>(pixels * cout)? };
     let func = KERNELS.func_with_smem::<T>(&dev, name, smem)?;
-    let cfg = config((grid.0 as u32, grid.1 as u32, 1), threads, smem);
+    let cfg = config((grid.0 as u32, grid.1 as u32, 1), CONV_THREADS, smem);
     let sizes = [batch, h, wd, c, cout, usize::from(rv.is_some())];
     // Without a residual the kernel never reads its pointer: pass the bias in its place.
     let res: &dyn Buf = match &rv {

@@ -3,7 +3,8 @@
 //! layout; the upsampling convolution as four 2×2 phase matmuls (`im2col_up2_phases`,
 //! `up2_phase_weights`, `pixel_shuffle_bias`); and the direct kernel for the output
 //! convolution's ≤ 4 channels (`conv3x3_small`); and the implicit-GEMM 3×3 convolution
-//! (`conv3x3_implicit`: mma.sync tensor cores, the im2col tiles gathered in shared memory).
+//! (`conv3x3_implicit`: mma.sync tensor cores, the im2col tiles built in shared memory, by
+//! default from one halo of the input per channel block for all 9 taps).
 
 use candle_core::backend::BackendStorage;
 use candle_core::Tensor;
@@ -59,9 +60,9 @@ pub fn conv3x3_small(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
 /// Where `conv3x3_implicit_fits` (CUDA, bf16/f16, C a multiple of 32, Cout of 8) one
 /// tensor-core kernel computes it as an implicit GEMM: the im2col tiles are gathered in shared
 /// memory, so the 9× larger column matrix never reaches memory, and bias and residual are added
-/// before the single write. Elsewhere `im2col3x3` + one matmul + the adds.
-/// `tiling` picks the kernel; every choice computes the same function (in its own summation
-/// order).
+/// before the single write. Elsewhere `im2col3x3` + one matmul + the adds. `tiling` picks the
+/// kernel ([`ConvTiling`]); every choice computes the same function, each in its own summation
+/// order, and none lets a sample's pixels depend on the batch.
 pub fn conv3x3_implicit(
     x: &Tensor,
     weight: &Tensor,
@@ -108,15 +109,12 @@ pub enum ConvTiling {
     /// input gathered again for every tap.
     Gather,
     /// `conv3x3_halo`, 8 × 16 pixels × 128 channels: channel blocks outer, the 9 taps read one
-    /// halo of the input in shared memory.
+    /// halo of the input in shared memory. The fastest on the H200 (docs/perf.md v0.30).
+    #[default]
     #[value(name = "halo128")]
     Halo128,
-    /// `conv3x3_halo`, 8 × 16 pixels × 128 channels as 4 warps of 64 × 64 (fewer ldmatrix
-    /// loads an mma than 8 warps of 64 × 32).
-    #[value(name = "halo128-w4")]
-    Halo128W4,
-    /// `conv3x3_halo`, 16 × 16 pixels × 128 channels.
-    #[default]
+    /// `conv3x3_halo`, 16 × 16 pixels × 128 channels (one CTA an SM: as fast at B = 64, slower
+    /// at 8).
     #[value(name = "halo256")]
     Halo256,
 }
