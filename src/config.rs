@@ -796,6 +796,11 @@ mod tests {
         );
         assert!(parse(&["--fused-kernels", "maybe"]).is_err());
         assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
+        let tiling = |v| parse(&["--conv-tiling", v]).map(|k| k.conv_tiling);
+        assert_eq!(KernelOptions::default().conv_tiling, ConvTiling::Halo128);
+        assert_eq!(tiling("gather").unwrap(), ConvTiling::Gather);
+        assert_eq!(tiling("halo256").unwrap(), ConvTiling::Halo256);
+        assert!(tiling("halo64").is_err(), "only the built tilings exist");
     }
 
     #[test]

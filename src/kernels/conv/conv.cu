@@ -227,6 +227,24 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
     }
 }
 
+// The B fragments of NT n-tiles of 8 for one 16-wide k step: bs points at the step's first
+// column of W rows [n][k], ld elements apart. W rows are k-contiguous, i.e. B column-major: each
+// ldmatrix_x4 gives (n 0–7, k 0–7) as b0 of n-tile 2·np, (n 0–7, k 8–15) its b1, then the same
+// for n 8–15.
+template <int NT, typename T>
+__device__ __forceinline__ void ldmatrix_b(uint32_t b[NT][2], const T *bs, uint32_t ld, uint32_t lane) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+        uint32_t r[4];
+        const uint32_t row = np * 16 + lane % 8 + (lane / 16) * 8;
+        ldmatrix_x4(r, bs + row * ld + ((lane / 8) % 2) * 8);
+        b[2 * np][0] = r[0];
+        b[2 * np][1] = r[1];
+        b[2 * np + 1][0] = r[2];
+        b[2 * np + 1][1] = r[3];
+    }
+}
+
 // ---- Implicit-GEMM 3×3 convolution (mma.sync tensor cores) ----
 //
 // out [M = B·H·W, Cout] = bias + A·Wᵀ (+ residual), with A [M, 9·C] the im2col matrix of x
@@ -326,18 +344,7 @@ __device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *re
                 const uint32_t row = mt * 16 + lane % 8 + ((lane / 8) % 2) * 8;
                 ldmatrix_x4(a[mt], as + row * LD + ks * 16 + (lane / 16) * 8);
             }
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-                // W rows are k-contiguous, i.e. B column-major: (n 0–7, k 0–7) is b0 of n-tile
-                // 2·np, (n 0–7, k 8–15) its b1, then the same for n 8–15.
-                uint32_t r[4];
-                const uint32_t row = np * 16 + lane % 8 + (lane / 16) * 8;
-                ldmatrix_x4(r, bs + row * LD + ks * 16 + ((lane / 8) % 2) * 8);
-                b[2 * np][0] = r[0];
-                b[2 * np][1] = r[1];
-                b[2 * np + 1][0] = r[2];
-                b[2 * np + 1][1] = r[3];
-            }
+            ldmatrix_b<4>(b, bs + ks * 16, LD, lane);
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -469,16 +476,7 @@ __device__ void conv3x3_halo(const T *x, const T *w, const T *bias, const T *res
             uint32_t a[MT][4], b[NT][2];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], hs + arow[mt] + ks * 16);
-#pragma unroll
-            for (int np = 0; np < NT / 2; ++np) {
-                uint32_t r[4];
-                const uint32_t row = np * 16 + lane % 8 + (lane / 16) * 8;
-                ldmatrix_x4(r, bs + row * LD + ks * 16 + ((lane / 8) % 2) * 8);
-                b[2 * np][0] = r[0];
-                b[2 * np][1] = r[1];
-                b[2 * np + 1][0] = r[2];
-                b[2 * np + 1][1] = r[3];
-            }
+            ldmatrix_b<NT>(b, bs + ks * 16, LD, lane);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
