@@ -9,7 +9,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
-use crate::kernels::{Att90Rows, Fp8Scaling};
+use crate::kernels::{Att90Rows, ConvTiling, Fp8Scaling};
 
 /// Where a network runs: `auto` (the first GPU if built with CUDA and one is present, else the
 /// CPU), `cpu`, `cuda`, `cuda:N`, or a bare GPU ordinal `N`.
@@ -325,10 +325,14 @@ pub struct KernelOptions {
     )]
     pub implicit_gemm_conv: bool,
     /// Only convolutions with at most this many output channels take the implicit GEMM: on an
-    /// H200 it beats im2col + cuBLAS at 128 and loses at 256 and 512 (docs/perf.md, v0.20).
+    /// H200 it beats im2col + cuBLAS at 128 and loses at 512 (docs/perf.md, v0.20 and v0.30).
     /// Hidden: for measuring where it pays.
     #[arg(long, hide = true, default_value_t = IMPLICIT_GEMM_CONV_MAX_COUT)]
     pub implicit_gemm_conv_max_cout: usize,
+    /// The implicit-GEMM convolution's kernel and output tile (docs/perf.md v0.30). Hidden: for
+    /// measuring.
+    #[arg(long, hide = true, value_enum, default_value_t = ConvTiling::default())]
+    pub conv_tiling: ConvTiling,
     /// Denoising steps padded to a few batch shapes and replayed as CUDA graphs, one launch a
     /// step (auto: on GPUs; `on` on the CPU runs the padded steps uncaptured, for the tests).
     #[arg(
@@ -370,6 +374,7 @@ impl Default for KernelOptions {
             matmul_autotune: true,
             implicit_gemm_conv: true,
             implicit_gemm_conv_max_cout: IMPLICIT_GEMM_CONV_MAX_COUT,
+            conv_tiling: ConvTiling::default(),
             cuda_graphs: Toggle::Auto,
             fp8: false,
             fp8_layers: Fp8Layers::ALL,
@@ -791,6 +796,11 @@ mod tests {
         );
         assert!(parse(&["--fused-kernels", "maybe"]).is_err());
         assert!(!Toggle::Auto.on_for(&Device::Cpu) && Toggle::On.on_for(&Device::Cpu));
+        let tiling = |v| parse(&["--conv-tiling", v]).map(|k| k.conv_tiling);
+        assert_eq!(KernelOptions::default().conv_tiling, ConvTiling::Halo128);
+        assert_eq!(tiling("gather").unwrap(), ConvTiling::Gather);
+        assert_eq!(tiling("halo256").unwrap(), ConvTiling::Halo256);
+        assert!(tiling("halo64").is_err(), "only the built tilings exist");
     }
 
     #[test]

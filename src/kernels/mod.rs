@@ -46,6 +46,7 @@ pub use attention::{
 pub use conv::{
     conv3x3_implicit, conv3x3_implicit_channels_fit, conv3x3_implicit_fits, conv3x3_small,
     conv3x3_small_fits, im2col3x3, im2col_up2_phases, pixel_shuffle_bias, up2_phase_weights,
+    ConvTiling,
 };
 pub use fp8::{fp8_fits, fp8_linear, Fp8Scaling, Fp8Weight, Prologue};
 pub use linear::{

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{Activation, Att90Rows, Flash};
+use super::{Activation, Att90Rows, ConvTiling, Flash};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -296,13 +296,20 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
             conv3x3_nhwc(&xf, &kf, 1)?.broadcast_add(&biasf)?,
         )?;
     }
-    // Partial pixel and channel tiles, borders on every side, one and several taps a K block.
+    // Partial pixel and channel tiles, borders on every side, one and several taps a K block;
+    // for the halo tilings also blocks that the image's height and width do not divide, several
+    // images, two channel blocks an output block and many channel blocks (both halo buffers
+    // reused). C = 32 takes `Gather` whatever the tiling.
     for (b, h, w, c, cout, with_residual) in [
         (1, 5, 7, 32, 8, false),
         (2, 9, 4, 64, 24, true),
         (1, 16, 16, 128, 128, true),
         (2, 11, 13, 32, 136, false),
         (1, 33, 17, 256, 64, true),
+        (3, 19, 21, 64, 136, true),
+        (2, 32, 32, 128, 256, false),
+        (1, 7, 40, 128, 128, true),
+        (2, 17, 9, 512, 64, false),
     ] {
         let (x, xf) = rnd(&[b, h, w, c], 1.0)?;
         let (k, kf) = rnd(&[cout, c, 3, 3], 0.05)?;
@@ -315,14 +322,19 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
         } else {
             (None, want)
         };
-        push(
-            format!(
-                "conv3x3_implicit [{b},{h},{w},{c}] -> {cout}{}",
-                if with_residual { " + residual" } else { "" }
-            ),
-            super::conv3x3_implicit(&x, &wt, &bias, res)?,
-            want,
-        )?;
+        for tiling in [ConvTiling::Gather, ConvTiling::Halo128, ConvTiling::Halo256] {
+            if tiling != ConvTiling::Gather && !tiling.halo_fits(c) {
+                continue;
+            }
+            push(
+                format!(
+                    "conv3x3_implicit {tiling:?} [{b},{h},{w},{c}] -> {cout}{}",
+                    if with_residual { " + residual" } else { "" }
+                ),
+                super::conv3x3_implicit(&x, &wt, &bias, res, tiling)?,
+                want.clone(),
+            )?;
+        }
     }
     for (rows, cols) in [(1, 1), (5, 31), (40, 1152), (9, 1000), (3, 4608)] {
         let (x, xf) = rnd(&[rows, cols], 2.0)?;

@@ -151,3 +151,15 @@ fn softmax_rows_sum_to_one_even_for_short_rows() {
         );
     }
 }
+
+#[test]
+fn the_halo_convolution_takes_only_whole_channel_blocks() {
+    // A halo tiling runs where C is a multiple of its 64-channel block; `Gather` (every C that
+    // is a multiple of 32) is never a halo tiling, and it is where the others fall back.
+    for tiling in [ConvTiling::Halo128, ConvTiling::Halo256] {
+        assert!(tiling.halo_fits(64) && tiling.halo_fits(512), "{tiling:?}");
+        assert!(!tiling.halo_fits(32) && !tiling.halo_fits(96), "{tiling:?}");
+    }
+    assert!(!ConvTiling::Gather.halo_fits(128));
+    assert!(conv3x3_implicit_channels_fit(96, 8) && !ConvTiling::Halo128.halo_fits(96));
+}

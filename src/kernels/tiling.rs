@@ -58,6 +58,15 @@ pub const CONV_STAGES: usize = 3;
 /// Threads of a `conv3x3_igemm` CTA (the warp layout above is written for 8 warps).
 pub const CONV_THREADS: u32 = 256;
 
+/// Halo-tiled implicit GEMM (conv.cu `conv3x3_halo`): channel blocks of CONVH_BK (C must be a
+/// multiple of it) outer, the 9 taps inner; the weight tiles through a ring of CONVH_STAGES.
+pub const CONVH_BK: usize = 64;
+pub const CONVH_STAGES: usize = 3;
+/// Columns of a `conv3x3_halo` output block (one 16-row m-tile of mma a block row).
+pub const CONVH_TW: usize = 16;
+/// Output channels of a `conv3x3_halo` CTA (both tilings).
+pub const CONVH_BN: usize = 128;
+
 /// Pixels a half-warp of `conv3x3_cout4_v` (the ≤ 4-output convolution) takes at once: each
 /// weight it loads from shared memory feeds this many pixels.
 pub const COUT4_PIXELS: usize = 4;
@@ -65,6 +74,13 @@ pub const COUT4_PIXELS: usize = 4;
 /// Shared memory of one `conv3x3_igemm` CTA: the A and B rings, rows padded by 8 elements.
 pub const fn conv_igemm_smem(elem_bytes: usize) -> usize {
     CONV_STAGES * (CONV_BM + CONV_BN) * (CONV_BK + 8) * elem_bytes
+}
+
+/// Shared memory of one `conv3x3_halo` CTA whose output block has `rows` rows of
+/// [`CONVH_TW`]: two halo buffers of (rows + 2) × (CONVH_TW + 2) pixels and the weight ring,
+/// rows padded by 8 elements.
+pub const fn conv_halo_smem(rows: usize, elem_bytes: usize) -> usize {
+    (2 * (rows + 2) * (CONVH_TW + 2) + CONVH_STAGES * CONVH_BN) * (CONVH_BK + 8) * elem_bytes
 }
 
 /// What nvcc gets as `-DNAME=value` (read by build.rs only).
@@ -90,4 +106,6 @@ pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("CONV_STAGES", CONV_STAGES),
     ("CONV_THREADS", CONV_THREADS as usize),
     ("COUT4_PIXELS", COUT4_PIXELS),
+    ("CONVH_BK", CONVH_BK),
+    ("CONVH_STAGES", CONVH_STAGES),
 ];

@@ -6,7 +6,7 @@
 #include "../mma.cuh"
 
 #if !defined(CONV_BM) || !defined(CONV_BN) || !defined(CONV_BK) || !defined(CONV_STAGES) || \
-    !defined(CONV_THREADS) || !defined(COUT4_PIXELS)
+    !defined(CONV_THREADS) || !defined(COUT4_PIXELS) || !defined(CONVH_BK) || !defined(CONVH_STAGES)
 #error "the CONV_* tiling comes from src/kernels/tiling.rs through build.rs"
 #endif
 
@@ -227,6 +227,24 @@ __device__ void conv3x3_cout4_v(const T *x, const T *w, const T *bias, T *out, u
     }
 }
 
+// The B fragments of NT n-tiles of 8 for one 16-wide k step: bs points at the step's first
+// column of W rows [n][k], ld elements apart. W rows are k-contiguous, i.e. B column-major: each
+// ldmatrix_x4 gives (n 0–7, k 0–7) as b0 of n-tile 2·np, (n 0–7, k 8–15) its b1, then the same
+// for n 8–15.
+template <int NT, typename T>
+__device__ __forceinline__ void ldmatrix_b(uint32_t b[NT][2], const T *bs, uint32_t ld, uint32_t lane) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+        uint32_t r[4];
+        const uint32_t row = np * 16 + lane % 8 + (lane / 16) * 8;
+        ldmatrix_x4(r, bs + row * ld + ((lane / 8) % 2) * 8);
+        b[2 * np][0] = r[0];
+        b[2 * np][1] = r[1];
+        b[2 * np + 1][0] = r[2];
+        b[2 * np + 1][1] = r[3];
+    }
+}
+
 // ---- Implicit-GEMM 3×3 convolution (mma.sync tensor cores) ----
 //
 // out [M = B·H·W, Cout] = bias + A·Wᵀ (+ residual), with A [M, 9·C] the im2col matrix of x
@@ -326,18 +344,7 @@ __device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *re
                 const uint32_t row = mt * 16 + lane % 8 + ((lane / 8) % 2) * 8;
                 ldmatrix_x4(a[mt], as + row * LD + ks * 16 + (lane / 16) * 8);
             }
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-                // W rows are k-contiguous, i.e. B column-major: (n 0–7, k 0–7) is b0 of n-tile
-                // 2·np, (n 0–7, k 8–15) its b1, then the same for n 8–15.
-                uint32_t r[4];
-                const uint32_t row = np * 16 + lane % 8 + (lane / 16) * 8;
-                ldmatrix_x4(r, bs + row * LD + ks * 16 + ((lane / 8) % 2) * 8);
-                b[2 * np][0] = r[0];
-                b[2 * np][1] = r[1];
-                b[2 * np + 1][0] = r[2];
-                b[2 * np + 1][1] = r[3];
-            }
+            ldmatrix_b<4>(b, bs + ks * 16, LD, lane);
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -366,6 +373,141 @@ __device__ void conv3x3_igemm(const T *x, const T *w, const T *bias, const T *re
                 }
                 *reinterpret_cast<uint32_t *>(out + at) = pack2<T>(v0, v1);
             }
+    }
+}
+
+// ---- Halo-tiled implicit-GEMM 3×3 convolution ----
+//
+// The same product as conv3x3_igemm, with the K loop turned around: channel blocks outer, taps
+// inner. A CTA's BM output pixels are a TH × TW block of one image (TW = 16: a 16-row m-tile of
+// mma is one row of the block), so the 9 taps of a channel block read one (TH + 2) × (TW + 2)
+// halo of the input: it is copied to shared memory once per channel block (double-buffered: the
+// next block's halo lands while this one's 9 taps run) and each tap's A fragments are ldmatrix
+// reads of shifted halo rows. conv3x3_igemm gathered the input again for every tap (9× the
+// input bytes from L2 a tile); here it is (TH + 2)(TW + 2) / (TH·TW) ≈ 1.3–1.4×. The weights
+// stream as before, one BN × BK tile a step (tap, channel block) through a ring of STAGES.
+// A tile never spans two images, and every pixel's sum runs in the same order (channel block,
+// tap, 16-channel step) whatever the batch. WM × WN warps, each MT × NT m16n8k16 tiles; needs C a
+// multiple of BK and Cout of 8 (the launcher checks; conv3x3_igemm runs otherwise).
+template <typename T, int TH, int WM, int WN, int MT, int NT>
+__device__ void conv3x3_halo(const T *x, const T *w, const T *bias, const T *res, T *out,
+                             uint32_t batch, uint32_t h, uint32_t wd, uint32_t c, uint32_t cout,
+                             uint32_t has_res) {
+    constexpr int TW = 16, HW = TW + 2, HP = (TH + 2) * HW;
+    constexpr int BM = TH * TW, BN = WN * NT * 8, BK = CONVH_BK, STAGES = CONVH_STAGES;
+    constexpr int LD = BK + 8;  // row stride: 16-byte multiple, ldmatrix rows on distinct banks
+    constexpr int THREADS = WM * WN * 32;
+    static_assert(BM == WM * MT * 16 && BK % 16 == 0 && NT % 2 == 0,
+                  "the warp layout must tile the block");
+    extern __shared__ __align__(16) unsigned char smem[];
+    T *halo_buf = reinterpret_cast<T *>(smem);  // [2][HP][LD]
+    T *ws_ring = halo_buf + 2 * HP * LD;        // [STAGES][BN][LD]
+
+    const uint32_t nblocks = (cout + BN - 1) / BN;
+    const uint32_t tiles_x = (wd + TW - 1) / TW, tiles_y = (h + TH - 1) / TH;
+    const uint32_t nb = blockIdx.x % nblocks, tile = blockIdx.x / nblocks;
+    const uint32_t tx = tile % tiles_x, ty = (tile / tiles_x) % tiles_y, img = tile / (tiles_x * tiles_y);
+    const int y0 = (int)(ty * TH), x0 = (int)(tx * TW);
+    const uint32_t n0 = nb * BN;
+    const T *ximg = x + (size_t)img * h * wd * c;
+    const uint32_t tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const uint32_t wm = warp / WN, wn = warp % WN;
+    const uint32_t kdim = 9 * c, cblocks = c / BK, steps = 9 * cblocks;
+
+    constexpr int CHUNKS = BK / 8, RPP = THREADS / CHUNKS;
+    static_assert(BN % RPP == 0, "the weight copy passes must tile BN");
+    const uint32_t lchunk = tid % CHUNKS, lrow = tid / CHUNKS;
+    auto load = [&](uint32_t step) {
+        const uint32_t cb = step / 9, tap = step - cb * 9;
+        if (tap == 0) {  // this channel block's halo, into the buffer of its parity
+            T *hs = halo_buf + (cb % 2) * HP * LD;
+            for (uint32_t i = tid; i < (uint32_t)(HP * CHUNKS); i += THREADS) {
+                const uint32_t hp = i / CHUNKS, ch = i - hp * CHUNKS;
+                const int yy = y0 + (int)(hp / HW) - 1, xx = x0 + (int)(hp % HW) - 1;
+                const bool ok = yy >= 0 && yy < (int)h && xx >= 0 && xx < (int)wd;
+                const T *src = ok ? ximg + ((size_t)yy * wd + xx) * c + cb * BK + ch * 8 : x;
+                cp_async16(hs + hp * LD + ch * 8, src, ok ? 16 : 0);
+            }
+        }
+        const uint32_t k0 = tap * c + cb * BK + lchunk * 8;
+        T *bs = ws_ring + (step % STAGES) * BN * LD;
+#pragma unroll
+        for (int i = 0; i < BN / RPP; ++i) {
+            const uint32_t r = lrow + RPP * i, n = n0 + r;
+            const bool ok = n < cout;
+            cp_async16(bs + r * LD + lchunk * 8, ok ? w + (size_t)n * kdim + k0 : w, ok ? 16 : 0);
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    // This lane's ldmatrix row of m-tile mt: block row wm·MT + mt, column lane % 16 in the order
+    // a0..a3 want (rows 0–7, 8–15 at k 0–7, then at k 8–15), as a halo row at tap (0, 0).
+    uint32_t arow[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        arow[mt] = ((wm * MT + mt) * HW + lane % 8 + ((lane / 8) % 2) * 8) * LD + (lane / 16) * 8;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < steps) load(s);
+        cp_async_commit();
+    }
+    for (uint32_t kb = 0; kb < steps; ++kb) {
+        // Step kb (and its channel block's halo, loaded with the block's first tap) has landed,
+        // and every warp is done with the stage and halo buffer the next load overwrites (the
+        // halo of block cb + 1 goes where block cb − 1's was, ≥ 9 − STAGES steps ago).
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const uint32_t next = kb + STAGES - 1;
+        if (next < steps) load(next);
+        cp_async_commit();
+        const uint32_t cb = kb / 9, tap = kb - cb * 9;
+        const T *hs = halo_buf + (cb % 2) * HP * LD + ((tap / 3) * HW + tap % 3) * LD;
+        const T *bs = ws_ring + (kb % STAGES) * BN * LD + (wn * NT * 8) * LD;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], hs + arow[mt] + ks * 16);
+            ldmatrix_b<NT>(b, bs + ks * 16, LD, lane);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    const uint32_t g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t n = n0 + wn * NT * 8 + nt * 8 + 2 * t;
+        if (n >= cout) continue;  // cout is a multiple of 8, so n + 1 < cout too
+        const float b0 = f(bias[n]), b1 = f(bias[n + 1]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int yy = y0 + (int)(wm * MT + mt);
+            if (yy >= (int)h) continue;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int xx = x0 + (int)(g + half * 8);
+                if (xx >= (int)wd) continue;
+                const size_t at = (((size_t)img * h + yy) * wd + xx) * cout + n;
+                float v0 = acc[mt][nt][2 * half] + b0, v1 = acc[mt][nt][2 * half + 1] + b1;
+                if (has_res) {
+                    v0 += f(res[at]);
+                    v1 += f(res[at + 1]);
+                }
+                *reinterpret_cast<uint32_t *>(out + at) = pack2<T>(v0, v1);
+            }
+        }
     }
 }
 
@@ -405,3 +547,17 @@ FOR_EACH_DTYPE(INSTANTIATE_CONV)
     }
 INSTANTIATE_IGEMM(__nv_bfloat16, bf16)
 INSTANTIATE_IGEMM(__half, f16)
+
+// The halo-tiled convolution in its two tilings (conv/mod.rs `ConvTiling`): 128 pixels (8 × 16)
+// by 128 channels as 8 warps (2 × 4) of 64 × 32, two CTAs an SM (≤ 128 registers); 256 pixels
+// (16 × 16) by 128 as 8 warps (4 × 2) of 64 × 64, one CTA an SM (208 registers, 149 KB).
+#define INSTANTIATE_HALO(T, SFX, NAME, TH, WM, WN, MT, NT, MINB)                                  \
+    extern "C" __global__ void __launch_bounds__(WM * WN * 32, MINB) NAME##_##SFX(                 \
+        const T *x, const T *w, const T *b, const T *res, T *out, uint32_t batch, uint32_t h,      \
+        uint32_t wd, uint32_t c, uint32_t cout, uint32_t has_res) {                                \
+        conv3x3_halo<T, TH, WM, WN, MT, NT>(x, w, b, res, out, batch, h, wd, c, cout, has_res);    \
+    }
+INSTANTIATE_HALO(__nv_bfloat16, bf16, conv3x3_halo128, 8, 2, 4, 4, 4, 2)
+INSTANTIATE_HALO(__half, f16, conv3x3_halo128, 8, 2, 4, 4, 4, 2)
+INSTANTIATE_HALO(__nv_bfloat16, bf16, conv3x3_halo256, 16, 4, 2, 4, 8, 1)
+INSTANTIATE_HALO(__half, f16, conv3x3_halo256, 16, 4, 2, 4, 8, 1)

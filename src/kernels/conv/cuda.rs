@@ -7,13 +7,17 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::WithDType;
 
+use super::ConvTiling;
 use crate::kernels::launch::{
     self, aligned, config, dispatch, dispatch_half, flat, grid_flat, module, pack, view, Buf, In,
     Module, MAX_GRID,
 };
 use crate::kernels::tiling::{
-    conv_igemm_smem, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS, COUT4_PIXELS, ROW_BLOCK,
+    conv_halo_smem, conv_igemm_smem, CONVH_BN, CONVH_TW, CONV_BK, CONV_BM, CONV_BN, CONV_THREADS,
+    COUT4_PIXELS, ROW_BLOCK,
 };
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::CudaDevice;
 
 const KERNELS: Module = module!("conv");
 
@@ -138,10 +142,45 @@ pub fn conv3x3_igemm(
     residual: Option<In>,
     dims: [usize; 4],
     cout: usize,
+    tiling: ConvTiling,
 ) -> Result<CudaStorage> {
     dispatch_half!(x.0.device(), x.0, "conv3x3_igemm", |T| igemm::<T>(
-        x, w, bias, residual, dims, cout
+        x, w, bias, residual, dims, cout, tiling
     )?)
+}
+
+/// The kernel, its grid and its dynamic shared memory for `tiling`: the halo kernel where C is
+/// a multiple of its channel block and the device has the shared memory, `conv3x3_igemm`
+/// otherwise.
+fn igemm_plan(
+    dev: &CudaDevice,
+    tiling: ConvTiling,
+    dims: [usize; 4],
+    cout: usize,
+    elem: usize,
+) -> (&'static str, (usize, usize), usize) {
+    let [batch, h, wd, c] = dims;
+    let (name, rows) = match tiling {
+        ConvTiling::Halo128 => ("conv3x3_halo128", 8),
+        _ => ("conv3x3_halo256", 16),
+    };
+    let smem = conv_halo_smem(rows, elem);
+    let optin = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .ok()
+        .and_then(|v| usize::try_from(v).ok())
+        .unwrap_or(0);
+    if tiling.halo_fits(c) && smem <= optin {
+        // One CTA an output block of one image and CONVH_BN channels, the channel blocks of a
+        // pixel block adjacent in launch order (they read the same halo).
+        let tiles = batch * h.div_ceil(rows) * wd.div_ceil(CONVH_TW);
+        (name, (tiles * cout.div_ceil(CONVH_BN), 1), smem)
+    } else {
+        let grid = ((batch * h * wd).div_ceil(CONV_BM), cout.div_ceil(CONV_BN));
+        ("conv3x3_igemm", grid, conv_igemm_smem(elem))
+    }
 }
 
 fn igemm<T: CudaDType + WithDType + DeviceRepr>(
@@ -151,10 +190,12 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
     residual: Option<In>,
     dims: [usize; 4],
     cout: usize,
+    tiling: ConvTiling,
 ) -> Result<CudaSlice<T>> {
     let [batch, h, wd, c] = dims;
     let pixels = batch * h * wd;
-    let grid = (pixels.div_ceil(CONV_BM), cout.div_ceil(CONV_BN));
+    let dev = x.0.device().clone();
+    let (name, grid, smem) = igemm_plan(&dev, tiling, dims, cout, std::mem::size_of::<T>());
     let aligned_all = aligned::<T>(x.1)
         && aligned::<T>(w.1)
         && aligned::<T>(bias.1)
@@ -163,6 +204,7 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
         && c.is_multiple_of(CONV_BK)
         && cout.is_multiple_of(8)
         && pixels * c.max(cout) < u32::MAX as usize
+        && grid.0 < u32::MAX as usize
         && grid.1 <= MAX_GRID)
     {
         candle_core::bail!(
@@ -170,12 +212,10 @@ fn igemm<T: CudaDType + WithDType + DeviceRepr>(
              and 32-bit sizes (got C {c}, Cout {cout}, {pixels} pixels)"
         );
     }
-    let dev = x.0.device().clone();
     let (xv, wv, bv) = (view::<T>(x)?, view::<T>(w)?, view::<T>(bias)?);
     let rv = residual.map(view::<T>).transpose()?;
     let out = unsafe { dev.alloc::<T>(pixels * cout)? };
-    let smem = conv_igemm_smem(std::mem::size_of::<T>());
-    let func = KERNELS.func_with_smem::<T>(&dev, "conv3x3_igemm", smem)?;
+    let func = KERNELS.func_with_smem::<T>(&dev, name, smem)?;
     let cfg = config((grid.0 as u32, grid.1 as u32, 1), CONV_THREADS, smem);
     let sizes = [batch, h, wd, c, cout, usize::from(rv.is_some())];
     // Without a residual the kernel never reads its pointer: pass the bias in its place.

@@ -3,14 +3,15 @@
 //! layout; the upsampling convolution as four 2×2 phase matmuls (`im2col_up2_phases`,
 //! `up2_phase_weights`, `pixel_shuffle_bias`); and the direct kernel for the output
 //! convolution's ≤ 4 channels (`conv3x3_small`); and the implicit-GEMM 3×3 convolution
-//! (`conv3x3_implicit`: mma.sync tensor cores, the im2col tiles gathered in shared memory).
+//! (`conv3x3_implicit`: mma.sync tensor cores, the im2col tiles built in shared memory, by
+//! default from one halo of the input per channel block for all 9 taps).
 
 use candle_core::backend::BackendStorage;
 use candle_core::Tensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 
 use super::cpu::{cpu_f32, cpu_store};
-use super::tiling::CONV_BK;
+use super::tiling::{CONVH_BK, CONV_BK};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -59,12 +60,15 @@ pub fn conv3x3_small(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
 /// Where `conv3x3_implicit_fits` (CUDA, bf16/f16, C a multiple of 32, Cout of 8) one
 /// tensor-core kernel computes it as an implicit GEMM: the im2col tiles are gathered in shared
 /// memory, so the 9× larger column matrix never reaches memory, and bias and residual are added
-/// before the single write. Elsewhere `im2col3x3` + one matmul + the adds.
+/// before the single write. Elsewhere `im2col3x3` + one matmul + the adds. `tiling` picks the
+/// kernel ([`ConvTiling`]); every choice computes the same function, each in its own summation
+/// order, and none lets a sample's pixels depend on the batch.
 pub fn conv3x3_implicit(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
+    tiling: ConvTiling,
 ) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     let (cout, k) = weight.dims2()?;
@@ -81,6 +85,7 @@ pub fn conv3x3_implicit(
     if conv3x3_implicit_fits(x, cout) {
         let op = Conv3x3Implicit {
             dims: [b, h, w, c],
+            tiling,
             bias: bias.contiguous()?,
             residual: residual.map(|r| r.contiguous()).transpose()?,
         };
@@ -93,6 +98,33 @@ pub fn conv3x3_implicit(
     match residual {
         Some(r) => y + r,
         None => Ok(y),
+    }
+}
+
+/// The CUDA kernel and output tile of `conv3x3_implicit` (`--conv-tiling`, hidden: for
+/// measuring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ConvTiling {
+    /// `conv3x3_igemm`: 128 pixels × 128 channels, K blocks of 32 channels within one tap, the
+    /// input gathered again for every tap.
+    Gather,
+    /// `conv3x3_halo`, 8 × 16 pixels × 128 channels: channel blocks outer, the 9 taps read one
+    /// halo of the input in shared memory. The fastest on the H200 (docs/perf.md v0.30).
+    #[default]
+    #[value(name = "halo128")]
+    Halo128,
+    /// `conv3x3_halo`, 16 × 16 pixels × 128 channels (one CTA an SM: as fast at B = 64, slower
+    /// at 8).
+    #[value(name = "halo256")]
+    Halo256,
+}
+
+impl ConvTiling {
+    /// Whether this is a halo tiling and it takes `cin` input channels (a multiple of its
+    /// channel block); the launcher runs `Gather` otherwise, and where the GPU lacks the shared
+    /// memory.
+    pub fn halo_fits(self, cin: usize) -> bool {
+        self != Self::Gather && cin.is_multiple_of(CONVH_BK)
     }
 }
 
@@ -196,6 +228,7 @@ struct Conv3x3Small {
 struct Conv3x3Implicit {
     /// Input [B, H, W, C].
     dims: [usize; 4],
+    tiling: ConvTiling,
     bias: Tensor,
     residual: Option<Tensor>,
 }
@@ -347,6 +380,7 @@ impl CustomOp2 for Conv3x3Implicit {
             residual,
             self.dims,
             cout,
+            self.tiling,
         )?;
         let [b, h, w, _] = self.dims;
         Ok((out, Shape::from((b, h, w, cout))))

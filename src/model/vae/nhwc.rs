@@ -26,6 +26,8 @@ struct ConvMat {
     phases: Option<Tensor>,
     /// 3×3 as an implicit GEMM where the kernel takes it (`KernelOptions::implicit_gemm_conv`).
     implicit: bool,
+    /// The implicit GEMM's kernel (`KernelOptions::conv_tiling`).
+    tiling: kernels::ConvTiling,
 }
 
 impl ConvMat {
@@ -56,6 +58,7 @@ impl ConvMat {
             kernel: kh,
             phases: None,
             implicit: k.implicit_gemm_conv && o <= k.implicit_gemm_conv_max_cout,
+            tiling: k.conv_tiling,
         })
     }
 
@@ -89,7 +92,13 @@ impl ConvMat {
             return kernels::conv3x3_small(x, &self.mat.weight, &self.mat.bias);
         }
         if self.kernel == 3 && up == 1 && self.implicit && kernels::conv3x3_implicit_fits(x, cout) {
-            return kernels::conv3x3_implicit(x, &self.mat.weight, &self.mat.bias, residual);
+            return kernels::conv3x3_implicit(
+                x,
+                &self.mat.weight,
+                &self.mat.bias,
+                residual,
+                self.tiling,
+            );
         }
         let (ho, wo) = (h * up, w * up);
         let cols = match self.kernel {
