@@ -78,8 +78,7 @@ impl Guidance {
         self.scale != 1.0
     }
 
-    /// The effective scale at model timestep `t` (0..999).
-    /// The scale a step at model timestep `t` applies, as the f32 the update multiplies by;
+    /// The scale a step at model timestep `t` (0..999) applies, as the f32 the update multiplies by;
     /// None when the step needs no unconditional pass: an unguided sample, or a step whose
     /// scale is exactly 1 in f32, where ε_u + 1·(ε_c − ε_u) is ε_c (the power-cosine ramp at
     /// scale 4.4 is 1 in f32 above t ≈ 904: the first ≈ 10 % of a 250-step DDPM run, where

@@ -185,6 +185,12 @@ impl SampleState {
         self.schedule.timestep_map[self.index()]
     }
 
+    /// The guidance scale the next step applies; None where that step takes one network row
+    /// (`Guidance::scale_for_step`).
+    pub fn next_step_scale(&self) -> Option<f32> {
+        self.guidance.scale_for_step(self.model_timestep())
+    }
+
     fn coefficients(&self, learn_sigma: bool) -> Coefs {
         let s = &*self.schedule;
         let i = self.index();
@@ -263,12 +269,11 @@ impl SampleState {
             candle_core::bail!("sample already finished its {} steps", self.steps_total());
         }
         let k = self.coefficients(learn_sigma);
-        let t = self.model_timestep();
         let noise = k.noise.then(|| self.take_noise());
         Ok(StepRow {
-            timestep: t,
+            timestep: self.model_timestep(),
             label: self.label,
-            guidance: self.guidance.scale_for_step(t),
+            guidance: self.next_step_scale(),
             coefs: [k.r1, k.r2, k.a, k.b, k.c, k.d, k.log_var_max, k.log_var_min].map(|v| v as f32),
             noise,
             x0_prev: (k.d != 0.0).then(|| self.x0_prev.clone()).flatten(),
@@ -358,12 +363,12 @@ pub fn denoise_step(
     let device = model.device();
     let learn_sigma = model.learn_sigma();
     // Samples guided at this step first, so their conditional rows are a prefix of the batch.
-    samples.sort_by_cached_key(|s| s.guidance.scale_for_step(s.model_timestep()).is_none());
+    samples.sort_by_cached_key(|s| s.next_step_scale().is_none());
     let b = samples.len();
     // The guided prefix's scales; g of them.
     let scales: Vec<f64> = samples
         .iter()
-        .map_while(|s| s.guidance.scale_for_step(s.model_timestep()))
+        .map_while(|s| s.next_step_scale())
         .map(f64::from)
         .collect();
     let g = scales.len();

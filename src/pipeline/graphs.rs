@@ -245,7 +245,7 @@ impl StepGraphs {
         // Decided before `step_row`, which draws each sample's noise for the step.
         let guided = samples
             .iter()
-            .filter(|s| s.guidance().scale_for_step(s.model_timestep()).is_some())
+            .filter(|s| s.next_step_scale().is_some())
             .count();
         let rows = match step_shape(n + guided) {
             StepShape::Padded(rows) => rows,

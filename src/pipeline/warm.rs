@@ -1,8 +1,10 @@
 //! Preparing every step bucket an engine can meet before it serves (`--warmup-buckets all`).
 //!
-//! With `--cuda-graphs`, a step of R network rows runs padded to `bucket(R)` rows, and the first
-//! step at a bucket costs an uncaptured run (where the cuBLASLt autotuner times every new matmul
-//! shape), then a capture and an upload (`graphs`). The warm-up pays that before the engine
+//! With `--cuda-graphs`, a step of R network rows runs padded to `bucket(R)` rows where
+//! `graphs::step_shape` pads it (up to 48 rows, or R a bucket; larger steps run at their own
+//! size with borrowed matmul algorithms and need nothing prepared), and the first step at a
+//! bucket costs an uncaptured run (where the cuBLASLt autotuner times every new matmul shape),
+//! then a capture and an upload (`graphs`). The warm-up pays that before the engine
 //! reports ready, for every bucket a batch can land in. A batch holds 1..=max_batch images and
 //! an image takes one network row at a step (unguided, or guided where the step's scale is 1)
 //! or two (guided), so a step takes R rows for every R in 1..=2·max_batch and no other: R rows

@@ -160,27 +160,29 @@ fn igemm_plan(
     elem: usize,
 ) -> (&'static str, (usize, usize), usize) {
     let [batch, h, wd, c] = dims;
-    let (name, rows) = match tiling {
-        ConvTiling::Halo128 => ("conv3x3_halo128", 8),
-        _ => ("conv3x3_halo256", 16),
+    let halo = match tiling {
+        ConvTiling::Gather => None,
+        ConvTiling::Halo128 => Some(("conv3x3_halo128", 8)),
+        ConvTiling::Halo256 => Some(("conv3x3_halo256", 16)),
     };
-    let smem = conv_halo_smem(rows, elem);
-    let optin = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .ok()
-        .and_then(|v| usize::try_from(v).ok())
-        .unwrap_or(0);
-    if tiling.halo_fits(c) && smem <= optin {
-        // One CTA an output block of one image and CONVH_BN channels, the channel blocks of a
-        // pixel block adjacent in launch order (they read the same halo).
-        let tiles = batch * h.div_ceil(rows) * wd.div_ceil(CONVH_TW);
-        (name, (tiles * cout.div_ceil(CONVH_BN), 1), smem)
-    } else {
-        let grid = ((batch * h * wd).div_ceil(CONV_BM), cout.div_ceil(CONV_BN));
-        ("conv3x3_igemm", grid, conv_igemm_smem(elem))
+    if let Some((name, rows)) = halo.filter(|_| tiling.halo_fits(c)) {
+        let smem = conv_halo_smem(rows, elem);
+        let optin = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .ok()
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(0);
+        if smem <= optin {
+            // One CTA an output block of one image and CONVH_BN channels, the channel blocks
+            // of a pixel block adjacent in launch order (they read the same halo).
+            let tiles = batch * h.div_ceil(rows) * wd.div_ceil(CONVH_TW);
+            return (name, (tiles * cout.div_ceil(CONVH_BN), 1), smem);
+        }
     }
+    let grid = ((batch * h * wd).div_ceil(CONV_BM), cout.div_ceil(CONV_BN));
+    ("conv3x3_igemm", grid, conv_igemm_smem(elem))
 }
 
 fn igemm<T: CudaDType + WithDType + DeviceRepr>(
