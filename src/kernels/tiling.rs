@@ -88,6 +88,7 @@ pub const fn conv_halo_smem(rows: usize, elem_bytes: usize) -> usize {
 pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("SOFTMAX_PACKS", SOFTMAX_PACKS),
     ("LN_PACKS", LN_PACKS),
+    ("ROW_BLOCK", ROW_BLOCK as usize),
     ("ATT_B_WARPS", ATT_B_WARPS),
     ("ATT_B_MT", ATT_B_MT),
     ("ATT_B_BK", ATT_B_BK),

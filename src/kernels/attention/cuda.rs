@@ -142,10 +142,11 @@ impl AttTiling {
         }
     }
 
-    /// Dynamic shared memory: the Q tile and `stages` × (K and V blocks, the bias tile).
+    /// Dynamic shared memory: the Q tile, `stages` × (K and V blocks, the bias tile) and the
+    /// q and v bias slices of the (sample, head).
     fn smem_bytes(&self, hdp: usize, elem: usize) -> usize {
         let ld = hdp + 8;
-        (self.bq * ld + self.stages * (2 * self.bk * ld + self.bq * (self.bk + 8))) * elem
+        (self.bq * ld + self.stages * (2 * self.bk * ld + self.bq * (self.bk + 8)) + 2 * hdp) * elem
     }
 }
 

@@ -49,6 +49,7 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     extern __shared__ __align__(16) unsigned char smem[];
     T *qs = reinterpret_cast<T *>(smem);   // [BQ][LD]; at the end each warp stages its output rows
     T *ring = qs + BQ * LD;                // [STAGES][K [BK][LD], V [BK][LD], bias [BQ][BLD]]
+    T *sbs = ring + STAGES * STAGE;        // [2][HDP]: q's and v's per-sample bias of head h
 
     const uint32_t b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * BQ;
     const uint32_t d = heads * hd, row_len = 3 * d;
@@ -59,22 +60,29 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     const T *x = qkv + (size_t)b * tokens * row_len + h * hd;  // this sample's q columns of head h
     const T *bias_rows = abias + (size_t)h * tokens * tokens;   // this head's [N, N] table
 
-    // cp.async never writes the padding columns [hd, HDP) of Q, K and V: zero them once.
-    // (Loops run over the padded row, CPR chunks, and skip the padding: dividing by a
-    // compile-time CPR costs a multiply where a run-time hd / 8 costs a long division.)
+    // cp.async never writes the padding columns [hd, HDP) of Q, K, V and the two bias rows:
+    // zero them once (only the padding chunks: a loop over every chunk of every row was a
+    // tenth of a B = 1 call's instructions).
     if (chunks < CPR) {
-        for (uint32_t i = tid; i < (BQ + 2 * STAGES * BK) * CPR; i += WARPS * 32) {
-            const uint32_t r = i / CPR, c = i % CPR;
-            T *row = r < BQ ? qs + r * LD : ring + ((r - BQ) / (2 * BK)) * STAGE + ((r - BQ) % (2 * BK)) * LD;
-            if (c >= chunks) stp(row, (size_t)c * 8, zero_pack<T>());
+        constexpr uint32_t ROWS = BQ + 2 * STAGES * BK + 2;
+        for (uint32_t r = tid; r < ROWS; r += WARPS * 32) {
+            T *row = r < BQ                        ? qs + r * LD
+                     : r < BQ + 2 * STAGES * BK ? ring + ((r - BQ) / (2 * BK)) * STAGE + ((r - BQ) % (2 * BK)) * LD
+                                                 : sbs + (r - BQ - 2 * STAGES * BK) * HDP;
+            for (uint32_t c = chunks; c < CPR; ++c) stp(row, (size_t)c * 8, zero_pack<T>());
         }
     }
-    // Q rows without their bias (added to the fragments), zero past the sequence.
+    // Q rows without their bias (added to the fragments), zero past the sequence; the bias
+    // slices of q and v beside them, so neither waits on a global load later.
     for (uint32_t i = tid; i < BQ * CPR; i += WARPS * 32) {
         const uint32_t r = i / CPR, c = i % CPR;
         const bool ok = q0 + r < tokens;
         if (c < chunks)
             cp_async16(qs + r * LD + c * 8, x + (size_t)(ok ? q0 + r : 0) * row_len + c * 8, ok ? 16 : 0);
+    }
+    if (tid < 2 * chunks) {
+        const uint32_t which = tid / chunks, c = tid % chunks;  // 0: q, 1: v
+        cp_async16(sbs + which * HDP + c * 8, sb + which * 2 * d + h * hd + c * 8, 16);
     }
     // Key block blk (K, V and the bias tile) into its stage, as one cp.async group; past the last
     // block an empty group, so "all but the newest STAGES − 1 groups done" means "block blk is in".
@@ -89,53 +97,65 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     static_assert(BK % KV_RPP == 0 && BQ % B_RPP == 0, "copy passes must tile the blocks");
     const uint32_t kv_c = tid % KV_SLOTS, kv_r = tid / KV_SLOTS;
     const uint32_t b_c = tid % B_SLOTS, b_r = tid / B_SLOTS;
+    // A block whose keys and the tile's queries all lie in the sequence (every block but a
+    // partial last one) copies without a bound check or address select per chunk: with them
+    // the copies were a fifth of the loop's instructions.
+    auto copy_block = [&](uint32_t blk, auto masked) {
+        constexpr bool M = decltype(masked)::value;
+        T *ks = ring + (blk % STAGES) * STAGE;
+        T *bs = ks + 2 * BK * LD;
+        const uint32_t kb = blk * BK;
+        if (kv_c < chunks) {
+            const T *src = x + (size_t)(kb + kv_r) * row_len + d + kv_c * 8;
+#pragma unroll
+            for (int p = 0; p < BK / KV_RPP; ++p) {
+                const uint32_t r = kv_r + p * KV_RPP;
+                const bool ok = !M || kb + r < tokens;  // rows past the sequence: no bytes, zeros
+                const T *k = ok ? src + (size_t)p * KV_RPP * row_len : x;
+                cp_async16(ks + r * LD + kv_c * 8, k, ok ? 16 : 0);
+                cp_async16(ks + (BK + r) * LD + kv_c * 8, ok ? k + d : x, ok ? 16 : 0);
+            }
+        }
+        if (bias_async) {
+            const T *src = bias_rows + (size_t)(q0 + b_r) * tokens + kb + b_c * 8;
+#pragma unroll
+            for (int p = 0; p < BQ / B_RPP; ++p) {
+                const bool ok = !M || (q0 + b_r + p * B_RPP < tokens && kb + b_c * 8 < tokens);
+                cp_async16(bs + (b_r + p * B_RPP) * BLD + b_c * 8, ok ? src + (size_t)p * B_RPP * tokens : abias,
+                           ok ? 16 : 0);
+            }
+        } else {
+            for (uint32_t i = tid; i < BQ * BK; i += WARPS * 32) {
+                const uint32_t r = i / BK, c = i % BK;
+                const bool ok = q0 + r < tokens && kb + c < tokens;
+                bs[r * BLD + c] = ok ? bias_rows[(size_t)(q0 + r) * tokens + kb + c] : cast<T>(0.0f);
+            }
+        }
+    };
     auto load_block = [&](uint32_t blk) {
         if (blk < blocks) {
-            T *ks = ring + (blk % STAGES) * STAGE;
-            T *bs = ks + 2 * BK * LD;
-            const uint32_t kb = blk * BK;
-            if (kv_c < chunks) {
-#pragma unroll
-                for (int p = 0; p < 2 * BK / KV_RPP; ++p) {
-                    const uint32_t which = p / (BK / KV_RPP);  // 0: K, 1: V
-                    const uint32_t r = kv_r + (p % (BK / KV_RPP)) * KV_RPP;
-                    const bool ok = kb + r < tokens;
-                    const T *src = x + (size_t)(ok ? kb + r : 0) * row_len + (1 + which) * d + kv_c * 8;
-                    cp_async16(ks + (which * BK + r) * LD + kv_c * 8, src, ok ? 16 : 0);
-                }
-            }
-            if (bias_async) {
-#pragma unroll
-                for (int p = 0; p < BQ / B_RPP; ++p) {
-                    const uint32_t r = b_r + p * B_RPP;
-                    const bool ok = q0 + r < tokens && kb + b_c * 8 < tokens;
-                    const T *src = bias_rows + (ok ? (size_t)(q0 + r) * tokens + kb + b_c * 8 : 0);
-                    cp_async16(bs + r * BLD + b_c * 8, src, ok ? 16 : 0);
-                }
+            if ((blk + 1) * BK <= tokens && q0 + BQ <= tokens) {
+                copy_block(blk, std::false_type{});
             } else {
-                for (uint32_t i = tid; i < BQ * BK; i += WARPS * 32) {
-                    const uint32_t r = i / BK, c = i % BK;
-                    const bool ok = q0 + r < tokens && kb + c < tokens;
-                    bs[r * BLD + c] = ok ? bias_rows[(size_t)(q0 + r) * tokens + kb + c] : cast<T>(0.0f);
-                }
+                copy_block(blk, std::true_type{});
             }
         }
         cp_async_commit();
     };
 #pragma unroll
-    for (int st = 0; st < STAGES; ++st) load_block(st);  // Q travels in block 0's group
+    for (int st = 0; st < STAGES; ++st) load_block(st);  // Q and the bias slices travel in block 0's group
 
     cp_async_wait<STAGES - 1>();
     __syncthreads();
     const uint32_t wr = warp * 16 * MT;  // the warp's first row in the tile
     uint32_t qf[MT][KSTEPS][4];
     {
-        const T *qb = sb + h * hd;  // q's per-sample bias, added here in f32 then rounded
+        const T *qb = sbs;  // q's per-sample bias, added here in f32 then rounded (zero padded)
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
             const uint32_t c0 = kk * 16 + 2 * t, c1 = c0 + 8;
-            const float b00 = c0 < hd ? ld(qb, c0) : 0.0f, b01 = c0 + 1 < hd ? ld(qb, c0 + 1) : 0.0f;
-            const float b10 = c1 < hd ? ld(qb, c1) : 0.0f, b11 = c1 + 1 < hd ? ld(qb, c1 + 1) : 0.0f;
+            const float b00 = f(qb[c0]), b01 = f(qb[c0 + 1]);
+            const float b10 = f(qb[c1]), b11 = f(qb[c1 + 1]);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 uint32_t r[4];
@@ -217,12 +237,22 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            float mx0 = m[mt][0], mx1 = m[mt][1];
+            // The block's row maxima as a tree (a max is exact in any order; a chain of SN
+            // dependent steps was latency the warp waited on).
+            float t0[SN], t1[SN];
 #pragma unroll
             for (int j = 0; j < SN; ++j) {
-                mx0 = fmaxf(mx0, fmaxf(s[mt][j][0], s[mt][j][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[mt][j][2], s[mt][j][3]));
+                t0[j] = fmaxf(s[mt][j][0], s[mt][j][1]);
+                t1[j] = fmaxf(s[mt][j][2], s[mt][j][3]);
             }
+#pragma unroll
+            for (int w = 1; w < SN; w *= 2)
+#pragma unroll
+                for (int j = 0; j + w < SN; j += 2 * w) {
+                    t0[j] = fmaxf(t0[j], t0[j + w]);
+                    t1[j] = fmaxf(t1[j], t1[j + w]);
+                }
+            float mx0 = fmaxf(m[mt][0], t0[0]), mx1 = fmaxf(m[mt][1], t1[0]);
             mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
             mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
             mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
@@ -234,12 +264,16 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
             m[mt][1] = mx1;
             l[mt][0] *= a0;
             l[mt][1] *= a1;
+            // Where no row maximum of the warp moved every factor is exactly 1: skip the
+            // multiplies (the same bits; most blocks past the first few at N = 1024).
+            if (__any_sync(FULL_MASK, a0 != 1.0f || a1 != 1.0f)) {
 #pragma unroll
-            for (int n = 0; n < ON; ++n) {
-                o[mt][n][0] *= a0;
-                o[mt][n][1] *= a0;
-                o[mt][n][2] *= a1;
-                o[mt][n][3] *= a1;
+                for (int n = 0; n < ON; ++n) {
+                    o[mt][n][0] *= a0;
+                    o[mt][n][1] *= a0;
+                    o[mt][n][2] *= a1;
+                    o[mt][n][3] *= a1;
+                }
             }
 #pragma unroll
             for (int j = 0; j < SN; ++j) {
@@ -280,7 +314,7 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     cp_async_wait<0>();
 
     // Normalise, add v's bias, stage the warp's rows in its own rows of qs, write 16 bytes a lane.
-    const T *vb = sb + 2 * d + h * hd;
+    const T *vb = sbs + HDP;  // v's per-sample bias (zero padded)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float inv[2];
@@ -294,7 +328,7 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
 #pragma unroll
         for (int n = 0; n < ON; ++n) {
             const uint32_t c = n * 8 + 2 * t;
-            const float v0 = c < hd ? ld(vb, c) : 0.0f, v1 = c + 1 < hd ? ld(vb, c + 1) : 0.0f;
+            const float v0 = f(vb[c]), v1 = f(vb[c + 1]);
             T *row = qs + (wr + mt * 16 + g) * LD + c;
             *reinterpret_cast<uint32_t *>(row) = pack2<T>(o[mt][n][0] * inv[0] + v0, o[mt][n][1] * inv[0] + v1);
             *reinterpret_cast<uint32_t *>(row + 8 * LD) =

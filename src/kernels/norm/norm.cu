@@ -69,7 +69,13 @@ __device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, f
 
 // layer_norm_v with the row in registers (cols ≤ 32 · LN_PACKS packs): every load of a row is
 // issued at once, then two reductions and one write, instead of three passes over memory
-// each waiting on its loads (on an H100 the pass version moved 1.8 of ~3 TB/s).
+// each waiting on its loads (on an H100 the pass version moved 1.8 of ~3 TB/s). The row stays
+// in registers as loaded (16-byte packs of T, widened to f32 where used); at 93 registers a
+// thread (two blocks an SM) it moved 3.0 of the H200's 4.8 TB/s at B = 64.
+#if !defined(ROW_BLOCK) || !defined(LN_PACKS)
+#error "ROW_BLOCK and LN_PACKS come from src/kernels/tiling.rs through build.rs"
+#endif
+
 template <typename T>
 __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {
     constexpr int N = Pack<T>::N;
@@ -78,24 +84,17 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
     const uint32_t packs = cols / N;
     for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
         const T *xr = x + (size_t)r * cols;
-        float v[LN_PACKS][N];
-        float sum = 0.0f;
+        Pack<T> v[LN_PACKS];
 #pragma unroll
         for (int k = 0; k < LN_PACKS; ++k) {
             const uint32_t p = lane + 32 * k;
-            if (p < packs) {
-                const Pack<T> a = ldp(xr, (size_t)p * N);
-#pragma unroll
-                for (int e = 0; e < N; ++e) v[k][e] = f(a.v[e]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < N; ++e) v[k][e] = 0.0f;
-            }
+            v[k] = p < packs ? ldp(xr, (size_t)p * N) : zero_pack<T>();
         }
+        float sum = 0.0f;
 #pragma unroll
         for (int k = 0; k < LN_PACKS; ++k)
 #pragma unroll
-            for (int e = 0; e < N; ++e) sum += v[k][e];
+            for (int e = 0; e < N; ++e) sum += f(v[k].v[e]);
         const float mean = warp_sum(sum) / (float)cols;
         float sq = 0.0f;
 #pragma unroll
@@ -103,7 +102,7 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
             if (lane + 32 * k < packs) {
 #pragma unroll
                 for (int e = 0; e < N; ++e) {
-                    const float d = v[k][e] - mean;
+                    const float d = f(v[k].v[e]) - mean;
                     sq += d * d;
                 }
             }
@@ -116,7 +115,7 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
             if (p < packs) {
                 Pack<T> o;
 #pragma unroll
-                for (int e = 0; e < N; ++e) o.v[e] = cast<T>((v[k][e] - mean) * rstd);
+                for (int e = 0; e < N; ++e) o.v[e] = cast<T>((f(v[k].v[e]) - mean) * rstd);
                 stp(orow, (size_t)p * N, o);
             }
         }
@@ -316,6 +315,14 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
                                             float eps) {                                           \
         NAME<T>(x, out, rows, cols, eps);                                                          \
     }
+// layer_norm_r at three blocks an SM (≤ 80 registers): without the bound nvcc widens the whole
+// row to f32 at load (93 registers, two blocks an SM), too few loads in flight to fill the
+// memory bus; at four (≤ 64) bf16 spills.
+#define INSTANTIATE_LAYER_NORM_R(T, SFX)                                                           \
+    extern "C" __global__ void __launch_bounds__(ROW_BLOCK, 3)                                     \
+        layer_norm_r_##SFX(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {          \
+        layer_norm_r<T>(x, out, rows, cols, eps);                                                  \
+    }
 #define INSTANTIATE_GN_MOMENTS(T, SFX, NAME)                                                       \
     extern "C" __global__ void NAME##_##SFX(const T *x, float *p1, float *p2, uint32_t hw,         \
                                             uint32_t c, uint32_t groups, uint32_t tile) {          \
@@ -330,7 +337,7 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
 #define INSTANTIATE_NORM(T, SFX)                                                                   \
     INSTANTIATE_LAYER_NORM(T, SFX, layer_norm)                                                     \
     INSTANTIATE_LAYER_NORM(T, SFX, layer_norm_v)                                                   \
-    INSTANTIATE_LAYER_NORM(T, SFX, layer_norm_r)                                                   \
+    INSTANTIATE_LAYER_NORM_R(T, SFX)                                                               \
     INSTANTIATE_GN_MOMENTS(T, SFX, gn_moments)                                                     \
     INSTANTIATE_GN_MOMENTS(T, SFX, gn_moments_v)                                                   \
     extern "C" __global__ void gn_finalize_##SFX(const T *x, const float *p1, const float *p2,     \
