@@ -57,5 +57,23 @@ __device__ __forceinline__ Pack<T> zero_pack() {
     return z;
 }
 
+// Element e of a 16-byte pack of a 2-byte T (the pack's raw bits), widened to f32 where it is
+// used: the row kernels (LayerNorm, FP8 quantisation) keep a row in registers as raw packs, 4
+// registers a pack, and widen it again in each pass. Held as bf16/f16 values instead, nvcc widened
+// the whole row at the load and kept an f32 copy across every pass (twice the registers, spilling
+// in bf16). The same values as f() either way.
+template <typename T> __device__ __forceinline__ float widen(const uint4 &p, int e);
+template <> __device__ __forceinline__ float widen<float>(const uint4 &p, int e) {
+    return __uint_as_float((&p.x)[e]);
+}
+template <> __device__ __forceinline__ float widen<__nv_bfloat16>(const uint4 &p, int e) {
+    const uint32_t w = (&p.x)[e / 2];
+    return __uint_as_float(e % 2 ? w & 0xffff0000u : w << 16);
+}
+template <> __device__ __forceinline__ float widen<__half>(const uint4 &p, int e) {
+    const uint32_t w = (&p.x)[e / 2];
+    return __half2float(__ushort_as_half((unsigned short)(e % 2 ? w >> 16 : w & 0xffffu)));
+}
+
 // The dtypes of candle's kernel names (`name_f32`, `name_bf16`, `name_f16`).
 #define FOR_EACH_DTYPE(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)

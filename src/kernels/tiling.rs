@@ -11,8 +11,13 @@ pub const ROW_BLOCK: u32 = 256;
 /// memory once; longer rows take `softmax_bias_v`.
 pub const SOFTMAX_PACKS: usize = 4;
 
-/// Packs a lane holds in registers in `layer_norm_r` (rows of up to 32 · 8 packs).
+/// Packs a lane holds in registers in `layer_norm_r` and the FP8 `quant_rows_r` kernels (rows of
+/// up to 32 · 8 packs).
 pub const LN_PACKS: usize = 8;
+
+/// Packs a lane holds in `fp8_quant_rw`, the FP8 quantisation of the MLP's hidden rows: 32 · 18
+/// packs of 8 = 4608 columns, the ImageNet models' 4 · 1152.
+pub const FP8_WIDE_PACKS: usize = 18;
 
 /// The padded head dims the flash-attention kernel is compiled for (`hd` is zero-padded to the
 /// next one; flash.cu instantiates each, and build.rs fails when the two lists differ).
@@ -89,6 +94,7 @@ pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("SOFTMAX_PACKS", SOFTMAX_PACKS),
     ("LN_PACKS", LN_PACKS),
     ("ROW_BLOCK", ROW_BLOCK as usize),
+    ("FP8_WIDE_PACKS", FP8_WIDE_PACKS),
     ("ATT_B_WARPS", ATT_B_WARPS),
     ("ATT_B_MT", ATT_B_MT),
     ("ATT_B_BK", ATT_B_BK),

@@ -10,7 +10,7 @@ use crate::kernels::launch::{
     aligned, dispatch_half, flat, module, on_gpu, view, warp_rows, Buf, In, Module,
 };
 use crate::kernels::linear::cublaslt::{fp8_matmul, Fp8Operands, Fp8Output};
-use crate::kernels::tiling::LN_PACKS;
+use crate::kernels::tiling::{FP8_WIDE_PACKS, LN_PACKS};
 use crate::kernels::Activation;
 
 const KERNELS: Module = module!("fp8");
@@ -71,10 +71,14 @@ where
     let xs = unsafe { dev.alloc::<f32>(m)? };
     let packed = k.is_multiple_of(PACK) && aligned::<T>(x.1) && std::mem::size_of::<T>() == 2;
     let in_registers = packed && k <= 32 * LN_PACKS * PACK;
+    // The MLP's hidden rows (4·D) fit the wide register kernel: one read of the row, where the
+    // pack kernel reads it twice.
+    let in_wide_registers = packed && k <= 32 * FP8_WIDE_PACKS * PACK;
     let (name, eps) = match op.prologue {
         Prologue::LayerNorm { eps } if in_registers => ("fp8_ln_quant_r", eps),
         Prologue::LayerNorm { eps } => ("fp8_ln_quant", eps),
         Prologue::Quantize if in_registers => ("fp8_quant_r", 0.0),
+        Prologue::Quantize if in_wide_registers => ("fp8_quant_rw", 0.0),
         Prologue::Quantize if packed => ("fp8_quant_v", 0.0),
         Prologue::Quantize => ("fp8_quant", 0.0),
     };

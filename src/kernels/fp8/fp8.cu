@@ -6,8 +6,8 @@
 #include "../common.cuh"
 #include <cuda_fp8.h>
 
-#ifndef LN_PACKS
-#error "LN_PACKS comes from src/kernels/tiling.rs through build.rs"
+#if !defined(LN_PACKS) || !defined(FP8_WIDE_PACKS) || !defined(ROW_BLOCK)
+#error "LN_PACKS, FP8_WIDE_PACKS and ROW_BLOCK come from src/kernels/tiling.rs through build.rs"
 #endif
 
 // The largest finite e4m3 value: a row's absolute maximum maps onto it.
@@ -74,9 +74,10 @@ struct alignas(8) Q8 {
 };
 
 // quant_rows over 16-byte packs of a 2-byte T (cols a multiple of 8), the row held in registers
-// (cols ≤ 32 · LN_PACKS · 8): every load of a row is issued at once, then the reductions, then
-// one 8-byte store a pack.
-template <typename T, bool LN>
+// (cols ≤ 32 · PACKS · 8): every load of a row is issued at once, then the reductions, then one
+// 8-byte store a pack. The row stays as loaded bits and each pass widens (and normalises) it
+// again (`widen`): the same arithmetic each time, so the same values.
+template <typename T, bool LN, int PACKS>
 __device__ void quant_rows_r(const T *x, uint8_t *q, float *scale, uint32_t rows, uint32_t cols,
                              float eps) {
     constexpr int N = Pack<T>::N;
@@ -86,49 +87,40 @@ __device__ void quant_rows_r(const T *x, uint8_t *q, float *scale, uint32_t rows
     const uint32_t packs = cols / N;
     for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
         const T *xr = x + (size_t)r * cols;
-        float v[LN_PACKS][N];
+        uint4 v[PACKS];
 #pragma unroll
-        for (int k = 0; k < LN_PACKS; ++k) {
+        for (int k = 0; k < PACKS; ++k) {
             const uint32_t p = lane + 32 * k;
-            if (p < packs) {
-                const Pack<T> a = ldp(xr, (size_t)p * N);
-#pragma unroll
-                for (int e = 0; e < N; ++e) v[k][e] = f(a.v[e]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < N; ++e) v[k][e] = 0.0f;
-            }
+            v[k] = p < packs ? *reinterpret_cast<const uint4 *>(xr + (size_t)p * N) : make_uint4(0, 0, 0, 0);
         }
+        float mean = 0.0f, rstd = 1.0f;
         if (LN) {
             float sum = 0.0f;
 #pragma unroll
-            for (int k = 0; k < LN_PACKS; ++k)
+            for (int k = 0; k < PACKS; ++k)
 #pragma unroll
-                for (int e = 0; e < N; ++e) sum += v[k][e];
-            const float mean = warp_sum(sum) / (float)cols;
+                for (int e = 0; e < N; ++e) sum += widen<T>(v[k], e);
+            mean = warp_sum(sum) / (float)cols;
             float sq = 0.0f;
 #pragma unroll
-            for (int k = 0; k < LN_PACKS; ++k) {
+            for (int k = 0; k < PACKS; ++k) {
                 if (lane + 32 * k < packs) {
 #pragma unroll
                     for (int e = 0; e < N; ++e) {
-                        const float d = v[k][e] - mean;
+                        const float d = widen<T>(v[k], e) - mean;
                         sq += d * d;
                     }
                 }
             }
-            const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
-#pragma unroll
-            for (int k = 0; k < LN_PACKS; ++k)
-#pragma unroll
-                for (int e = 0; e < N; ++e) v[k][e] = (v[k][e] - mean) * rstd;
+            rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
         }
+        auto value = [&](int k, int e) { return LN ? (widen<T>(v[k], e) - mean) * rstd : widen<T>(v[k], e); };
         float amax = 0.0f;
 #pragma unroll
-        for (int k = 0; k < LN_PACKS; ++k) {
+        for (int k = 0; k < PACKS; ++k) {
             if (lane + 32 * k < packs) {
 #pragma unroll
-                for (int e = 0; e < N; ++e) amax = fmaxf(amax, fabsf(v[k][e]));
+                for (int e = 0; e < N; ++e) amax = fmaxf(amax, fabsf(value(k, e)));
             }
         }
         float s;
@@ -136,20 +128,20 @@ __device__ void quant_rows_r(const T *x, uint8_t *q, float *scale, uint32_t rows
         if (lane == 0) scale[r] = s;
         uint8_t *qr = q + (size_t)r * cols;
 #pragma unroll
-        for (int k = 0; k < LN_PACKS; ++k) {
+        for (int k = 0; k < PACKS; ++k) {
             const uint32_t p = lane + 32 * k;
             if (p < packs) {
                 Q8 o;
 #pragma unroll
-                for (int e = 0; e < N; ++e) o.v[e] = to_e4m3(v[k][e] * inv);
+                for (int e = 0; e < N; ++e) o.v[e] = to_e4m3(value(k, e) * inv);
                 *reinterpret_cast<Q8 *>(qr + (size_t)p * N) = o;
             }
         }
     }
 }
 
-// quant_rows (no LayerNorm) over 16-byte packs of a 2-byte T for rows too long for registers
-// (the MLP's hidden rows): the amax pass, then the quantising pass over the same row (from cache).
+// quant_rows (no LayerNorm) over 16-byte packs of a 2-byte T for rows too long for registers:
+// the amax pass, then the quantising pass over the same row (from cache).
 template <typename T>
 __device__ void quant_rows_v(const T *x, uint8_t *q, float *scale, uint32_t rows, uint32_t cols) {
     constexpr int N = Pack<T>::N;
@@ -268,13 +260,20 @@ __device__ void scale_epilogue_v(const T *y, const float *xs, const float *ws, c
     }
 
 #define INSTANTIATE_FP8_PACKED(T, SFX)                                                             \
-    extern "C" __global__ void fp8_quant_r_##SFX(const T *x, uint8_t *q, float *s, uint32_t rows,  \
-                                                 uint32_t cols, float eps) {                       \
-        quant_rows_r<T, false>(x, q, s, rows, cols, eps);                                          \
+    extern "C" __global__ void __launch_bounds__(ROW_BLOCK, 4)                                     \
+        fp8_quant_r_##SFX(const T *x, uint8_t *q, float *s, uint32_t rows, uint32_t cols,          \
+                          float eps) {                                                             \
+        quant_rows_r<T, false, LN_PACKS>(x, q, s, rows, cols, eps);                                \
     }                                                                                              \
-    extern "C" __global__ void fp8_ln_quant_r_##SFX(const T *x, uint8_t *q, float *s,              \
-                                                    uint32_t rows, uint32_t cols, float eps) {     \
-        quant_rows_r<T, true>(x, q, s, rows, cols, eps);                                           \
+    extern "C" __global__ void __launch_bounds__(ROW_BLOCK, 4)                                     \
+        fp8_ln_quant_r_##SFX(const T *x, uint8_t *q, float *s, uint32_t rows, uint32_t cols,       \
+                             float eps) {                                                          \
+        quant_rows_r<T, true, LN_PACKS>(x, q, s, rows, cols, eps);                                 \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ROW_BLOCK, 2)                                     \
+        fp8_quant_rw_##SFX(const T *x, uint8_t *q, float *s, uint32_t rows, uint32_t cols,         \
+                           float eps) {                                                            \
+        quant_rows_r<T, false, FP8_WIDE_PACKS>(x, q, s, rows, cols, eps);                          \
     }                                                                                              \
     extern "C" __global__ void fp8_scale_epilogue_v_##SFX(const T *y, const float *xs,             \
                                                           const float *ws, const T *bias,          \

@@ -70,8 +70,8 @@ __device__ void layer_norm_v(const T *x, T *out, uint32_t rows, uint32_t cols, f
 // layer_norm_v with the row in registers (cols ≤ 32 · LN_PACKS packs): every load of a row is
 // issued at once, then two reductions and one write, instead of three passes over memory
 // each waiting on its loads (on an H100 the pass version moved 1.8 of ~3 TB/s). The row stays
-// in registers as loaded (16-byte packs of T, widened to f32 where used); at 93 registers a
-// thread (two blocks an SM) it moved 3.0 of the H200's 4.8 TB/s at B = 64.
+// in registers as loaded bits (`widen`); as f32 values, 93 registers a thread (two blocks an
+// SM), it moved 3.0 of the H200's 4.8 TB/s at B = 64.
 #if !defined(ROW_BLOCK) || !defined(LN_PACKS)
 #error "ROW_BLOCK and LN_PACKS come from src/kernels/tiling.rs through build.rs"
 #endif
@@ -84,17 +84,17 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
     const uint32_t packs = cols / N;
     for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
         const T *xr = x + (size_t)r * cols;
-        Pack<T> v[LN_PACKS];
+        uint4 v[LN_PACKS];
 #pragma unroll
         for (int k = 0; k < LN_PACKS; ++k) {
             const uint32_t p = lane + 32 * k;
-            v[k] = p < packs ? ldp(xr, (size_t)p * N) : zero_pack<T>();
+            v[k] = p < packs ? *reinterpret_cast<const uint4 *>(xr + (size_t)p * N) : make_uint4(0, 0, 0, 0);
         }
         float sum = 0.0f;
 #pragma unroll
         for (int k = 0; k < LN_PACKS; ++k)
 #pragma unroll
-            for (int e = 0; e < N; ++e) sum += f(v[k].v[e]);
+            for (int e = 0; e < N; ++e) sum += widen<T>(v[k], e);
         const float mean = warp_sum(sum) / (float)cols;
         float sq = 0.0f;
 #pragma unroll
@@ -102,7 +102,7 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
             if (lane + 32 * k < packs) {
 #pragma unroll
                 for (int e = 0; e < N; ++e) {
-                    const float d = f(v[k].v[e]) - mean;
+                    const float d = widen<T>(v[k], e) - mean;
                     sq += d * d;
                 }
             }
@@ -115,7 +115,7 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
             if (p < packs) {
                 Pack<T> o;
 #pragma unroll
-                for (int e = 0; e < N; ++e) o.v[e] = cast<T>((f(v[k].v[e]) - mean) * rstd);
+                for (int e = 0; e < N; ++e) o.v[e] = cast<T>((widen<T>(v[k], e) - mean) * rstd);
                 stp(orow, (size_t)p * N, o);
             }
         }
@@ -315,11 +315,10 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
                                             float eps) {                                           \
         NAME<T>(x, out, rows, cols, eps);                                                          \
     }
-// layer_norm_r at three blocks an SM (≤ 80 registers): without the bound nvcc widens the whole
-// row to f32 at load (93 registers, two blocks an SM), too few loads in flight to fill the
-// memory bus; at four (≤ 64) bf16 spills.
+// layer_norm_r at four blocks an SM (≤ 64 registers; the row as raw packs, `widen`): it ran two
+// blocks an SM at 93 registers, too few loads in flight to fill the memory bus.
 #define INSTANTIATE_LAYER_NORM_R(T, SFX)                                                           \
-    extern "C" __global__ void __launch_bounds__(ROW_BLOCK, 3)                                     \
+    extern "C" __global__ void __launch_bounds__(ROW_BLOCK, 4)                                     \
         layer_norm_r_##SFX(const T *x, T *out, uint32_t rows, uint32_t cols, float eps) {          \
         layer_norm_r<T>(x, out, rows, cols, eps);                                                  \
     }
