@@ -25,8 +25,9 @@ pub struct ModelArgs {
     pub device: DeviceSpec,
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: Precision,
-    /// Images per guided step (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    /// Images per guided step (comma-separated; the flag with no value skips the steps and the
+    /// DiffiT build, e.g. to profile the decode alone).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,4,16,32,64")]
     pub batches: Vec<usize>,
     /// VAE decode batch sizes (comma-separated; the flag with no value skips the decode).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,8")]
@@ -149,6 +150,26 @@ pub fn forward_flop(cfg: &DiffitConfig) -> f64 {
 
 pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     let cfg = DiffitConfig::imagenet(b.latent);
+    let flop = forward_flop(&cfg);
+    Ok(ModelBenchReport {
+        latent: b.latent,
+        dtype: match b.kernels.fp8 {
+            true => "fp8".into(),
+            false => format!("{:?}", b.dtype).to_lowercase(),
+        },
+        device: device_name(&b.device),
+        gflop_per_image_forward: flop / 1e9,
+        steps: time_steps(b, &cfg, flop)?,
+        decode: time_decode(b)?,
+    })
+}
+
+/// The guided step at each of `b.batches` (none: the model is not built).
+fn time_steps(b: &ModelBench, cfg: &DiffitConfig, flop: f64) -> anyhow::Result<Vec<StepRow>> {
+    let mut steps = Vec::new();
+    if b.batches.is_empty() {
+        return Ok(steps);
+    }
     let t0 = Instant::now();
     let model = DiffiT::random(cfg.clone(), b.dtype, &b.device, &b.kernels)?;
     b.device.synchronize()?;
@@ -157,13 +178,11 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
         b.latent * 8,
         t0.elapsed()
     );
-    let flop = forward_flop(&cfg);
     let schedule = Arc::new(Schedule::new(250)?);
     // A constant scale: every timed step is guided (2B network rows). The power-cosine ramp is
     // exactly 1 over the first ≈ 10 % of a run, where a step takes only B rows
     // (`Guidance::scale_for_step`), and the timed steps are a run's first ones.
     let guidance = Guidance::new(4.4, GuidanceSchedule::Constant)?;
-    let mut steps = Vec::new();
     // The serving step: padded and replayed as a CUDA graph unless --cuda-graphs off.
     let mode = StepMode::resolve(b.kernels.cuda_graphs, &b.device);
     eprintln!("steps: {mode:?}");
@@ -216,6 +235,11 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
     // The graphs first: they hold the model's weights' addresses.
     drop(stepper);
     drop(model);
+    Ok(steps)
+}
+
+/// The VAE decode at each of `b.vae_batches` (none: the decoder is not built).
+fn time_decode(b: &ModelBench) -> anyhow::Result<Vec<DecodeRow>> {
     let mut decode = Vec::new();
     if !b.vae_batches.is_empty() {
         let vae = VaeDecoder::random(VaeConfig::sd_kl_f8(), b.dtype, &b.device, &b.kernels)?;
@@ -242,17 +266,7 @@ pub fn run(b: &ModelBench) -> anyhow::Result<ModelBenchReport> {
             decode.push(row);
         }
     }
-    Ok(ModelBenchReport {
-        latent: b.latent,
-        dtype: match b.kernels.fp8 {
-            true => "fp8".into(),
-            false => format!("{:?}", b.dtype).to_lowercase(),
-        },
-        device: device_name(&b.device),
-        gflop_per_image_forward: flop / 1e9,
-        steps,
-        decode,
-    })
+    Ok(decode)
 }
 
 impl std::fmt::Display for ModelBenchReport {
@@ -305,6 +319,37 @@ impl std::fmt::Display for ModelBenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_with_no_value_skip_the_steps_and_the_model() -> anyhow::Result<()> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            model: ModelArgs,
+        }
+        let a =
+            <Cli as clap::Parser>::try_parse_from(["bench", "--batches", "--vae-batches"])?.model;
+        assert!(a.batches.is_empty() && a.vae_batches.is_empty());
+        let a = <Cli as clap::Parser>::try_parse_from(["bench", "--batches", "2,8"])?.model;
+        assert_eq!(a.batches, [2, 8]);
+        assert_eq!(a.vae_batches, [1, 8], "the default decode batches");
+        // Nothing to time: no ImageNet model (561 M parameters) or decoder is built, so this
+        // returns at once even on the CPU.
+        let report = run(&ModelBench {
+            latent: 32,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            batches: vec![],
+            vae_batches: vec![],
+            decode_chunk: 8,
+            warmup: 1,
+            iters: 1,
+            kernels: KernelOptions::default(),
+        })?;
+        assert!(report.steps.is_empty() && report.decode.is_empty());
+        assert!((report.gflop_per_image_forward - 237.0).abs() < 0.5);
+        Ok(())
+    }
 
     #[test]
     fn flop_count_matches_the_release() {
