@@ -75,5 +75,43 @@ template <> __device__ __forceinline__ float widen<__half>(const uint4 &p, int e
     return __half2float(__ushort_as_half((unsigned short)(e % 2 ? w >> 16 : w & 0xffffu)));
 }
 
+// A warp's row of `packs` 16-byte packs of T in registers as raw bits, lane l holding packs l,
+// l + 32, …; packs past the row are zero. Every load is issued at once (the row kernels: the
+// LayerNorm and the FP8 quantisers).
+template <typename T, int PACKS>
+__device__ __forceinline__ void load_row_packs(uint4 (&v)[PACKS], const T *row, uint32_t lane, uint32_t packs) {
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+        const uint32_t p = lane + 32 * k;
+        v[k] = p < packs ? *reinterpret_cast<const uint4 *>(row + (size_t)p * Pack<T>::N) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// The affine-free LayerNorm's mean and 1/std of a row of `cols` values held by load_row_packs,
+// in two passes (the variance around the mean) as the reference computes them.
+template <typename T, int PACKS>
+__device__ __forceinline__ void row_moments(const uint4 (&v)[PACKS], uint32_t lane, uint32_t packs, uint32_t cols,
+                                            float eps, float &mean, float &rstd) {
+    constexpr int N = Pack<T>::N;
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k)
+#pragma unroll
+        for (int e = 0; e < N; ++e) sum += widen<T>(v[k], e);
+    mean = warp_sum(sum) / (float)cols;
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+        if (lane + 32 * k < packs) {
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+                const float d = widen<T>(v[k], e) - mean;
+                sq += d * d;
+            }
+        }
+    }
+    rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+}
+
 // The dtypes of candle's kernel names (`name_f32`, `name_bf16`, `name_f16`).
 #define FOR_EACH_DTYPE(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)

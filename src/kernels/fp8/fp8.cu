@@ -88,32 +88,9 @@ __device__ void quant_rows_r(const T *x, uint8_t *q, float *scale, uint32_t rows
     for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
         const T *xr = x + (size_t)r * cols;
         uint4 v[PACKS];
-#pragma unroll
-        for (int k = 0; k < PACKS; ++k) {
-            const uint32_t p = lane + 32 * k;
-            v[k] = p < packs ? *reinterpret_cast<const uint4 *>(xr + (size_t)p * N) : make_uint4(0, 0, 0, 0);
-        }
+        load_row_packs<T>(v, xr, lane, packs);
         float mean = 0.0f, rstd = 1.0f;
-        if (LN) {
-            float sum = 0.0f;
-#pragma unroll
-            for (int k = 0; k < PACKS; ++k)
-#pragma unroll
-                for (int e = 0; e < N; ++e) sum += widen<T>(v[k], e);
-            mean = warp_sum(sum) / (float)cols;
-            float sq = 0.0f;
-#pragma unroll
-            for (int k = 0; k < PACKS; ++k) {
-                if (lane + 32 * k < packs) {
-#pragma unroll
-                    for (int e = 0; e < N; ++e) {
-                        const float d = widen<T>(v[k], e) - mean;
-                        sq += d * d;
-                    }
-                }
-            }
-            rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
-        }
+        if (LN) row_moments<T>(v, lane, packs, cols, eps, mean, rstd);
         auto value = [&](int k, int e) { return LN ? (widen<T>(v[k], e) - mean) * rstd : widen<T>(v[k], e); };
         float amax = 0.0f;
 #pragma unroll

@@ -85,29 +85,9 @@ __device__ void layer_norm_r(const T *x, T *out, uint32_t rows, uint32_t cols, f
     for (uint32_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
         const T *xr = x + (size_t)r * cols;
         uint4 v[LN_PACKS];
-#pragma unroll
-        for (int k = 0; k < LN_PACKS; ++k) {
-            const uint32_t p = lane + 32 * k;
-            v[k] = p < packs ? *reinterpret_cast<const uint4 *>(xr + (size_t)p * N) : make_uint4(0, 0, 0, 0);
-        }
-        float sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < LN_PACKS; ++k)
-#pragma unroll
-            for (int e = 0; e < N; ++e) sum += widen<T>(v[k], e);
-        const float mean = warp_sum(sum) / (float)cols;
-        float sq = 0.0f;
-#pragma unroll
-        for (int k = 0; k < LN_PACKS; ++k) {
-            if (lane + 32 * k < packs) {
-#pragma unroll
-                for (int e = 0; e < N; ++e) {
-                    const float d = widen<T>(v[k], e) - mean;
-                    sq += d * d;
-                }
-            }
-        }
-        const float rstd = rsqrtf(warp_sum(sq) / (float)cols + eps);
+        load_row_packs<T>(v, xr, lane, packs);
+        float mean, rstd;
+        row_moments<T>(v, lane, packs, cols, eps, mean, rstd);
         T *orow = out + (size_t)r * cols;
 #pragma unroll
         for (int k = 0; k < LN_PACKS; ++k) {
