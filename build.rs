@@ -117,8 +117,8 @@ fn wait_all(jobs: Vec<(&&str, std::process::Child)>) {
     }
 }
 
-/// flash_sm90.cu instantiates a kernel per padded head dim up to ATT90_MAX_HDP and warpgroup
-/// count (1, 2) by hand, as flash.cu; fail the build when its list differs from tiling.rs.
+/// flash_sm90.cu instantiates a kernel per padded head dim up to ATT90_MAX_HDP and variant of
+/// ATT90_VARIANTS by hand, as flash.cu; fail the build when its list differs from tiling.rs.
 fn check_flash90_head_dims(ptx: &std::path::Path) {
     let text = std::fs::read_to_string(ptx).unwrap_or_else(|e| panic!("{}: {e}", ptx.display()));
     let hdps: Vec<usize> = tiling::ATT_HEAD_DIMS
@@ -126,20 +126,20 @@ fn check_flash90_head_dims(ptx: &std::path::Path) {
         .filter(|&h| h <= tiling::ATT90_MAX_HDP)
         .collect();
     for &hdp in &hdps {
-        for wg in [1, 2] {
+        for variant in tiling::ATT90_VARIANTS {
             for dtype in ["bf16", "f16"] {
-                let entry = format!(".entry attention90_{hdp}_w{wg}_{dtype}(");
+                let entry = format!(".entry attention90_{hdp}_{}_{dtype}(", variant.name());
                 assert!(
                     text.contains(&entry),
-                    "flash_sm90.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS)"
+                    "flash_sm90.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS, ATT90_VARIANTS)"
                 );
             }
         }
     }
     assert_eq!(
         text.matches(".entry attention90_").count(),
-        4 * hdps.len(),
-        "flash_sm90.cu has head dims tiling.rs lacks"
+        2 * tiling::ATT90_VARIANTS.len() * hdps.len(),
+        "flash_sm90.cu has head dims or variants tiling.rs lacks"
     );
 }
 
@@ -153,18 +153,26 @@ fn check_flash_head_dims(ptx: &std::path::Path) {
         } else {
             "a"
         };
-        for dtype in ["bf16", "f16"] {
-            let entry = format!(".entry attention_{hdp}{tiling}_{dtype}(");
-            assert!(
-                text.contains(&entry),
-                "flash.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS)"
-            );
+        // Tiling "b" comes with its small-grid twin "s".
+        let names: &[&str] = if tiling == "b" { &["b", "s"] } else { &["a"] };
+        for name in names {
+            for dtype in ["bf16", "f16"] {
+                let entry = format!(".entry attention_{hdp}{name}_{dtype}(");
+                assert!(
+                    text.contains(&entry),
+                    "flash.cu lacks {entry} (tiling.rs ATT_HEAD_DIMS)"
+                );
+            }
         }
     }
+    let small = tiling::ATT_HEAD_DIMS
+        .into_iter()
+        .filter(|&h| h <= tiling::ATT_B_MAX_HDP)
+        .count();
     let entries = text.matches(".entry attention_").count();
     assert_eq!(
         entries,
-        2 * tiling::ATT_HEAD_DIMS.len(),
+        2 * (tiling::ATT_HEAD_DIMS.len() + small),
         "flash.cu has head dims tiling.rs lacks"
     );
 }

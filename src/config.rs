@@ -277,7 +277,8 @@ pub struct KernelOptions {
     /// With --flash-attention on a compute-capability 9.0 GPU (H100, H200): the flash-attention
     /// kernel on Hopper's wgmma instructions, with CTAs of 64 or 128 query rows (`off`: the
     /// mma.sync kernel every card runs). Token counts not a multiple of 8 and head dims over 80 take the mma.sync
-    /// kernel. Off by default: slower than mma.sync on the H200 so far (docs/perf.md v0.24).
+    /// kernel. Off by default: on the H200 as fast as mma.sync at ImageNet-512 and ≈ 10 % slower at
+    /// ImageNet-256 (docs/perf.md v0.32).
     #[arg(
         long = "wgmma-attention",
         env = "DIFFIT_WGMMA_ATTENTION",

@@ -15,6 +15,17 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, uint32_t 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(src_bytes));
 }
+// The same without the source-size operand, where the whole chunk is always in bounds: ptxas
+// emits three dummy instructions beside each zero-filling copy. And the same again only where
+// `pred` holds (nothing is written otherwise), predicated instead of branched.
+__device__ __forceinline__ void cp_async16_full(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async16_if(bool pred, void *dst, const void *src) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"((uint32_t)pred));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -42,6 +53,16 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// A bf16/f16 pair (the raw 32 bits, the lower column in the low half) widened to f32, without
+// going back to shared memory for each half.
+template <typename T> __device__ __forceinline__ float2 widen_pair(uint32_t w);
+template <> __device__ __forceinline__ float2 widen_pair<__nv_bfloat16>(uint32_t w) {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+template <> __device__ __forceinline__ float2 widen_pair<__half>(uint32_t w) {
+    return __half22float2(*reinterpret_cast<const __half2 *>(&w));
 }
 
 // d += a·b, m16n8k16, a row-major 16×16, b column-major 16×8, f32 accumulators.

@@ -35,6 +35,12 @@ pub const ATT_B_BK: usize = 64;
 pub const ATT_B_STAGES: usize = 2;
 pub const ATT_B_MAX_HDP: usize = 80;
 
+/// Flash-attention tiling "s": tiling "b" with [`ATT_S_WARPS`] warps a CTA, for grids that would
+/// leave SMs idle with "b" (a B = 1 guided step: 64 CTAs of "b" for 132 SMs). A warp owns its 16
+/// query rows and runs the key blocks in the same order under either, so a row's bits do not
+/// depend on which one ran (the batch-independence rule).
+pub const ATT_S_WARPS: usize = 4;
+
 /// Flash-attention tiling "a", above [`ATT_B_MAX_HDP`]: 4 warps of 1 m-tile, key blocks of 64
 /// in 2 stages.
 pub const ATT_A_WARPS: usize = 4;
@@ -42,11 +48,48 @@ pub const ATT_A_MT: usize = 1;
 pub const ATT_A_BK: usize = 64;
 pub const ATT_A_STAGES: usize = 2;
 
-/// Hopper flash attention (flash_sm90.cu, wgmma): key blocks of ATT90_BK rows in a cp.async ring
-/// of ATT90_STAGES (at N = 256 both blocks are in flight from the start). A CTA is 1 or 2
-/// warpgroups of 64 query rows (`kernels::Att90Rows` chooses).
-pub const ATT90_BK: usize = 128;
-pub const ATT90_STAGES: usize = 2;
+/// A variant of the Hopper flash attention (flash_sm90.cu, wgmma): `warpgroups` of 64 query rows
+/// a CTA, key blocks of `block_keys` through a cp.async ring of `stages` (each stage the block's K,
+/// V and the CTA's bias tile), and whether a warpgroup overlaps its softmax of a block with its
+/// P·V of the block before (`overlap`, FlashAttention-3's intra-warpgroup pipelining).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Att90Variant {
+    pub warpgroups: usize,
+    pub block_keys: usize,
+    pub stages: usize,
+    pub overlap: bool,
+}
+
+impl Att90Variant {
+    /// The kernel-name part, `w{warpgroups}k{block_keys}s{stages}o{0|1}`.
+    pub fn name(&self) -> String {
+        format!(
+            "w{}k{}s{}o{}",
+            self.warpgroups, self.block_keys, self.stages, self.overlap as u8
+        )
+    }
+}
+
+const fn att90(warpgroups: usize, block_keys: usize, stages: usize, overlap: bool) -> Att90Variant {
+    Att90Variant {
+        warpgroups,
+        block_keys,
+        stages,
+        overlap,
+    }
+}
+
+/// The variants flash_sm90.cu instantiates for every padded head dim (build.rs checks).
+pub const ATT90_VARIANTS: [Att90Variant; 4] = [
+    att90(1, 64, 2, false),
+    att90(2, 64, 2, false),
+    att90(2, 64, 2, true),
+    att90(2, 128, 2, true),
+];
+/// The variants `--wgmma-attention 64` and `128` run: the fastest of each CTA size on the H200
+/// (docs/perf.md v0.32; the overlapped loop and 128-key blocks measured slower at both sizes).
+pub const ATT90_ROWS64: Att90Variant = ATT90_VARIANTS[0];
+pub const ATT90_ROWS128: Att90Variant = ATT90_VARIANTS[1];
 /// The padded head dims of [`ATT_HEAD_DIMS`] the Hopper kernel is built for: up to 80 (the model's
 /// 72 pads to 80). At 128 its output was 6 % off the reference on the H200 once a sequence had
 /// two key blocks (docs/perf.md v0.24; cause not found), so larger head dims take the mma.sync
@@ -100,12 +143,11 @@ pub const CUDA_DEFINES: &[(&str, usize)] = &[
     ("ATT_B_BK", ATT_B_BK),
     ("ATT_B_STAGES", ATT_B_STAGES),
     ("ATT_B_MAX_HDP", ATT_B_MAX_HDP),
+    ("ATT_S_WARPS", ATT_S_WARPS),
     ("ATT_A_WARPS", ATT_A_WARPS),
     ("ATT_A_MT", ATT_A_MT),
     ("ATT_A_BK", ATT_A_BK),
     ("ATT_A_STAGES", ATT_A_STAGES),
-    ("ATT90_BK", ATT90_BK),
-    ("ATT90_STAGES", ATT90_STAGES),
     ("ATT90_MAX_HDP", ATT90_MAX_HDP),
     ("CONV_BM", CONV_BM),
     ("CONV_BN", CONV_BN),

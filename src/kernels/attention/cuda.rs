@@ -6,14 +6,15 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, CudaStorage, Result};
 
-use super::{wgmma_tiles_per_cta, Att90Rows};
+use super::{small_grid, wgmma_tiles_per_cta, Att90Rows};
 use crate::kernels::launch::{
     self, aligned, block_rows, config, dispatch, dispatch_half, module, pack, strided_rows, view,
     warp_rows, In, Module,
 };
 use crate::kernels::tiling::{
-    ATT90_BK, ATT90_MAX_HDP, ATT90_STAGES, ATT_A_BK, ATT_A_MT, ATT_A_STAGES, ATT_A_WARPS, ATT_B_BK,
-    ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES, ATT_B_WARPS, ATT_HEAD_DIMS, SOFTMAX_PACKS,
+    Att90Variant, ATT90_MAX_HDP, ATT90_ROWS128, ATT90_ROWS64, ATT90_VARIANTS, ATT_A_BK, ATT_A_MT,
+    ATT_A_STAGES, ATT_A_WARPS, ATT_B_BK, ATT_B_MAX_HDP, ATT_B_MT, ATT_B_STAGES, ATT_B_WARPS,
+    ATT_HEAD_DIMS, ATT_S_WARPS, SOFTMAX_PACKS,
 };
 
 const KERNELS: Module = module!("attention");
@@ -142,6 +143,46 @@ impl AttTiling {
         }
     }
 
+    /// Tiling "s": "b" with fewer warps a CTA, so a small grid spreads over more SMs.
+    fn small() -> Self {
+        Self {
+            name: "s",
+            warps: ATT_S_WARPS,
+            bq: ATT_S_WARPS * 16 * ATT_B_MT,
+            bk: ATT_B_BK,
+            stages: ATT_B_STAGES,
+        }
+    }
+
+    /// The tiling that runs `batch` × `heads` × `tokens` on `dev`: "s" where "b"'s grid would
+    /// leave SMs idle ([`small_grid`]); the hidden environment variable DIFFIT_ATT_TILING (`b`
+    /// or `s`) forces one where the head dim allows (for measuring).
+    fn choose(
+        dev: &CudaDevice,
+        hdp: usize,
+        batch: usize,
+        heads: usize,
+        tokens: usize,
+    ) -> Result<Self> {
+        let b = Self::for_head_dim(hdp);
+        if b.name != "b" {
+            return Ok(b);
+        }
+        let small = match std::env::var("DIFFIT_ATT_TILING").ok().as_deref() {
+            Some("b") => false,
+            Some("s") => true,
+            _ => {
+                let sms = dev
+                    .cuda_stream()
+                    .context()
+                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                    .w()? as usize;
+                small_grid(tokens.div_ceil(b.bq) * heads * batch, sms)
+            }
+        };
+        Ok(if small { Self::small() } else { b })
+    }
+
     /// Dynamic shared memory: the Q tile, `stages` × (K and V blocks, the bias tile) and the
     /// q and v bias slices of the (sample, head).
     fn smem_bytes(&self, hdp: usize, elem: usize) -> usize {
@@ -161,8 +202,8 @@ pub fn attention(
     let [batch, tokens, heads, hd] = dims;
     let hdp = padded_head_dim(hd)
         .ok_or_else(|| candle_core::Error::Msg(format!("attention: head dim {hd} > 128")))?;
-    let tiling = AttTiling::for_head_dim(hdp);
     let dev = qkv.0.device().clone();
+    let tiling = AttTiling::choose(&dev, hdp, batch, heads, tokens)?;
     let sb_stride = sbias.1.stride()[0];
     dispatch!(dev, qkv.0, |T| {
         let qv = view::<T>(qkv)?;
@@ -197,11 +238,27 @@ pub fn wgmma_available(dev: &CudaDevice) -> bool {
         && attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) == Some(0)
 }
 
-/// Dynamic shared memory of the Hopper kernel: the K/V ring in the core-matrix layout (no
-/// padding), the Q tile and the bias rows of a key block, rows padded by 8 elements.
-fn sm90_smem_bytes(hdp: usize, rows: Att90Rows, elem: usize) -> usize {
-    let bq = 64 * rows.warpgroups();
-    (ATT90_STAGES * 2 * ATT90_BK * hdp + bq * (hdp + 8) + bq * (ATT90_BK + 8)) * elem
+/// The variant `rows` runs: tiling.rs's for it, unless the hidden environment variable
+/// DIFFIT_ATT90_VARIANT names another of `ATT90_VARIANTS` (`w1k64s2o1`…; for measuring).
+fn variant(rows: Att90Rows) -> Att90Variant {
+    static FORCED: std::sync::OnceLock<Option<Att90Variant>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        let name = std::env::var("DIFFIT_ATT90_VARIANT").ok()?;
+        ATT90_VARIANTS.into_iter().find(|v| v.name() == name)
+    });
+    forced.unwrap_or(match rows {
+        Att90Rows::R64 => ATT90_ROWS64,
+        Att90Rows::R128 => ATT90_ROWS128,
+    })
+}
+
+/// Dynamic shared memory of the Hopper kernel: per stage a K and a V block in the core-matrix
+/// layout (no padding) and the CTA's bias tile (rows padded by 8 elements); the Q tile, rows
+/// padded by 8; q's and v's per-sample bias slices.
+fn sm90_smem_bytes(hdp: usize, v: Att90Variant, elem: usize) -> usize {
+    let bq = 64 * v.warpgroups;
+    (v.stages * (2 * v.block_keys * hdp + bq * (v.block_keys + 8)) + bq * (hdp + 8) + 2 * hdp)
+        * elem
 }
 
 /// [`wgmma_tiles_per_cta`] for `dev`; the hidden environment variable
@@ -209,10 +266,10 @@ fn sm90_smem_bytes(hdp: usize, rows: Att90Rows, elem: usize) -> usize {
 fn tiles_per_cta(
     dev: &CudaDevice,
     tokens: usize,
-    rows: Att90Rows,
+    v: Att90Variant,
     batch_heads: usize,
 ) -> Result<usize> {
-    let ring_keys = ATT90_BK * ATT90_STAGES;
+    let ring_keys = v.block_keys * v.stages;
     let sms = dev
         .cuda_stream()
         .context()
@@ -222,7 +279,8 @@ fn tiles_per_cta(
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&t| t >= 1 && tokens <= ring_keys);
-    Ok(forced.unwrap_or_else(|| wgmma_tiles_per_cta(tokens, rows, batch_heads, sms, ring_keys)))
+    Ok(forced
+        .unwrap_or_else(|| wgmma_tiles_per_cta(tokens, v.warpgroups, batch_heads, sms, ring_keys)))
 }
 
 /// [`attention`] on the Hopper kernel (flash_sm90.cu), CTAs of `rows` query rows. The caller
@@ -247,15 +305,17 @@ pub fn attention_sm90(
     }
     let dev = qkv.0.device().clone();
     let sb_stride = sbias.1.stride()[0];
-    let wg = rows.warpgroups();
+    let v = variant(rows);
+    let wg = v.warpgroups;
     dispatch_half!(dev, qkv.0, "attention_sm90", |T| {
         let qv = view::<T>(qkv)?;
         let sbv = strided_rows::<T>(sbias, batch, 3 * heads * hd, "attention: sample bias")?;
         let av = view::<T>(abias)?;
         let out = unsafe { dev.alloc::<T>(batch * tokens * heads * hd)? };
-        let bytes = sm90_smem_bytes(hdp, rows, std::mem::size_of::<T>());
-        let func = FLASH90.func_with_smem::<T>(&dev, &format!("attention90_{hdp}_w{wg}"), bytes)?;
-        let tiles = tiles_per_cta(&dev, tokens, rows, batch * heads)?;
+        let bytes = sm90_smem_bytes(hdp, v, std::mem::size_of::<T>());
+        let func =
+            FLASH90.func_with_smem::<T>(&dev, &format!("attention90_{hdp}_{}", v.name()), bytes)?;
+        let tiles = tiles_per_cta(&dev, tokens, v, batch * heads)?;
         let grid = (
             tokens.div_ceil(64 * wg * tiles) as u32,
             heads as u32,

@@ -7,7 +7,7 @@
 #include "softmax.cuh"
 #include <type_traits>
 
-#if !defined(ATT_B_WARPS) || !defined(ATT_B_MT) || !defined(ATT_B_BK) || !defined(ATT_B_STAGES) || \
+#if !defined(ATT_B_WARPS) || !defined(ATT_S_WARPS) || !defined(ATT_B_MT) || !defined(ATT_B_BK) || !defined(ATT_B_STAGES) || \
     !defined(ATT_B_MAX_HDP) || !defined(ATT_A_WARPS) || !defined(ATT_A_MT) || !defined(ATT_A_BK) ||  \
     !defined(ATT_A_STAGES)
 #error "the ATT_* tiling comes from src/kernels/tiling.rs through build.rs"
@@ -110,19 +110,28 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
 #pragma unroll
             for (int p = 0; p < BK / KV_RPP; ++p) {
                 const uint32_t r = kv_r + p * KV_RPP;
-                const bool ok = !M || kb + r < tokens;  // rows past the sequence: no bytes, zeros
-                const T *k = ok ? src + (size_t)p * KV_RPP * row_len : x;
-                cp_async16(ks + r * LD + kv_c * 8, k, ok ? 16 : 0);
-                cp_async16(ks + (BK + r) * LD + kv_c * 8, ok ? k + d : x, ok ? 16 : 0);
+                const T *k = src + (size_t)p * KV_RPP * row_len;
+                if (M) {
+                    const bool ok = kb + r < tokens;  // rows past the sequence: no bytes, zeros
+                    cp_async16(ks + r * LD + kv_c * 8, ok ? k : x, ok ? 16 : 0);
+                    cp_async16(ks + (BK + r) * LD + kv_c * 8, ok ? k + d : x, ok ? 16 : 0);
+                } else {
+                    cp_async16_full(ks + r * LD + kv_c * 8, k);
+                    cp_async16_full(ks + (BK + r) * LD + kv_c * 8, k + d);
+                }
             }
         }
         if (bias_async) {
             const T *src = bias_rows + (size_t)(q0 + b_r) * tokens + kb + b_c * 8;
 #pragma unroll
             for (int p = 0; p < BQ / B_RPP; ++p) {
-                const bool ok = !M || (q0 + b_r + p * B_RPP < tokens && kb + b_c * 8 < tokens);
-                cp_async16(bs + (b_r + p * B_RPP) * BLD + b_c * 8, ok ? src + (size_t)p * B_RPP * tokens : abias,
-                           ok ? 16 : 0);
+                T *dst = bs + (b_r + p * B_RPP) * BLD + b_c * 8;
+                if (M) {
+                    const bool ok = q0 + b_r + p * B_RPP < tokens && kb + b_c * 8 < tokens;
+                    cp_async16(dst, ok ? src + (size_t)p * B_RPP * tokens : abias, ok ? 16 : 0);
+                } else {
+                    cp_async16_full(dst, src + (size_t)p * B_RPP * tokens);
+                }
             }
         } else {
             for (uint32_t i = tid; i < BQ * BK; i += WARPS * 32) {
@@ -216,13 +225,12 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
 #pragma unroll
                 for (int j = 0; j < SN; ++j) {
                     const uint32_t c = j * 8 + 2 * t;
-                    const uint32_t w0 = *reinterpret_cast<const uint32_t *>(b0 + c);
-                    const uint32_t w1 = *reinterpret_cast<const uint32_t *>(b1 + c);
-                    const T *e0 = reinterpret_cast<const T *>(&w0), *e1 = reinterpret_cast<const T *>(&w1);
-                    s[mt][j][0] = fmaf(s[mt][j][0], scale, f(e0[0]));
-                    s[mt][j][1] = fmaf(s[mt][j][1], scale, f(e0[1]));
-                    s[mt][j][2] = fmaf(s[mt][j][2], scale, f(e1[0]));
-                    s[mt][j][3] = fmaf(s[mt][j][3], scale, f(e1[1]));
+                    const float2 e0 = widen_pair<T>(*reinterpret_cast<const uint32_t *>(b0 + c));
+                    const float2 e1 = widen_pair<T>(*reinterpret_cast<const uint32_t *>(b1 + c));
+                    s[mt][j][0] = fmaf(s[mt][j][0], scale, e0.x);
+                    s[mt][j][1] = fmaf(s[mt][j][1], scale, e0.y);
+                    s[mt][j][2] = fmaf(s[mt][j][2], scale, e1.x);
+                    s[mt][j][3] = fmaf(s[mt][j][3], scale, e1.y);
                     if (decltype(masked)::value) {
                         if (kb + c >= tokens) s[mt][j][0] = s[mt][j][2] = -INFINITY;
                         if (kb + c + 1 >= tokens) s[mt][j][1] = s[mt][j][3] = -INFINITY;
@@ -344,12 +352,13 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
 }
 
 // The tiling by padded head dim (tiling.rs; the head dims are its ATT_HEAD_DIMS): "b" = 8 warps
-// of 16 query rows, key blocks of 64 in two stages (two CTAs an SM); "a" = 4 warps of 16 rows,
-// key blocks of 64 in two stages, for the large head dims. Measured on the H200 against 16 other
-// tilings (more rows a warp, longer rings, the bias read into registers instead of the ring):
-// docs/perf.md v0.28.
-#define INSTANTIATE_ATT(T, SFX, HDP, NAME, WARPS, MT, BK, STAGES)                                  \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 2) attention_##HDP##NAME##_##SFX(     \
+// of 16 query rows, key blocks of 64 in two stages (two CTAs an SM); "s" = "b" with 4 warps a CTA
+// for small grids (the same arithmetic a row); "a" = 4 warps of 16 rows, key blocks of 64 in two
+// stages, for the large head dims. Measured on the H200 against 16 other tilings (more rows a
+// warp, longer rings, the bias read into registers instead of the ring): docs/perf.md v0.28.
+// MINB: CTAs an SM the register cap is sized for (b and s alike: 128 registers a thread).
+#define INSTANTIATE_ATT(T, SFX, HDP, NAME, WARPS, MT, BK, STAGES, MINB)                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB) attention_##HDP##NAME##_##SFX(  \
         const T *qkv, const T *sb, const T *ab, T *out, uint32_t batch, uint32_t tokens,           \
         uint32_t heads, uint32_t hd, uint32_t sb_stride, float scale) {                            \
         attention_fused<T, HDP, WARPS, MT, BK, STAGES>(qkv, sb, ab, out, batch, tokens, heads, hd, \
@@ -357,10 +366,11 @@ __device__ void attention_fused(const T *qkv, const T *sbias, const T *abias, T 
     }
 #define INSTANTIATE_ATT_B(T, SFX, HDP)                                                             \
     static_assert(HDP <= ATT_B_MAX_HDP, "tiling b is for head dims up to ATT_B_MAX_HDP");          \
-    INSTANTIATE_ATT(T, SFX, HDP, b, ATT_B_WARPS, ATT_B_MT, ATT_B_BK, ATT_B_STAGES)
+    INSTANTIATE_ATT(T, SFX, HDP, b, ATT_B_WARPS, ATT_B_MT, ATT_B_BK, ATT_B_STAGES, 2)              \
+    INSTANTIATE_ATT(T, SFX, HDP, s, ATT_S_WARPS, ATT_B_MT, ATT_B_BK, ATT_B_STAGES, 2 * ATT_B_WARPS / ATT_S_WARPS)
 #define INSTANTIATE_ATT_A(T, SFX, HDP)                                                             \
     static_assert(HDP > ATT_B_MAX_HDP, "tiling a is for head dims above ATT_B_MAX_HDP");           \
-    INSTANTIATE_ATT(T, SFX, HDP, a, ATT_A_WARPS, ATT_A_MT, ATT_A_BK, ATT_A_STAGES)
+    INSTANTIATE_ATT(T, SFX, HDP, a, ATT_A_WARPS, ATT_A_MT, ATT_A_BK, ATT_A_STAGES, 2)
 #define INSTANTIATE_FLASH(T, SFX)                                                                  \
     INSTANTIATE_ATT_B(T, SFX, 32)                                                                  \
     INSTANTIATE_ATT_B(T, SFX, 64)                                                                  \

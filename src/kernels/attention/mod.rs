@@ -97,7 +97,15 @@ pub fn wgmma_applies(sm90: bool, tokens: usize, head_dim: usize) -> bool {
     sm90 && tokens.is_multiple_of(8) && head_dim <= ATT90_MAX_HDP
 }
 
-/// Query tiles one CTA of the Hopper kernel works through (tiles of `rows`; the kernel's
+/// Whether the mma.sync flash kernel takes its small-grid tiling ("s", 4 warps a CTA) rather
+/// than "b" (8 warps): where "b"'s `ctas` would leave some of the device's `sms` idle. A row's
+/// arithmetic is the same under both, so the choice may follow the batch.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn small_grid(ctas: usize, sms: usize) -> bool {
+    ctas < sms
+}
+
+/// Query tiles one CTA of the Hopper kernel works through (tiles of 64 · `warpgroups` rows; the kernel's
 /// `tile_count`), for `batch_heads` (sample, head) pairs on `sms` multiprocessors. Where every
 /// key block of the sequence stays in the kernel's ring (`tokens` ≤ `ring_keys`) a CTA can take
 /// all the tiles of its (sample, head), reading K and V once instead of once a tile; that pays
@@ -106,13 +114,13 @@ pub fn wgmma_applies(sm90: bool, tokens: usize, head_dim: usize) -> bool {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub fn wgmma_tiles_per_cta(
     tokens: usize,
-    rows: Att90Rows,
+    warpgroups: usize,
     batch_heads: usize,
     sms: usize,
     ring_keys: usize,
 ) -> usize {
-    let tiles = tokens.div_ceil(64 * rows.warpgroups());
-    let ctas_per_sm = 2 / rows.warpgroups();
+    let tiles = tokens.div_ceil(64 * warpgroups);
+    let ctas_per_sm = 2 / warpgroups;
     match tokens <= ring_keys && batch_heads >= 2 * sms * ctas_per_sm {
         true => tiles,
         false => 1,
@@ -436,21 +444,43 @@ mod tests {
     }
 
     #[test]
+    fn the_hopper_variants_have_distinct_kernel_names_and_the_row_options_their_cta_sizes() {
+        use crate::kernels::tiling::{ATT90_ROWS128, ATT90_ROWS64, ATT90_VARIANTS};
+        let names: std::collections::HashSet<String> =
+            ATT90_VARIANTS.iter().map(|v| v.name()).collect();
+        assert_eq!(names.len(), ATT90_VARIANTS.len());
+        assert!(names.contains("w2k64s2o0") && names.contains("w2k64s2o1"));
+        assert!(ATT90_VARIANTS.contains(&ATT90_ROWS64) && ATT90_VARIANTS.contains(&ATT90_ROWS128));
+        assert_eq!(ATT90_ROWS64.warpgroups, Att90Rows::R64.warpgroups());
+        assert_eq!(ATT90_ROWS128.warpgroups, Att90Rows::R128.warpgroups());
+    }
+
+    #[test]
+    fn the_small_grid_tiling_runs_only_where_tiling_b_leaves_sms_idle() {
+        // A B = 1 guided step at IN-256: 2 rows × 16 heads × 2 tiles of 128 queries.
+        assert!(small_grid(64, 132));
+        assert!(small_grid(131, 132));
+        assert!(!small_grid(132, 132));
+        // B = 16 guided: 32 × 16 × 2.
+        assert!(!small_grid(1024, 132));
+    }
+
+    #[test]
     fn a_cta_takes_every_query_tile_only_when_the_keys_stay_resident_and_the_grid_is_full() {
-        let tiles = |n, rows, bh| wgmma_tiles_per_cta(n, rows, bh, 132, 256);
+        let tiles = |n, wg, bh| wgmma_tiles_per_cta(n, wg, bh, 132, 256);
         // IN-256 at B = 64 guided: 128 samples × 16 heads.
-        assert_eq!(tiles(256, Att90Rows::R64, 2048), 4);
-        assert_eq!(tiles(256, Att90Rows::R128, 2048), 2);
+        assert_eq!(tiles(256, 1, 2048), 4);
+        assert_eq!(tiles(256, 2, 2048), 2);
         // B = 1 guided: 32 pairs would leave most SMs idle.
-        assert_eq!(tiles(256, Att90Rows::R64, 32), 1);
-        assert_eq!(tiles(256, Att90Rows::R128, 32), 1);
+        assert_eq!(tiles(256, 1, 32), 1);
+        assert_eq!(tiles(256, 2, 32), 1);
         // 64 rows run two CTAs an SM, so need twice the pairs.
-        assert_eq!(tiles(256, Att90Rows::R64, 300), 1);
-        assert_eq!(tiles(256, Att90Rows::R128, 300), 2);
+        assert_eq!(tiles(256, 1, 300), 1);
+        assert_eq!(tiles(256, 2, 300), 2);
         // IN-512: 1024 keys do not fit the ring, K and V stream through it once a tile.
-        assert_eq!(tiles(1024, Att90Rows::R64, 4096), 1);
+        assert_eq!(tiles(1024, 1, 4096), 1);
         // A partial last tile counts.
-        assert_eq!(tiles(200, Att90Rows::R64, 2048), 4);
+        assert_eq!(tiles(200, 1, 2048), 4);
     }
 
     #[test]
