@@ -53,7 +53,7 @@ pub use linear::{
     bias_act, linear_bias_act, linear_bias_residual, linear_no_bias, set_matmul_autotune,
     with_borrowed_matmul_algorithms, Activation,
 };
-pub use norm::{group_norm, layer_norm};
+pub use norm::{group_norm, group_norm_silu_im2col3x3, layer_norm};
 pub use step::{guided_update, UpdateColumns, UpdateSpec};
 
 #[cfg(test)]

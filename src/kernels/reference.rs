@@ -410,6 +410,13 @@ pub fn check_all(device: &Device, dtype: DType) -> Result<Vec<CaseReport>> {
                 group_norm(&xf, &gf, &bef, groups, 1e-6, silu)?,
             )?;
         }
+        // GroupNorm + SiLU written as im2col columns (one kernel on CUDA where C is a
+        // multiple of the pack: the border zeros and every tap of the 9).
+        push(
+            format!("group_norm + silu → im2col3x3 [{b},{h},{w},{c}] groups {groups}"),
+            super::group_norm_silu_im2col3x3(&x, &g, &be, groups, 1e-6)?,
+            super::im2col3x3(&group_norm(&xf, &gf, &bef, groups, 1e-6, true)?, 1)?,
+        )?;
     }
     // The fused end of a bucketed step (f32 only: the sampler runs in f32), against the candle
     // expressions it replaces; every flag on and off across the rows, with and without learned

@@ -41,7 +41,8 @@ pub fn layer_norm(x: In, rows: usize, cols: usize, eps: f32) -> Result<CudaStora
     })
 }
 
-/// `dims` = [batch, hw, channels, groups].
+/// `dims` = [batch, hw, channels, groups]. With `im2col` = Some((h, w)) (h · w = hw; SiLU on,
+/// C a multiple of the pack) the output is the 3×3 im2col columns of the result, [batch·hw, 9·C].
 pub fn group_norm(
     x: In,
     gamma: In,
@@ -49,6 +50,7 @@ pub fn group_norm(
     dims: [usize; 4],
     eps: f32,
     silu: bool,
+    im2col: Option<(usize, usize)>,
 ) -> Result<CudaStorage> {
     let [batch, hw, c, groups] = dims;
     let dev = x.0.device().clone();
@@ -60,7 +62,8 @@ pub fn group_norm(
     let sq = unsafe { stream.alloc::<f32>(batch * groups) }.w()?;
     dispatch!(dev, x.0, |T| {
         let (xv, gv, bv) = (view::<T>(x)?, view::<T>(gamma)?, view::<T>(beta)?);
-        let out = unsafe { dev.alloc::<T>(batch * hw * c)? };
+        let taps = if im2col.is_some() { 9 } else { 1 };
+        let out = unsafe { dev.alloc::<T>(batch * hw * c * taps)? };
         // Packs where the channels allow: tiles of up to 256 pixels, smaller where that would
         // leave fewer than ~512 blocks. Shared memory holds each thread's per-channel sums
         // (per lane of pixels for packs): the block adds them in a fixed order (deterministic).
@@ -93,20 +96,43 @@ pub fn group_norm(
             && aligned::<T>(x.1)
             && aligned::<T>(gamma.1)
             && aligned::<T>(beta.1);
-        let name = match (silu, vector) {
-            (true, true) => "gn_apply_silu_v",
-            (false, true) => "gn_apply_v",
-            (true, false) => "gn_apply_silu",
-            (false, false) => "gn_apply",
-        };
-        let items = if vector {
-            batch * hw * c / pack::<T>()
+        if let Some((h, w)) = im2col {
+            if !(silu && vector && h * w == hw) {
+                candle_core::bail!(
+                    "group_norm → im2col: needs SiLU, {c} channels a multiple of the pack, aligned \
+                     inputs and {h}×{w} = {hw} pixels (the caller checks)"
+                );
+            }
+            let bufs = [&xv as &dyn Buf, &sums, &sq, &gv, &bv, &out];
+            let items = batch * hw * c / pack::<T>();
+            // SAFETY: reads batch·hw·c and c-long gamma/beta, writes every one of the
+            // batch·hw·9·c im2col columns exactly once (the kernel's comment says how).
+            unsafe {
+                KERNELS.launch::<T>(
+                    &dev,
+                    "gn_silu_im2col3x3_v",
+                    flat(items),
+                    &bufs,
+                    &[batch, h, w, c, groups],
+                    &[],
+                )
+            }?;
         } else {
-            batch * hw * c
-        };
-        let bufs = [&xv as &dyn Buf, &sums, &sq, &gv, &bv, &out];
-        // SAFETY: reads batch·hw·c and c-long gamma/beta, writes batch·hw·c.
-        unsafe { KERNELS.launch::<T>(&dev, name, flat(items), &bufs, &sizes, &[eps]) }?;
+            let name = match (silu, vector) {
+                (true, true) => "gn_apply_silu_v",
+                (false, true) => "gn_apply_v",
+                (true, false) => "gn_apply_silu",
+                (false, false) => "gn_apply",
+            };
+            let items = if vector {
+                batch * hw * c / pack::<T>()
+            } else {
+                batch * hw * c
+            };
+            let bufs = [&xv as &dyn Buf, &sums, &sq, &gv, &bv, &out];
+            // SAFETY: reads batch·hw·c and c-long gamma/beta, writes batch·hw·c.
+            unsafe { KERNELS.launch::<T>(&dev, name, flat(items), &bufs, &sizes, &[eps]) }?;
+        }
         out
     })
 }

@@ -43,6 +43,42 @@ pub fn group_norm(
         groups,
         eps,
         silu,
+        im2col: None,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
+}
+
+/// SiLU(GroupNorm(x)) of channels-last `x` [B, H, W, C] as the im2col columns of a 3×3
+/// convolution, [B·H·W, 9·C]: the same values (and bits) as `im2col3x3(&group_norm(x, …, true)?,
+/// 1)`, in one pass after the statistics on CUDA where C is a multiple of the 16-byte pack (the
+/// normalised activation is never stored on its own); elsewhere those two ops.
+pub fn group_norm_silu_im2col3x3(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let fused = x.device().is_cuda()
+        && c.is_multiple_of(16 / x.dtype().size_in_bytes())
+        && b * h * w * c < u32::MAX as usize
+        && groups > 0
+        && c.is_multiple_of(groups)
+        && gamma.dims() == [c]
+        && beta.dims() == [c];
+    if !fused {
+        return crate::kernels::im2col3x3(&group_norm(x, gamma, beta, groups, eps, true)?, 1);
+    }
+    let op = GroupNorm {
+        batch: b,
+        hw: h * w,
+        channels: c,
+        groups,
+        eps,
+        silu: true,
+        im2col: Some((h, w)),
     };
     x.contiguous()?
         .apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
@@ -60,6 +96,10 @@ struct GroupNorm {
     groups: usize,
     eps: f32,
     silu: bool,
+    /// Output the 3×3 im2col columns of an (H, W) image instead (CUDA only:
+    /// `group_norm_silu_im2col3x3` composes two ops elsewhere).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    im2col: Option<(usize, usize)>,
 }
 
 impl CustomOp1 for LayerNorm {
@@ -105,6 +145,11 @@ impl CustomOp3 for GroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.im2col.is_some() {
+            candle_core::bail!(
+                "group_norm → im2col runs on CUDA only (the caller composes two ops)"
+            );
+        }
         let mut x = cpu_f32(s1, l1)?;
         let (gamma, beta) = (cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
         let (c, cg) = (self.channels, self.channels / self.groups);
@@ -151,7 +196,12 @@ impl CustomOp3 for GroupNorm {
             [self.batch, self.hw, self.channels, self.groups],
             self.eps,
             self.silu,
+            self.im2col,
         )?;
-        Ok((out, l1.shape().clone()))
+        let shape = match self.im2col {
+            Some(_) => Shape::from((self.batch * self.hw, 9 * self.channels)),
+            None => l1.shape().clone(),
+        };
+        Ok((out, shape))
     }
 }

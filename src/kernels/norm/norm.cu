@@ -287,6 +287,60 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
     }
 }
 
+// GroupNorm + SiLU written straight as the im2col columns of the 3×3 convolution that reads it
+// (the VAE's ResNet convolutions on the im2col path): out [B·H·W, 9·C], row m = output pixel m,
+// tap (ky, kx) at columns (3·ky + kx)·C…. Each pack of x is normalised once (the same arithmetic
+// as gn_apply_v, so the same bits) and stored to the up to 9 rows that read it; a thread also
+// zeroes its own row's taps that fall outside the image, so every column is written once. Saves
+// gn_apply's write and im2col's read of the normalised activation. C a multiple of the pack.
+template <typename T>
+__device__ void gn_silu_im2col3x3_v(const T *x, const float *mean, const float *rstd, const T *gamma,
+                                    const T *beta, T *out, uint32_t batch, uint32_t h, uint32_t w,
+                                    uint32_t c, uint32_t groups) {
+    constexpr int N = Pack<T>::N;
+    const uint32_t cg = c / groups;
+    const uint32_t cp = c / N;  // packs a pixel (and a tap)
+    const uint32_t packs = batch * h * w * cp;
+    for (uint32_t p = blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += gridDim.x * blockDim.x) {
+        const uint32_t m = p / cp, q = p - m * cp;
+        const uint32_t xo = m % w, t = m / w, yo = t % h, b = t / h;
+        const uint32_t ch0 = q * N;
+        const Pack<T> a = ldp(x, (size_t)p * N);
+        const Pack<T> gm = ldp(gamma, ch0);
+        const Pack<T> bt = ldp(beta, ch0);
+        uint32_t g = ch0 / cg;
+        uint32_t in_group = ch0 - g * cg;
+        g += b * groups;
+        Pack<T> o;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            float v = (f(a.v[k]) - mean[g]) * rstd[g] * f(gm.v[k]) + f(bt.v[k]);
+            v = __fdividef(v, 1.0f + __expf(-v));
+            o.v[k] = cast<T>(v);
+            if (++in_group == cg) {
+                in_group = 0;
+                ++g;
+            }
+        }
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+#pragma unroll
+            for (int kx = 0; kx < 3; ++kx) {
+                const uint32_t tap = 3 * ky + kx;
+                // The output pixel whose tap (ky, kx) reads this one, and this pixel's own tap.
+                const int yr = (int)yo - ky + 1, xr = (int)xo - kx + 1;
+                if (yr >= 0 && yr < (int)h && xr >= 0 && xr < (int)w) {
+                    const size_t row = ((size_t)b * h + yr) * w + xr;
+                    stp(out, (row * 9 + tap) * c + ch0, o);
+                }
+                const int ys = (int)yo + ky - 1, xs = (int)xo + kx - 1;
+                if (ys < 0 || ys >= (int)h || xs < 0 || xs >= (int)w)
+                    stp(out, ((size_t)m * 9 + tap) * c + ch0, zero_pack<T>());
+            }
+        }
+    }
+}
+
 // layer_norm scalar, over packs (_v) and with the row in registers (_r); the GroupNorm
 // statistics (scalar and over packs), their finalisation, and the apply pass without and with
 // SiLU, scalar and over packs.
@@ -328,6 +382,12 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
     INSTANTIATE_GN_APPLY(T, SFX, gn_apply, gn_apply, false)                                        \
     INSTANTIATE_GN_APPLY(T, SFX, gn_apply_silu, gn_apply, true)                                    \
     INSTANTIATE_GN_APPLY(T, SFX, gn_apply_v, gn_apply_v, false)                                    \
-    INSTANTIATE_GN_APPLY(T, SFX, gn_apply_silu_v, gn_apply_v, true)
+    INSTANTIATE_GN_APPLY(T, SFX, gn_apply_silu_v, gn_apply_v, true)                                \
+    extern "C" __global__ void gn_silu_im2col3x3_v_##SFX(const T *x, const float *mean, const float *rstd, \
+                                                       const T *gamma, const T *beta, T *out,      \
+                                                       uint32_t batch, uint32_t h, uint32_t w,     \
+                                                       uint32_t c, uint32_t groups) {              \
+        gn_silu_im2col3x3_v<T>(x, mean, rstd, gamma, beta, out, batch, h, w, c, groups);           \
+    }
 
 FOR_EACH_DTYPE(INSTANTIATE_NORM)

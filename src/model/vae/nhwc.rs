@@ -114,6 +114,38 @@ impl ConvMat {
             .reshape((b, ho, wo, cout))
     }
 
+    /// `forward(&silu(norm(x)), 1, residual)`. Where that convolution takes the im2col path on
+    /// the GPU, the GroupNorm + SiLU writes the im2col columns itself
+    /// (`kernels::group_norm_silu_im2col3x3`: the same bits, one pass fewer over the activation);
+    /// the hidden environment variable DIFFIT_GN_IM2COL=0 turns that off (for measuring).
+    fn forward_normed(
+        &self,
+        x: &Tensor,
+        norm: &GroupNormMat,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let fuse = *FUSE.get_or_init(|| std::env::var("DIFFIT_GN_IM2COL").as_deref() != Ok("0"));
+        let (b, h, w, c) = x.dims4()?;
+        let cout = self.out_channels();
+        let small = residual.is_none() && kernels::conv3x3_small_fits(c, cout);
+        let implicit = self.implicit && kernels::conv3x3_implicit_fits(x, cout);
+        if !(fuse && self.kernel == 3 && x.device().is_cuda() && !small && !implicit) {
+            return self.forward(&norm.forward(x, true)?, 1, residual);
+        }
+        let cols = kernels::group_norm_silu_im2col3x3(
+            x,
+            &norm.weight,
+            &norm.bias,
+            norm.groups,
+            NORM_EPS as f32,
+        )?;
+        let res = residual.map(|r| r.reshape((b * h * w, cout))).transpose()?;
+        self.mat
+            .forward(&cols, res.as_ref())?
+            .reshape((b, h, w, cout))
+    }
+
     fn out_channels(&self) -> usize {
         self.mat.weight.dim(0).unwrap_or(0)
     }
@@ -176,13 +208,12 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, true)?, 1, None)?;
+        let h = self.conv1.forward_normed(x, &self.norm1, None)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x, 1, None)?,
             None => x.clone(),
         };
-        self.conv2
-            .forward(&self.norm2.forward(&h, true)?, 1, Some(&skip))
+        self.conv2.forward_normed(&h, &self.norm2, Some(&skip))
     }
 }
 
