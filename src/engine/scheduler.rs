@@ -177,6 +177,7 @@ impl Scheduler {
         }
         self.warm_buckets()?;
         self.pipe.decode(s.latent())?;
+        self.warm_decode_passes(s.latent())?;
         let cfg = &self.pipe.info.config;
         let latent = (cfg.in_channels, cfg.input_size, cfg.input_size);
         let fit_start = Instant::now();
@@ -190,6 +191,28 @@ impl Scheduler {
             }
         }
         tracing::info!(engine = self.ctx.index, elapsed = ?start.elapsed(), "warm-up done");
+        Ok(())
+    }
+
+    /// Under `--warmup-buckets all`, decodes once at every batch size a decode chunk can hand
+    /// the VAE (2 up to `--decode-chunk`; 1 above), so that where the VAE captures its passes
+    /// as CUDA graphs (`VaeDecoder`, one per latent shape) no request pays a capture.
+    fn warm_decode_passes(&self, latent: &candle_core::Tensor) -> anyhow::Result<()> {
+        if !matches!(self.config.warmup, WarmupBuckets::All) || !self.pipe.vae.captures_passes() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        for n in 2..=self.pipe.decode_chunk {
+            self.pipe
+                .decode(&candle_core::Tensor::cat(&vec![latent; n], 0)?)?;
+        }
+        tracing::info!(
+            engine = self.ctx.index,
+            sizes = self.pipe.decode_chunk,
+            elapsed = ?start.elapsed(),
+            graph_memory_mib = crate::kernels::graph::graph_memory_mib(self.pipe.device()),
+            "decode passes ready"
+        );
         Ok(())
     }
 

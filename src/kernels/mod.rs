@@ -30,6 +30,7 @@ pub(crate) mod attention;
 mod conv;
 mod cpu;
 pub(crate) mod fp8;
+pub mod graph;
 #[cfg(feature = "cuda")]
 mod launch;
 mod linear;

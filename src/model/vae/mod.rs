@@ -34,9 +34,29 @@ pub struct VaeDecoder {
     dtype: DType,
     device: Device,
     layout: Layout,
+    /// Decode passes captured as CUDA graphs, one per latent shape (`--cuda-graphs`, on the
+    /// channels-last path on a GPU); `None` where passes run directly.
+    graphs: Option<std::sync::Mutex<PassGraphs>>,
     /// Batch sizes of the decoder passes run, for the tests of `pass_sizes`.
     #[cfg(test)]
     passes: std::sync::Mutex<Vec<usize>>,
+}
+
+/// One decode pass per latent shape, captured: the latents are copied into `input` before a
+/// replay and the pixels out of `output` after it (both allocated outside the graph).
+struct PassGraph {
+    graph: crate::kernels::graph::Graph,
+    input: Tensor,
+    output: Tensor,
+}
+
+#[derive(Default)]
+struct PassGraphs {
+    by_shape: std::collections::HashMap<Vec<usize>, PassGraph>,
+    /// `--cuda-graphs on`: a failed capture is an error, not a fallback to direct passes.
+    required: bool,
+    /// A capture failed under `auto`: every pass runs directly from then on.
+    failed: bool,
 }
 
 /// Latents per chunk where the caller does not say (`decode`; `--decode-chunk` defaults to the
@@ -118,14 +138,31 @@ impl VaeDecoder {
         } else {
             Layout::Nchw(Box::new(nchw::Decoder::new(vb, &config)?))
         };
+        let captured = cfg!(feature = "cuda")
+            && device.is_cuda()
+            && matches!(layout, Layout::ChannelsLast(_))
+            && kernels.cuda_graphs != crate::config::Toggle::Off;
+        let graphs = captured.then(|| {
+            std::sync::Mutex::new(PassGraphs {
+                required: kernels.cuda_graphs == crate::config::Toggle::On,
+                ..Default::default()
+            })
+        });
         Ok(Self {
             config,
             dtype,
             device,
             layout,
+            graphs,
             #[cfg(test)]
             passes: Default::default(),
         })
+    }
+
+    /// Whether decode passes are captured as CUDA graphs (one per latent shape, at its first
+    /// pass): `--cuda-graphs` not off, on a GPU, on the channels-last path.
+    pub fn captures_passes(&self) -> bool {
+        self.graphs.is_some()
     }
 
     /// Whether decoding runs channels-last through the fused kernels.
@@ -183,12 +220,86 @@ impl VaeDecoder {
         Tensor::cat(&parts, 0)
     }
 
-    /// One pass of the decoder over all of `z`.
+    /// One pass of the decoder over all of `z`: a graph replay where passes are captured.
     fn decode_pass(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         #[cfg(test)]
         if let Ok(mut p) = self.passes.lock() {
             p.push(z.dim(0)?);
         }
+        if let Some(graphs) = &self.graphs {
+            if let Some(pixels) = self.decode_pass_captured(graphs, z)? {
+                return Ok(pixels);
+            }
+        }
+        self.decode_pass_direct(z)
+    }
+
+    /// `decode_pass` replayed from the graph of `z`'s shape, captured at its first pass (one
+    /// uncaptured pass fills candle's upload cache and tunes the matmuls, then the capture).
+    /// `None` where a capture failed under `--cuda-graphs auto` (logged once; passes then run
+    /// directly). The same kernels in the same order, so the same bits as a direct pass.
+    fn decode_pass_captured(
+        &self,
+        graphs: &std::sync::Mutex<PassGraphs>,
+        z: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use crate::kernels::graph::{warm_run, Graph};
+        let mut g = graphs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VAE pass graphs: a poisoned lock".into()))?;
+        if g.failed {
+            return Ok(None);
+        }
+        let key = z.dims().to_vec();
+        if !g.by_shape.contains_key(&key) {
+            let input = Tensor::zeros(z.shape(), DType::F32, &self.device)?;
+            let made = (|| -> anyhow::Result<PassGraph> {
+                let mut out = None;
+                warm_run(&self.device, || {
+                    let y = self.decode_pass_direct(&input)?;
+                    out = Some(Tensor::zeros(y.shape(), y.dtype(), &self.device)?);
+                    Ok(())
+                })?;
+                let output = out.ok_or_else(|| anyhow::anyhow!("the warm pass made no output"))?;
+                let graph = Graph::capture(&self.device, || {
+                    output.slice_set(&self.decode_pass_direct(&input)?, 0, 0)
+                })?;
+                Ok(PassGraph {
+                    graph,
+                    input,
+                    output,
+                })
+            })();
+            match made {
+                Ok(pg) => {
+                    tracing::info!(
+                        shape = ?key,
+                        nodes = pg.graph.nodes(),
+                        graph_memory_mib = crate::kernels::graph::graph_memory_mib(&self.device),
+                        "captured a CUDA graph of a VAE decode pass"
+                    );
+                    g.by_shape.insert(key.clone(), pg);
+                }
+                Err(e) if !g.required => {
+                    tracing::warn!(error = %e, "capturing a VAE decode pass failed: passes run uncaptured");
+                    g.failed = true;
+                    return Ok(None);
+                }
+                Err(e) => candle_core::bail!("capturing a VAE decode pass: {e:#}"),
+            }
+        }
+        let pg = &g.by_shape[&key];
+        pg.input
+            .slice_set(&z.to_dtype(DType::F32)?.contiguous()?, 0, 0)?;
+        pg.graph
+            .launch()
+            .map_err(|e| candle_core::Error::Msg(format!("replaying a VAE decode pass: {e:#}")))?;
+        // A fresh tensor: the next replay overwrites `output`.
+        Ok(Some(pg.output.copy()?))
+    }
+
+    /// One pass of the decoder over all of `z`, enqueued op by op.
+    fn decode_pass_direct(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let z = (z.to_dtype(DType::F32)? / self.config.scaling_factor)?.to_dtype(self.dtype)?;
         match &self.layout {
             Layout::ChannelsLast(d) => d.forward(&z),

@@ -77,3 +77,24 @@ fn decode_chunk_n_decodes_n_latents_in_one_pass() {
         assert_eq!(vae.take_passes(), vec![8, 8]);
     }
 }
+
+/// CUDA-graph decode passes only where there is a GPU to capture on: on the CPU `--cuda-graphs
+/// on` leaves passes direct, as it leaves steps uncaptured.
+#[test]
+fn the_cpu_never_captures_decode_passes() {
+    let z = Tensor::randn(0f32, 1.0, (3, 4, 4, 4), &Device::Cpu).unwrap();
+    for graphs in [
+        crate::config::Toggle::On,
+        crate::config::Toggle::Auto,
+        crate::config::Toggle::Off,
+    ] {
+        let kernels = KernelOptions {
+            cuda_graphs: graphs,
+            ..KernelOptions::fused()
+        };
+        let vae = tiny_decoder(&kernels);
+        assert!(!vae.captures_passes(), "{graphs:?}");
+        assert_eq!(vae.decode(&z).unwrap().dims(), &[3, 3, 8, 8]);
+        assert_eq!(vae.take_passes(), vec![3]);
+    }
+}
