@@ -46,7 +46,6 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 
 // The compiler does not know a wgmma reads and writes its registers after the instruction
 // issues: these empty volatile statements pin accumulators (and A fragments) in place between
@@ -252,6 +251,25 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
     // Bias tile: rows b_r + p · B_RPP, chunk b_c.
     constexpr int B_RPP = THREADS / BCH;
     const uint32_t b_c = tid % BCH, b_r = tid / BCH;
+    // The bias tile of query tile q0 and key block blk into the block's stage; masked: rows or
+    // chunks past the sequence get zeros (tokens is a multiple of 8, so a chunk is in or out).
+    auto copy_bias = [&](uint32_t blk, uint32_t q0, auto masked) {
+        constexpr bool M = decltype(masked)::value;
+        T *bt = ring + (blk % ST) * STAGE + 2 * KV;
+        const uint32_t kb = blk * BK;
+        const T *bsrc = bias_rows + (size_t)(q0 + b_r) * tokens + kb + b_c * 8;
+#pragma unroll
+        for (int p = 0; p < BQ / B_RPP; ++p) {
+            T *dst = bt + (b_r + p * B_RPP) * BLD + b_c * 8;
+            const T *from = bsrc + (size_t)p * B_RPP * tokens;
+            if (M) {
+                const bool ok = q0 + b_r + p * B_RPP < tokens && kb + b_c * 8 < tokens;
+                cp_async16(dst, ok ? from : abias, ok ? 16 : 0);
+            } else {
+                cp_async16_full(dst, from);
+            }
+        }
+    };
     auto copy_block = [&](uint32_t blk, uint32_t q0, auto masked) {
         constexpr bool M = decltype(masked)::value;
         T *ks = ring + (blk % ST) * STAGE;
@@ -272,19 +290,7 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
                         cp_async16_if(2 * pair + par < chunks, dst, from);
                     }
                 }
-        T *bt = ks + 2 * KV;
-        const T *bsrc = bias_rows + (size_t)(q0 + b_r) * tokens + kb + b_c * 8;
-#pragma unroll
-        for (int p = 0; p < BQ / B_RPP; ++p) {
-            T *dst = bt + (b_r + p * B_RPP) * BLD + b_c * 8;
-            const T *from = bsrc + (size_t)p * B_RPP * tokens;
-            if (M) {
-                const bool ok = q0 + b_r + p * B_RPP < tokens && kb + b_c * 8 < tokens;
-                cp_async16(dst, ok ? from : abias, ok ? 16 : 0);
-            } else {
-                cp_async16_full(dst, from);
-            }
-        }
+        copy_bias(blk, q0, masked);
     };
     // Key block blk (K, V and the bias tile of q0) into its stage as one cp.async group (empty
     // past the last block). A block whose keys and the tile's queries all lie in the sequence
@@ -299,18 +305,6 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
         }
         cp_async_commit();
     };
-    // A new query tile's bias tile for a block already in the ring (multi-tile CTAs).
-    auto reload_bias = [&](uint32_t blk, uint32_t q0) {
-        T *bt = ring + (blk % ST) * STAGE + 2 * KV;
-        const uint32_t kb = blk * BK;
-        const T *bsrc = bias_rows + (size_t)(q0 + b_r) * tokens + kb + b_c * 8;
-#pragma unroll
-        for (int p = 0; p < BQ / B_RPP; ++p) {
-            const bool ok = q0 + b_r + p * B_RPP < tokens && kb + b_c * 8 < tokens;
-            cp_async16(bt + (b_r + p * B_RPP) * BLD + b_c * 8, ok ? bsrc + (size_t)p * B_RPP * tokens : abias,
-                       ok ? 16 : 0);
-        }
-    };
     // The CTA's query tiles: tile_count of them from tile blockIdx.x · tile_count. More than one
     // only where every key block stays in the ring (the launcher checks), so K and V are read
     // once for all of them; each tile reloads only Q and its bias tiles.
@@ -324,7 +318,7 @@ __device__ void attention_wgmma(const T *qkv, const T *sbias, const T *abias, T 
         if (tile > 0) {
             __syncthreads();  // every warp has written its rows of the last tile out of qs
             load_q(q0);
-            for (uint32_t blk = 0; blk < blocks; ++blk) reload_bias(blk, q0);
+            for (uint32_t blk = 0; blk < blocks; ++blk) copy_bias(blk, q0, std::true_type{});
             cp_async_commit();
             cp_async_wait<0>();
         } else {

@@ -250,6 +250,34 @@ __device__ void gn_apply(const T *x, const float *sums, const float *sq, const T
     }
 }
 
+// One 16-byte pack of x normalised with its groups' mean and 1/std (`g` indexes them: sample ·
+// groups + the pack's first channel's group), times gamma plus beta, then SiLU if asked; the
+// pack's channels walk through their groups without a division per element. gn_apply_v and
+// gn_silu_im2col3x3_v both take it, so their values are the same bits.
+template <typename T, bool SILU>
+__device__ __forceinline__ Pack<T> gn_pack(const Pack<T> &a, const float *mean, const float *rstd,
+                                           const T *gamma, const T *beta, uint32_t ch0, uint32_t b,
+                                           uint32_t cg, uint32_t groups) {
+    constexpr int N = Pack<T>::N;
+    const Pack<T> gm = ldp(gamma, ch0);
+    const Pack<T> bt = ldp(beta, ch0);
+    uint32_t g = ch0 / cg;
+    uint32_t in_group = ch0 - g * cg;
+    g += b * groups;
+    Pack<T> o;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        float v = (f(a.v[k]) - mean[g]) * rstd[g] * f(gm.v[k]) + f(bt.v[k]);
+        if (SILU) v = __fdividef(v, 1.0f + __expf(-v));
+        o.v[k] = cast<T>(v);
+        if (++in_group == cg) {
+            in_group = 0;
+            ++g;
+        }
+    }
+    return o;
+}
+
 // gn_apply over 16-byte packs with 32-bit indices (C a multiple of the pack; the launcher
 // checks the element count fits): the scalar version's 64-bit divisions per element made it
 // as slow as the im2col pass.
@@ -265,25 +293,7 @@ __device__ void gn_apply_v(const T *x, const float *mean, const float *rstd, con
         const uint32_t i = p * N;
         const uint32_t b = i / per_sample;
         const uint32_t ch0 = i % c;
-        const Pack<T> a = ldp(x, i);
-        const Pack<T> gm = ldp(gamma, ch0);
-        const Pack<T> bt = ldp(beta, ch0);
-        // Walk the pack's channels through their groups without a division per element.
-        uint32_t g = ch0 / cg;
-        uint32_t in_group = ch0 - g * cg;
-        g += b * groups;
-        Pack<T> o;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            float v = (f(a.v[k]) - mean[g]) * rstd[g] * f(gm.v[k]) + f(bt.v[k]);
-            if (SILU) v = __fdividef(v, 1.0f + __expf(-v));
-            o.v[k] = cast<T>(v);
-            if (++in_group == cg) {
-                in_group = 0;
-                ++g;
-            }
-        }
-        stp(out, i, o);
+        stp(out, i, gn_pack<T, SILU>(ldp(x, i), mean, rstd, gamma, beta, ch0, b, cg, groups));
     }
 }
 
@@ -305,23 +315,7 @@ __device__ void gn_silu_im2col3x3_v(const T *x, const float *mean, const float *
         const uint32_t m = p / cp, q = p - m * cp;
         const uint32_t xo = m % w, t = m / w, yo = t % h, b = t / h;
         const uint32_t ch0 = q * N;
-        const Pack<T> a = ldp(x, (size_t)p * N);
-        const Pack<T> gm = ldp(gamma, ch0);
-        const Pack<T> bt = ldp(beta, ch0);
-        uint32_t g = ch0 / cg;
-        uint32_t in_group = ch0 - g * cg;
-        g += b * groups;
-        Pack<T> o;
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-            float v = (f(a.v[k]) - mean[g]) * rstd[g] * f(gm.v[k]) + f(bt.v[k]);
-            v = __fdividef(v, 1.0f + __expf(-v));
-            o.v[k] = cast<T>(v);
-            if (++in_group == cg) {
-                in_group = 0;
-                ++g;
-            }
-        }
+        const Pack<T> o = gn_pack<T, true>(ldp(x, (size_t)p * N), mean, rstd, gamma, beta, ch0, b, cg, groups);
 #pragma unroll
         for (int ky = 0; ky < 3; ++ky) {
 #pragma unroll
