@@ -168,17 +168,16 @@ impl AttTiling {
         if b.name != "b" {
             return Ok(b);
         }
-        let small = match std::env::var("DIFFIT_ATT_TILING").ok().as_deref() {
-            Some("b") => false,
-            Some("s") => true,
-            _ => {
-                let sms = dev
-                    .cuda_stream()
-                    .context()
-                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                    .w()? as usize;
-                small_grid(tokens.div_ceil(b.bq) * heads * batch, sms)
-            }
+        // Read once: it is a per-launch decision on the step's hot path.
+        static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| match std::env::var("DIFFIT_ATT_TILING").as_deref() {
+            Ok("b") => Some(false),
+            Ok("s") => Some(true),
+            _ => None,
+        });
+        let small = match forced {
+            Some(small) => small,
+            None => small_grid(tokens.div_ceil(b.bq) * heads * batch, sm_count(dev)?),
         };
         Ok(if small { Self::small() } else { b })
     }
@@ -228,6 +227,16 @@ pub fn attention(
     })
 }
 
+/// The multiprocessors of `dev` (both attention kernels size their grids by it).
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(sms as usize)
+}
+
 /// Whether the Hopper kernel can run on `dev`: its code was built (CUDA_COMPUTE_CAP 90) and the
 /// device is compute capability 9.0 (sm_90a code runs on no other).
 pub fn wgmma_available(dev: &CudaDevice) -> bool {
@@ -270,11 +279,7 @@ fn tiles_per_cta(
     batch_heads: usize,
 ) -> Result<usize> {
     let ring_keys = v.block_keys * v.stages;
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()? as usize;
+    let sms = sm_count(dev)?;
     let forced = std::env::var("DIFFIT_WGMMA_TILES_PER_CTA")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

@@ -81,17 +81,10 @@ impl ConvMat {
             let y = kernels::im2col_up2_phases(x)?.matmul(&phases.transpose(1, 2)?)?;
             return kernels::pixel_shuffle_bias(&y, &self.mat.bias, b, h, w);
         }
-        let cout = self.out_channels();
-        // On the GPU only: the CPU fallback is a plain loop, slower than im2col + a threaded gemm.
-        if self.kernel == 3
-            && up == 1
-            && residual.is_none()
-            && x.device().is_cuda()
-            && kernels::conv3x3_small_fits(c, cout)
-        {
+        if up == 1 && self.takes_small(x, residual) {
             return kernels::conv3x3_small(x, &self.mat.weight, &self.mat.bias);
         }
-        if self.kernel == 3 && up == 1 && self.implicit && kernels::conv3x3_implicit_fits(x, cout) {
+        if up == 1 && self.takes_implicit(x) {
             return kernels::conv3x3_implicit(
                 x,
                 &self.mat.weight,
@@ -100,6 +93,7 @@ impl ConvMat {
                 self.tiling,
             );
         }
+        let cout = self.out_channels();
         let (ho, wo) = (h * up, w * up);
         let cols = match self.kernel {
             3 => kernels::im2col3x3(x, up)?,
@@ -126,13 +120,15 @@ impl ConvMat {
     ) -> Result<Tensor> {
         static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let fuse = *FUSE.get_or_init(|| std::env::var("DIFFIT_GN_IM2COL").as_deref() != Ok("0"));
-        let (b, h, w, c) = x.dims4()?;
-        let cout = self.out_channels();
-        let small = residual.is_none() && kernels::conv3x3_small_fits(c, cout);
-        let implicit = self.implicit && kernels::conv3x3_implicit_fits(x, cout);
-        if !(fuse && self.kernel == 3 && x.device().is_cuda() && !small && !implicit) {
+        let on_im2col = self.kernel == 3
+            && x.device().is_cuda()
+            && !self.takes_small(x, residual)
+            && !self.takes_implicit(x);
+        if !(fuse && on_im2col) {
             return self.forward(&norm.forward(x, true)?, 1, residual);
         }
+        let (b, h, w, _) = x.dims4()?;
+        let cout = self.out_channels();
         let cols = kernels::group_norm_silu_im2col3x3(
             x,
             &norm.weight,
@@ -144,6 +140,22 @@ impl ConvMat {
         self.mat
             .forward(&cols, res.as_ref())?
             .reshape((b, h, w, cout))
+    }
+
+    /// A 3×3 convolution without upsampling that runs as `kernels::conv3x3_small` (at most 4
+    /// output channels, no residual). On the GPU only: the CPU fallback is a plain loop, slower
+    /// than im2col + a threaded gemm.
+    fn takes_small(&self, x: &Tensor, residual: Option<&Tensor>) -> bool {
+        let c = x.dim(candle_core::D::Minus1).unwrap_or(0);
+        self.kernel == 3
+            && residual.is_none()
+            && x.device().is_cuda()
+            && kernels::conv3x3_small_fits(c, self.out_channels())
+    }
+
+    /// A 3×3 convolution without upsampling that runs as `kernels::conv3x3_implicit`.
+    fn takes_implicit(&self, x: &Tensor) -> bool {
+        self.kernel == 3 && self.implicit && kernels::conv3x3_implicit_fits(x, self.out_channels())
     }
 
     fn out_channels(&self) -> usize {
